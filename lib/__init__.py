@@ -1,0 +1,1 @@
+"""segda: domain-adaptive and domain-generalized semantic segmentation, as a DVC pipeline."""

@@ -1,0 +1,1 @@
+"""Datasets: class tables, raw-layout readers, the prepared-dataset contract, loading and sampling."""

@@ -1,0 +1,78 @@
+"""The prepared-dataset contract: what ``prepare@<name>`` writes and everything downstream reads.
+
+``data/prepared/<name>/`` holds
+- ``index.csv``: one row per sample, columns ``id, split, image, label, height, width``.
+  ``image`` is the path of the raw image (never copied); ``label`` the path of the converted
+  uint8 train-ID PNG (255 = ignore), empty when the sample is unlabelled.  Relative paths are
+  relative to the project root (the folder ``dvc repro`` runs in).
+- ``labels/<split>/<id>.png``: the converted labels.
+- ``class_counts.csv``: ``id`` and one column per class (pixel counts), labelled samples only.
+- ``centroids.csv``: ``id, class, cy, cx``: for every (tile, class present) the integer centre of mass
+  of that class in that tile, in full-image coordinates (RobustNet's class-uniform index).
+- ``meta.json``: class protocol, counts per split, source layout, conversion choices.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lib.data.classes import CLASS_SETS, ClassSet
+from lib.errors import DataError
+
+INDEX = "index.csv"
+COUNTS = "class_counts.csv"
+CENTROIDS = "centroids.csv"
+META = "meta.json"
+INDEX_COLUMNS = ["id", "split", "image", "label", "height", "width"]
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise DataError(f"{path}: missing ({what}); run the prepare stage for this dataset first")
+    return path
+
+
+def load_index(prepared: str | Path, split: str | None = None) -> pd.DataFrame:
+    """The index, optionally restricted to one split; ``label`` is '' for unlabelled rows."""
+    df = pd.read_csv(_require(Path(prepared) / INDEX, "prepared index"),
+                     dtype={"id": str, "split": str, "image": str, "label": str},
+                     keep_default_na=False)
+    if split is not None:
+        if split not in set(df["split"]):
+            raise DataError(f"{Path(prepared) / INDEX}: no samples in split '{split}' "
+                            f"(splits present: {sorted(set(df['split']))})")
+        df = df[df["split"] == split].reset_index(drop=True)
+    return df
+
+
+def load_meta(prepared: str | Path) -> dict:
+    return json.loads(_require(Path(prepared) / META, "prepared meta").read_text())
+
+
+def load_class_set(prepared: str | Path) -> ClassSet:
+    return CLASS_SETS[load_meta(prepared)["class_protocol"]]
+
+
+def load_class_counts(prepared: str | Path, ids: list[str] | None = None) -> np.ndarray:
+    """(N, C) int64 pixel counts, rows in the order of ``ids`` (default: file order)."""
+    df = pd.read_csv(_require(Path(prepared) / COUNTS, "class pixel counts"), dtype={"id": str})
+    if ids is not None:
+        df = df.set_index("id").reindex(ids)
+        if df.isna().any().any():
+            raise DataError(f"{Path(prepared) / COUNTS}: no class counts for some requested "
+                            "samples (are they unlabelled?)")
+        return df.to_numpy(np.int64)
+    return df.drop(columns="id").to_numpy(np.int64)
+
+
+def load_centroids(prepared: str | Path) -> pd.DataFrame:
+    return pd.read_csv(_require(Path(prepared) / CENTROIDS, "class centroids"), dtype={"id": str})
+
+
+def resolve(path: str, project_root: str | Path = ".") -> Path:
+    """Index paths are relative to the project root unless absolute."""
+    p = Path(path)
+    return p if p.is_absolute() else Path(project_root) / p
