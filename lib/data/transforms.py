@@ -58,7 +58,7 @@ def _resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
     return array[rows[:, None], cols[None, :]]
 
 
-def _resize_smooth(array: np.ndarray, height: int, width: int, interpolation: Interpolation) -> np.ndarray:
+def _resize(array: np.ndarray, height: int, width: int, interpolation: Interpolation) -> np.ndarray:
     if interpolation == "nearest":
         return _resize_nearest(array, height, width)
     out = cv2.resize(array, (width, height), interpolation=_CV2_INTERPOLATION[interpolation])
@@ -66,7 +66,8 @@ def _resize_smooth(array: np.ndarray, height: int, width: int, interpolation: In
     return out.reshape(height, width, *array.shape[2:])
 
 
-def _rescale_centroid(centroid: tuple[int, int], old: tuple[int, int], new: tuple[int, int]) -> tuple[int, int]:
+def _rescale_centroid(centroid: tuple[int, int], old: tuple[int, int],
+                      new: tuple[int, int]) -> tuple[int, int]:
     """The pixel of the resized image that nearest-neighbour resizing fills from ``centroid``."""
     return tuple(min(int((c + 0.5) * n / o), n - 1) for c, o, n in zip(centroid, old, new))
 
@@ -74,11 +75,11 @@ def _rescale_centroid(centroid: tuple[int, int], old: tuple[int, int], new: tupl
 def resize_sample(sample: Sample, height: int, width: int, interpolation: Interpolation) -> Sample:
     """Image with ``interpolation``, label-like maps nearest, continuous maps bilinear."""
     old = sample["image"].shape[:2]
-    out = dict(sample, image=_resize_smooth(sample["image"], height, width, interpolation))
+    out = dict(sample, image=_resize(sample["image"], height, width, interpolation))
     for key in _dense_keys(sample):
         array = sample[key]
         out[key] = (_resize_nearest(array, height, width) if _is_label_like(array)
-                    else _resize_smooth(array, height, width, "bilinear"))
+                    else _resize(array, height, width, "bilinear"))
     if sample.get("centroid") is not None:
         out["centroid"] = _rescale_centroid(sample["centroid"], old, (height, width))
     return out
