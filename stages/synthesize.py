@@ -2,7 +2,7 @@
 ACDC layouts (data/raw/synthetic/{gta5,cityscapes,acdc}); the prepare stages read it like real data."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from lib.config import load_params, positive, section

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Literal
 
 from lib.data.classes import CITYSCAPES19, TRAINID_LUT
-from lib.data.readers.common import (LabelFormat, RawSample, files, pair_label, require_dir,
-                                     require_root, strip_suffix)
+from lib.data.readers.common import (LabelFormat, RawSample, check_choices, files, pair_label,
+                                     require_dir, require_root, strip_suffix)
 from lib.errors import ConfigError, DataError
 
 CONDITIONS = ("fog", "night", "rain", "snow")
@@ -29,13 +29,8 @@ class Options:
     layout: Literal["auto", "native", "flat"] = "auto"
 
     def validate(self, where: str) -> None:
-        for c in self.conditions:
-            if c not in CONDITIONS:
-                raise ConfigError(f"params: {where}.conditions: unknown condition '{c}' "
-                                  f"(expected some of {', '.join(CONDITIONS)})")
-        for s in self.splits:
-            if s not in SPLITS:
-                raise ConfigError(f"params: {where}.splits: unknown split '{s}' (expected train, val, test)")
+        check_choices(self.conditions, CONDITIONS, f"{where}.conditions", "condition")
+        check_choices(self.splits, SPLITS, f"{where}.splits", "split")
 
 
 def label_format(opts: Options) -> LabelFormat:

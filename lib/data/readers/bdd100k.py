@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.data.classes import CITYSCAPES19, TRAINID_LUT
-from lib.data.readers.common import LabelFormat, RawSample, files, require_root
-from lib.errors import ConfigError, DataError
+from lib.data.readers.common import LabelFormat, RawSample, check_choices, files, require_root
+from lib.errors import DataError
 
 EXPECT = "images/{train,val}/<name>.jpg and labels/{train,val}/<name>.png (train IDs)"
 SPLITS = {"train": 7000, "val": 1000}
@@ -26,9 +26,7 @@ class Options:
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
 
     def validate(self, where: str) -> None:
-        for s in self.splits:
-            if s not in SPLITS:
-                raise ConfigError(f"params: {where}.splits: unknown split '{s}' (expected train, val)")
+        check_choices(self.splits, SPLITS, f"{where}.splits", "split")
 
 
 def label_format(opts: Options) -> LabelFormat:

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.data.classes import CITYSCAPES19, LABELID_LUT
-from lib.data.readers.common import (LabelFormat, RawSample, files, pair_label, require_dir,
-                                     require_root, strip_suffix)
-from lib.errors import ConfigError, DataError
+from lib.data.readers.common import (LabelFormat, RawSample, check_choices, files, pair_label,
+                                     require_dir, require_root, strip_suffix)
+from lib.errors import DataError
 
 EXPECT = "leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/*_gtFine_labelIds.png"
 SPLITS = {"train": 2975, "val": 500, "test": 1525}
@@ -24,9 +24,7 @@ class Options:
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
 
     def validate(self, where: str) -> None:
-        for s in self.splits:
-            if s not in SPLITS:
-                raise ConfigError(f"params: {where}.splits: unknown split '{s}' (expected train, val, test)")
+        check_choices(self.splits, SPLITS, f"{where}.splits", "split")
 
 
 def label_format(opts: Options) -> LabelFormat:

@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 
 from lib.data.classes import ClassSet
-from lib.errors import DataError
+from lib.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -67,3 +67,10 @@ def pair_label(image: Path, label: Path, required: bool = True) -> Path | None:
     if required:
         raise DataError(f"{image}: image without its label (expected {label})")
     return None
+
+
+def check_choices(values: list[str], allowed, where: str, what: str) -> None:
+    """Params check for option lists such as ``splits`` or ``conditions``."""
+    for v in values:
+        if v not in allowed:
+            raise ConfigError(f"params: {where}: unknown {what} '{v}' (expected {', '.join(allowed)})")

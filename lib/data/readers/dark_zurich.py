@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.data.classes import CITYSCAPES19, TRAINID_LUT
-from lib.data.readers.common import (LabelFormat, RawSample, files, pair_label, require_dir,
-                                     require_root, strip_suffix)
-from lib.errors import ConfigError, DataError
+from lib.data.readers.common import (LabelFormat, RawSample, check_choices, files, pair_label,
+                                     require_dir, require_root, strip_suffix)
+from lib.errors import DataError
 
 TIMES = ("night", "twilight", "day")
 SPLITS = ("train", "val", "test")
@@ -26,12 +26,8 @@ class Options:
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
 
     def validate(self, where: str) -> None:
-        for t in self.times:
-            if t not in TIMES:
-                raise ConfigError(f"params: {where}.times: unknown time '{t}' (expected night, twilight, day)")
-        for s in self.splits:
-            if s not in SPLITS:
-                raise ConfigError(f"params: {where}.splits: unknown split '{s}' (expected train, val, test)")
+        check_choices(self.times, TIMES, f"{where}.times", "time of day")
+        check_choices(self.splits, SPLITS, f"{where}.splits", "split")
 
 
 def label_format(opts: Options) -> LabelFormat:

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.data.classes import CITYSCAPES19
-from lib.data.readers.common import LabelFormat, RawSample, files, pair_label, require_dir, require_root
-from lib.errors import ConfigError, DataError
+from lib.data.readers.common import (LabelFormat, RawSample, check_choices, files, pair_label,
+                                     require_dir, require_root)
+from lib.errors import DataError
 
 EXPECT = "images/{train,valid,test}/<subfolder>/*.png and labels/ alike (colour labels)"
 FOLDER_OF = {"train": "train", "val": "valid", "test": "test"}
@@ -22,9 +23,7 @@ class Options:
     splits: list[str] = field(default_factory=lambda: ["train", "val"])
 
     def validate(self, where: str) -> None:
-        for s in self.splits:
-            if s not in FOLDER_OF:
-                raise ConfigError(f"params: {where}.splits: unknown split '{s}' (expected train, val, test)")
+        check_choices(self.splits, FOLDER_OF, f"{where}.splits", "split")
 
 
 def label_format(opts: Options) -> LabelFormat:

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.data.classes import CITYSCAPES19, MAPILLARY_LUT
-from lib.data.readers.common import LabelFormat, RawSample, files, require_dir, require_root
-from lib.errors import ConfigError, DataError
+from lib.data.readers.common import (LabelFormat, RawSample, check_choices, files, require_dir,
+                                     require_root)
+from lib.errors import DataError
 
 EXPECT = "{training,validation}/images/*.jpg and {training,validation}/labels/*.png (v1.2 IDs)"
 FOLDER_OF = {"train": "training", "val": "validation"}
@@ -23,9 +24,7 @@ class Options:
     splits: list[str] = field(default_factory=lambda: ["val"])
 
     def validate(self, where: str) -> None:
-        for s in self.splits:
-            if s not in SPLITS:
-                raise ConfigError(f"params: {where}.splits: unknown split '{s}' (expected train, val)")
+        check_choices(self.splits, SPLITS, f"{where}.splits", "split")
 
 
 def label_format(opts: Options) -> LabelFormat:
