@@ -56,13 +56,14 @@ def parse(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"params: {where} = {value!r} is not one of {choices}")
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(tp):
+        options = typing.get_args(tp)
+        for option in options:
             try:
                 return parse(option, value, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[-1])
+            except ConfigError:
+                continue
+        names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+        raise ConfigError(f"params: {where} must be {names}, got {value!r}")
     if tp is type(None):
         if value is not None:
             raise ConfigError(f"params: {where} must be empty (null), got {value!r}")
