@@ -102,7 +102,7 @@ def test_domains_differ_in_appearance(scenes):
 
 def class_mean_lab(rgb: np.ndarray, label_ids: np.ndarray) -> np.ndarray:
     """(19, 3) mean CIELAB colour of each class."""
-    lab = np.stack([cv2.cvtColor(image, cv2.COLOR_RGB2LAB) for image in rgb]).reshape(-1, 3).astype(np.float64)
+    lab = np.stack([cv2.cvtColor(image, cv2.COLOR_RGB2LAB) for image in rgb]).reshape(-1, 3).astype(float)
     train_ids = LABELID_LUT[label_ids].ravel()
     labelled = train_ids < 19
     sums = np.zeros((19, 3))
@@ -172,7 +172,8 @@ def test_written_labels_use_each_layouts_format(benchmark):
     with Image.open(benchmark / "gta5/labels/00001.png") as image:
         palette = np.array(image.getpalette()[:768]).reshape(256, 3)
     assert tuple(palette[TRAIN_TO_LABELID[0]]) == CITYSCAPES19.colors[0]  # road in the Cityscapes colour
-    mode, ids = read(benchmark / "cityscapes/gtFine/val/dornhagen/dornhagen_000000_000019_gtFine_labelIds.png")
+    mode, ids = read(benchmark / "cityscapes/gtFine/val/dornhagen"
+                     / "dornhagen_000000_000019_gtFine_labelIds.png")
     assert mode == "L" and set(np.unique(ids).tolist()) <= VALID_LABEL_IDS
     mode, ids = read(benchmark / "acdc/gt/night/val/GOPR0502/GOPR0502_frame_000000_gt_labelTrainIds.png")
     assert mode == "L" and set(np.unique(ids).tolist()) <= set(range(19)) | {255}

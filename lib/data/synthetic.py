@@ -135,14 +135,15 @@ M = Material
 GROUND = (M.ASPHALT, M.MARKING, M.RAIL, M.PAVEMENT, M.GRASS)
 ROAD_SURFACE = (M.ASPHALT, M.MARKING, M.RAIL)
 
-# Palettes: per material, a list of HSV boxes ((hue deg), (saturation), (value)); a colour is drawn
+# Colour tables: per material, a list of HSV boxes ((hue deg), (saturation), (value)); a colour is drawn
 # uniformly from one box chosen uniformly.  Repeating a box weights it.
 HsvBox = tuple[tuple[float, float], tuple[float, float], tuple[float, float]]
 WHITE: HsvBox = ((0, 360), (0, 0.04), (0.86, 0.95))
 BLACK: HsvBox = ((0, 360), (0, 0.06), (0.07, 0.16))
 SIGNS = (((0, 6), (0.8, 0.95), (0.78, 0.9)), ((210, 222), (0.8, 0.95), (0.65, 0.8)),
          ((46, 54), (0.85, 0.95), (0.88, 0.98)), WHITE)
-SIGNAL_LAMPS = (((0, 6), (0.85, 1), (0.9, 1)), ((35, 45), (0.85, 1), (0.9, 1)), ((130, 150), (0.7, 0.9), (0.85, 1)))
+SIGNAL_LAMPS = (((0, 6), (0.85, 1), (0.9, 1)), ((35, 45), (0.85, 1), (0.9, 1)),
+                ((130, 150), (0.7, 0.9), (0.85, 1)))
 
 SOURCE_COLOURS: dict[Material, tuple[HsvBox, ...]] = {  # GTA-like: vivid, clean, bright
     M.SKY: (((200, 215), (0.6, 0.8), (0.8, 0.95)),),  # zenith colour of the gradient sky
@@ -347,14 +348,18 @@ class Canvas:
         self.colours.append(colour)
         return len(self.label_ids) - 1, colour
 
-    def polygons(self, polygons, cls: str, material: Material, colour=None, disjoint: bool = False) -> np.ndarray:
+    def polygons(self, polygons, cls: str, material: Material, colour=None,
+                 disjoint: bool = False) -> np.ndarray:
         """Fill ``polygons`` (a list of (n, 2) pixel arrays) as one patch; returns its colour.
 
         OpenCV fills several polygons of one call even-odd, punching holes where they overlap; only
         ``disjoint`` polygons (windows, road markings) are filled in one call.
         """
         patch, colour = self._new_patch(cls, material, colour)
-        points = list(_fixed_point(polygons)) if isinstance(polygons, np.ndarray) else [_fixed_point(p) for p in polygons]
+        if isinstance(polygons, np.ndarray):
+            points = list(_fixed_point(polygons))
+        else:
+            points = [_fixed_point(p) for p in polygons]
         for group in [points] if disjoint else [[p] for p in points]:
             cv2.fillPoly(self.index, group, patch, cv2.LINE_8, _SUBPIXEL_BITS)
         return colour
@@ -497,14 +502,17 @@ CROWN_ANGLES = np.linspace(0, 2 * np.pi, 14, endpoint=False)
 
 
 def draw_tree(canvas: Canvas, cam: Camera, x: float, z: float, trunk: float, crown: float) -> None:
-    """A trunk under a crown of two or three ragged, overlapping blobs; the crown shades the ground beside it."""
+    """A trunk under a crown of two or three ragged, overlapping blobs that shades the ground beside it."""
     rng = canvas.rng
     fig = Figure(cam.project(x, 0.0, z), cam.focal / z)
-    canvas.polygons(fig.limbs(((0, 0), (0, trunk + crown * 0.5), rng.uniform(0.3, 0.45))), "vegetation", M.TRUNK)
+    trunk_width = rng.uniform(0.3, 0.45)
+    canvas.polygons(fig.limbs(((0, 0), (0, trunk + crown * 0.5), trunk_width)), "vegetation", M.TRUNK)
     blobs = rng.integers(2, 4)
-    centres = np.stack([rng.uniform(-0.5, 0.5, blobs) * crown, trunk + crown * rng.uniform(0.7, 1.3, blobs)], 1)
+    centres = np.stack([rng.uniform(-0.5, 0.5, blobs) * crown,
+                        trunk + crown * rng.uniform(0.7, 1.3, blobs)], 1)
     radius = crown * rng.uniform(0.65, 0.9, (blobs, 1)) * rng.uniform(0.8, 1.15, (blobs, CROWN_ANGLES.size))
-    outlines = centres[:, None] + np.stack([radius * np.cos(CROWN_ANGLES), 1.15 * radius * np.sin(CROWN_ANGLES)], -1)
+    ragged_circles = np.stack([radius * np.cos(CROWN_ANGLES), 1.15 * radius * np.sin(CROWN_ANGLES)], -1)
+    outlines = centres[:, None] + ragged_circles
     canvas.polygons(fig.points(outlines), "vegetation", M.FOLIAGE)
     canvas.cast_shadow(ground_ellipse(cam, x + crown, z, crown, crown * 0.7))
 
@@ -540,14 +548,16 @@ def draw_frontage(canvas: Canvas, cam: Camera, street: Street, side: int, priors
             continue
         behind = rng.random()  # what stands behind the park, wall or fence: a building, trees or nothing
         if behind < 0.45:
-            draw_building_along(canvas, cam, side, x + side * rng.uniform(12, 20), z0, z1, rng.uniform(10, 25))
+            set_back = x + side * rng.uniform(12, 20)
+            draw_building_along(canvas, cam, side, set_back, z0, z1, rng.uniform(10, 25))
         elif behind < 0.8:
             z = baseline(z0, z1)
             draw_tree_line(canvas, cam, np.full(len(z), x + side * rng.uniform(6, 12)), z)
         canvas.polygons([ground_quad(cam, x, x + side * 12, z0, z1)], "terrain", M.GRASS)
         for tz in np.arange(min(z1, 40) - rng.uniform(1, 4), z0, -rng.uniform(5, 9)):
             if rng.random() < 0.7:
-                draw_tree(canvas, cam, x + side * rng.uniform(2, 5), tz, rng.uniform(2, 4), rng.uniform(2, 3.5))
+                tx = x + side * rng.uniform(2, 5)
+                draw_tree(canvas, cam, tx, tz, rng.uniform(2, 4), rng.uniform(2, 3.5))
         if kind == "park" and rng.random() < 0.5:
             draw_hedge(canvas, cam, x + side * 0.3, z0, z1, rng.uniform(0.8, 1.5))
         elif kind == "wall":
@@ -578,10 +588,10 @@ def draw_street_lamp(canvas: Canvas, cam: Camera, x: float, z: float, side: int)
     rng = canvas.rng
     height, arm = rng.uniform(7, 9), rng.uniform(1.2, 2.2)
     fig = Figure(cam.project(x, 0.0, z), cam.focal / z)
-    canvas.polygons(fig.limbs(((0, 0), (0, height), 0.3), ((0, height - 0.1), (-side * arm, height + 0.2), 0.18)),
-                    "pole", M.POLE)
-    canvas.polygons(fig.limbs(((-side * (arm - 0.1), height + 0.05), (-side * (arm + 0.6), height + 0.05), 0.3)),
-                    "pole", M.LAMP)
+    canvas.polygons(fig.limbs(((0, 0), (0, height), 0.3),
+                              ((0, height - 0.1), (-side * arm, height + 0.2), 0.18)), "pole", M.POLE)
+    head = ((-side * (arm - 0.1), height + 0.05), (-side * (arm + 0.6), height + 0.05), 0.3)
+    canvas.polygons(fig.limbs(head), "pole", M.LAMP)
     canvas.add_light(ground_ellipse(cam, x - side * arm, z, 6, 6), rng.uniform(0.7, 1.1))
 
 
@@ -612,10 +622,11 @@ def draw_sign(canvas: Canvas, cam: Camera, x: float, z: float) -> None:
 def draw_signal_head(canvas: Canvas, fig: Figure, x: float, bottom: float) -> None:
     """A traffic-light housing (drawn larger than life) with one lamp lit."""
     w, h = 0.6, 1.5
-    box = np.array([(x - w / 2, bottom), (x + w / 2, bottom), (x + w / 2, bottom + h), (x - w / 2, bottom + h)])
-    canvas.polygons([fig.points(box)], "traffic light", M.SIGNAL_BOX)
+    housing = [(x - w / 2, bottom), (x + w / 2, bottom), (x + w / 2, bottom + h), (x - w / 2, bottom + h)]
+    canvas.polygons([fig.points(housing)], "traffic light", M.SIGNAL_BOX)
     lit = canvas.rng.integers(3)
-    canvas.ellipse(*fig.ellipse((x, bottom + h * (0.2 + 0.3 * lit)), 0.15, 0.15), "traffic light", M.SIGNAL_LAMP)
+    lamp = fig.ellipse((x, bottom + h * (0.2 + 0.3 * lit)), 0.15, 0.15)
+    canvas.ellipse(*lamp, "traffic light", M.SIGNAL_LAMP)
 
 
 def draw_traffic_light(canvas: Canvas, cam: Camera, street: Street, side: int, z: float) -> None:
@@ -624,7 +635,8 @@ def draw_traffic_light(canvas: Canvas, cam: Camera, street: Street, side: int, z
     fig = Figure(cam.project(x, 0.0, z), cam.focal / z)
     if rng.random() < 0.4:  # a gantry over the road
         reach = rng.uniform(3, 6)
-        canvas.polygons(fig.limbs(((0, 0), (0, 6.0), 0.3), ((0, 5.8), (-side * reach, 5.8), 0.2)), "pole", M.POLE)
+        canvas.polygons(fig.limbs(((0, 0), (0, 6.0), 0.3), ((0, 5.8), (-side * reach, 5.8), 0.2)),
+                        "pole", M.POLE)
         draw_signal_head(canvas, fig, -side * reach * 0.8, 4.4)
     else:
         top = rng.uniform(3.0, 3.8)
@@ -640,11 +652,11 @@ def draw_person(canvas: Canvas, cam: Camera, x: float, z: float, height: float) 
     rng = canvas.rng
     fig = Figure(cam.project(x, 0.0, z), cam.focal / z * height / 1.75, rng.uniform(0.75, 1.0))
     stride, swing = rng.uniform(0, 0.22), rng.uniform(-0.15, 0.15)
-    canvas.polygons(fig.limbs(((-0.1, 0.9), (-0.1 - stride, 0.0), 0.2), ((0.1, 0.9), (0.1 + stride, 0.0), 0.2)),
-                    "person", M.CLOTHES)
-    canvas.polygons([fig.points([(-0.24, 0.82), (0.24, 0.82), (0.28, 1.48), (-0.28, 1.48)]),
-                     *fig.limbs(((-0.27, 1.42), (-0.32 + swing, 0.82), 0.13), ((0.27, 1.42), (0.32 - swing, 0.82), 0.13))],
-                    "person", M.CLOTHES)
+    legs = fig.limbs(((-0.1, 0.9), (-0.1 - stride, 0.0), 0.2), ((0.1, 0.9), (0.1 + stride, 0.0), 0.2))
+    canvas.polygons(legs, "person", M.CLOTHES)
+    torso = fig.points([(-0.24, 0.82), (0.24, 0.82), (0.28, 1.48), (-0.28, 1.48)])
+    arms = fig.limbs(((-0.27, 1.42), (-0.32 + swing, 0.82), 0.13), ((0.27, 1.42), (0.32 - swing, 0.82), 0.13))
+    canvas.polygons([torso, *arms], "person", M.CLOTHES)
     canvas.ellipse(*fig.ellipse((0, 1.61), 0.14, 0.16), "person", M.SKIN)
 
 
@@ -660,9 +672,10 @@ def draw_bicycle(canvas: Canvas, fig: Figure) -> tuple[tuple[float, float], tupl
     for hub in (rear, front):
         draw_wheel(canvas, fig, hub, 0.36, 0.27, "bicycle")
     head_tube = (0.42, 0.9)
-    canvas.polygons(fig.limbs((rear, crank, 0.08), (crank, seat, 0.08), (seat, head_tube, 0.08), (crank, head_tube, 0.08),
-                              (rear, seat, 0.07), (head_tube, front, 0.08), (head_tube, bar, 0.07),
-                              ((-0.3, 0.98), (0.0, 0.98), 0.08)), "bicycle", M.FRAME)
+    frame = fig.limbs((rear, crank, 0.08), (crank, seat, 0.08), (seat, head_tube, 0.08),
+                      (crank, head_tube, 0.08), (rear, seat, 0.07), (head_tube, front, 0.08),
+                      (head_tube, bar, 0.07), ((-0.3, 0.98), (0.0, 0.98), 0.08))
+    canvas.polygons(frame, "bicycle", M.FRAME)
     return seat, bar
 
 
@@ -710,56 +723,61 @@ def draw_vehicle_lights(canvas: Canvas, cam: Camera, cls: str, x0: float, x1: fl
 
 
 def draw_car(canvas: Canvas, cam: Camera, x: float, z: float, oncoming: bool) -> None:
+    box = partial(box_outline, cam)
     length = canvas.rng.uniform(3.9, 4.8)
     x0, x1 = x - 0.9, x + 0.9
-    canvas.polygons([box_outline(cam, x0 + 0.05, x1 - 0.05, 0, 0.45, z + 0.2, z + length - 0.2)], "car", M.TYRE)
-    paint = canvas.polygons([box_outline(cam, x0, x1, 0.3, 1.0, z, z + length)], "car", M.CAR_PAINT)
-    canvas.polygons([box_outline(cam, x0 + 0.15, x1 - 0.15, 1.0, 1.45, z + 1.0, z + length - 1.2)], "car", M.GLASS)
-    canvas.polygons([box_outline(cam, x0 + 0.18, x1 - 0.18, 1.42, 1.5, z + 1.1, z + length - 1.3)], "car",
-                    M.CAR_PAINT, paint)
+    canvas.polygons([box(x0 + 0.05, x1 - 0.05, 0, 0.45, z + 0.2, z + length - 0.2)], "car", M.TYRE)
+    paint = canvas.polygons([box(x0, x1, 0.3, 1.0, z, z + length)], "car", M.CAR_PAINT)
+    canvas.polygons([box(x0 + 0.15, x1 - 0.15, 1.0, 1.45, z + 1.0, z + length - 1.2)], "car", M.GLASS)
+    roof = box(x0 + 0.18, x1 - 0.18, 1.42, 1.5, z + 1.1, z + length - 1.3)
+    canvas.polygons([roof], "car", M.CAR_PAINT, paint)
     draw_vehicle_lights(canvas, cam, "car", x0, x1, 0.7, z, oncoming)
 
 
 def draw_truck(canvas: Canvas, cam: Camera, x: float, z: float, oncoming: bool) -> None:
     """A cab and a cargo box; whichever is nearer the camera is painted last."""
+    box = partial(box_outline, cam)
     cab, cargo = 2.2, canvas.rng.uniform(5, 8)
     x0, x1 = x - 1.25, x + 1.25
     cab_z, cargo_z = (z, z + cab) if oncoming else (z + cargo, z)
 
     def draw_cab():
-        canvas.polygons([box_outline(cam, x0 + 0.05, x1 - 0.05, 0.6, 2.9, cab_z, cab_z + cab)], "truck", M.TRUCK_PAINT)
-        canvas.polygons([box_outline(cam, x0 + 0.04, x1 - 0.04, 1.8, 2.6, cab_z + 0.1, cab_z + cab - 0.6)], "truck",
-                        M.GLASS)
+        canvas.polygons([box(x0 + 0.05, x1 - 0.05, 0.6, 2.9, cab_z, cab_z + cab)], "truck", M.TRUCK_PAINT)
+        windscreen = box(x0 + 0.04, x1 - 0.04, 1.8, 2.6, cab_z + 0.1, cab_z + cab - 0.6)
+        canvas.polygons([windscreen], "truck", M.GLASS)
 
     def draw_cargo():
-        canvas.polygons([box_outline(cam, x0, x1, 0.9, 3.8, cargo_z, cargo_z + cargo)], "truck", M.TRUCK_PAINT)
+        canvas.polygons([box(x0, x1, 0.9, 3.8, cargo_z, cargo_z + cargo)], "truck", M.TRUCK_PAINT)
 
-    canvas.polygons([box_outline(cam, x0 + 0.1, x1 - 0.1, 0, 0.9, z + 0.3, z + cab + cargo - 0.3)], "truck", M.TYRE)
+    canvas.polygons([box(x0 + 0.1, x1 - 0.1, 0, 0.9, z + 0.3, z + cab + cargo - 0.3)], "truck", M.TYRE)
     for draw in (draw_cargo, draw_cab) if oncoming else (draw_cab, draw_cargo):
         draw()
     draw_vehicle_lights(canvas, cam, "truck", x0, x1, 0.7, z, oncoming)
 
 
 def draw_bus(canvas: Canvas, cam: Camera, x: float, z: float, oncoming: bool) -> None:
+    box = partial(box_outline, cam)
     length = canvas.rng.uniform(11, 13)
     x0, x1 = x - 1.25, x + 1.25
-    canvas.polygons([box_outline(cam, x0 + 0.1, x1 - 0.1, 0, 0.4, z + 0.5, z + length - 0.5)], "bus", M.TYRE)
-    canvas.polygons([box_outline(cam, x0, x1, 0.3, 3.1, z, z + length)], "bus", M.BUS_PAINT)
-    canvas.polygons([box_outline(cam, x0 - 0.01, x1 + 0.01, 1.3, 2.5, z - 0.01, z + length - 0.3)], "bus", M.GLASS)
+    canvas.polygons([box(x0 + 0.1, x1 - 0.1, 0, 0.4, z + 0.5, z + length - 0.5)], "bus", M.TYRE)
+    canvas.polygons([box(x0, x1, 0.3, 3.1, z, z + length)], "bus", M.BUS_PAINT)
+    canvas.polygons([box(x0 - 0.01, x1 + 0.01, 1.3, 2.5, z - 0.01, z + length - 0.3)], "bus", M.GLASS)
     draw_vehicle_lights(canvas, cam, "bus", x0, x1, 0.6, z, oncoming)
 
 
 def draw_tram(canvas: Canvas, cam: Camera, x: float, z: float, oncoming: bool) -> None:
+    box = partial(box_outline, cam)
     length = canvas.rng.uniform(22, 30)
     x0, x1 = x - 1.3, x + 1.3
-    canvas.polygons([box_outline(cam, x0 + 0.1, x1 - 0.1, 0, 0.45, z + 0.5, z + length - 0.5)], "train", M.TYRE)
-    paint = canvas.polygons([box_outline(cam, x0, x1, 0.35, 3.4, z, z + length)], "train", M.TRAM_PAINT)
-    canvas.polygons([box_outline(cam, x0 - 0.01, x1 + 0.01, 1.2, 2.4, z - 0.01, z + length - 0.3)], "train", M.GLASS)
-    canvas.polygons([box_outline(cam, x - 0.6, x + 0.6, 3.4, 3.8, z + length * 0.3, z + length * 0.6)], "train",
-                    M.TRAM_PAINT, paint * 0.6)
-    fig = Figure(cam.project(x, 0.0, z + length * 0.45), cam.focal / (z + length * 0.45))  # the pantograph
-    canvas.polygons(fig.limbs(((-0.5, 3.8), (0.3, 4.6), 0.1), ((0.3, 4.6), (-0.3, 5.3), 0.1)), "train", M.POLE,
-                    np.full(3, 0.2, np.float32))
+    canvas.polygons([box(x0 + 0.1, x1 - 0.1, 0, 0.45, z + 0.5, z + length - 0.5)], "train", M.TYRE)
+    paint = canvas.polygons([box(x0, x1, 0.35, 3.4, z, z + length)], "train", M.TRAM_PAINT)
+    canvas.polygons([box(x0 - 0.01, x1 + 0.01, 1.2, 2.4, z - 0.01, z + length - 0.3)], "train", M.GLASS)
+    roof = box(x - 0.6, x + 0.6, 3.4, 3.8, z + length * 0.3, z + length * 0.6)
+    canvas.polygons([roof], "train", M.TRAM_PAINT, paint * 0.6)
+    middle = z + length * 0.45
+    pantograph = Figure(cam.project(x, 0.0, middle), cam.focal / middle)
+    canvas.polygons(pantograph.limbs(((-0.5, 3.8), (0.3, 4.6), 0.1), ((0.3, 4.6), (-0.3, 5.3), 0.1)),
+                    "train", M.POLE, np.full(3, 0.2, np.float32))
     draw_vehicle_lights(canvas, cam, "train", x0, x1, 0.8, z, oncoming)
 
 
@@ -830,7 +848,8 @@ def place_sidewalk_objects(rng: np.random.Generator, street: Street, priors: Lay
             placed.append((z, partial(draw_street_lamp, x=street.on_sidewalk(side, 0.12), z=z, side=side)))
         for z in np.arange(rng.uniform(3, 10), min(street.end * 0.8, 50), rng.uniform(7, 12)):
             if rng.random() < priors.street_tree_probability:
-                x = street.on_sidewalk(side, 0.2) if not street.verge_width(side) else street.kerb(side) + side * 0.7
+                on_verge = street.verge_width(side) > 0
+                x = street.kerb(side) + side * 0.7 if on_verge else street.on_sidewalk(side, 0.2)
                 placed.append((z, partial(draw_tree, x=x, z=z, trunk=rng.uniform(2.2, 3.2),
                                           crown=rng.uniform(1.6, 2.8))))
     for _ in range(rng.integers(priors.signs[0], priors.signs[1] + 1)):
@@ -855,7 +874,8 @@ def place_sidewalk_objects(rng: np.random.Generator, street: Street, priors: Lay
 def draw_bonnet(canvas: Canvas, height: int, width: int) -> None:
     """The ego vehicle's bonnet at the bottom of the frame (unlabelled, as in Cityscapes)."""
     rise = height * canvas.rng.uniform(0.04, 0.07)
-    canvas.ellipse((width / 2, height + width * 0.25 - rise), (width * 0.8, width * 0.25), "unlabeled", M.BONNET)
+    centre, axes = (width / 2, height + width * 0.25 - rise), (width * 0.8, width * 0.25)
+    canvas.ellipse(centre, axes, "unlabeled", M.BONNET)
 
 
 def build_scene(rng: np.random.Generator, domain: str, height: int, width: int) -> tuple[Canvas, Camera]:
@@ -930,7 +950,8 @@ TARGET_TEXTURE = texture_table((0.02, 0.02, 0.03), {
     M.GLASS: (0.04, 0.1, 0.1), M.BONNET: (0.02, 0.05, 0.1)})
 
 
-def apply_textures(rgb: np.ndarray, material: np.ndarray, table: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def apply_textures(rgb: np.ndarray, material: np.ndarray, table: np.ndarray,
+                   rng: np.random.Generator) -> np.ndarray:
     """Multiplicative noise at three scales, as strong as each material's row of ``table`` says."""
     gain = np.ones(material.shape, np.float32)
     for scale, cell in enumerate(TEXTURE_CELLS):
@@ -967,7 +988,8 @@ def gradient_sky(rgb: np.ndarray, material: np.ndarray, zenith: np.ndarray, hori
     return out
 
 
-def overcast_sky(rgb: np.ndarray, material: np.ndarray, base: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def overcast_sky(rgb: np.ndarray, material: np.ndarray, base: np.ndarray,
+                 rng: np.random.Generator) -> np.ndarray:
     """Grey, textured clouds with the odd patch of pale blue."""
     band = rows_with(material == M.SKY)
     sky = material[band] == M.SKY
@@ -989,7 +1011,7 @@ def wet_road(rgb: np.ndarray, material: np.ndarray, strength: float) -> np.ndarr
     band = rows_with(road)
     road = road[band]
     rows = np.arange(band.start, band.stop)[:, None]
-    edge = np.maximum.accumulate(np.where(road, band.start - 1, rows), axis=0)  # last row above that is not road
+    edge = np.maximum.accumulate(np.where(road, band.start - 1, rows), axis=0)  # last non-road row above
     mirrored_rows = np.clip(2 * edge - rows, 0, rgb.shape[0] - 1)
     mirror = rgb[mirrored_rows, np.arange(rgb.shape[1])[None, :]]
     mirror = cv2.GaussianBlur(mirror, (0, 0), sigmaX=0.7, sigmaY=2.0)
@@ -1013,12 +1035,14 @@ def vignette(rgb: np.ndarray, strength: float) -> np.ndarray:
 
 
 def jpeg_round_trip(rgb: np.ndarray, quality: int) -> np.ndarray:
-    _, encoded = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    _, encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
     return cv2.cvtColor(cv2.imdecode(encoded, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
 def camera_response(rgb: np.ndarray, rng: np.random.Generator, *, saturation: float, exposure: float,
-                    gamma: float, vignetting: float, blur: float, noise: float, jpeg: int | None) -> np.ndarray:
+                    gamma: float, vignetting: float, blur: float, noise: float,
+                    jpeg: int | None) -> np.ndarray:
     """A camera's global effects: saturation, white balance, exposure and gamma are what a global colour
     transfer can undo; vignetting, blur, sensor noise and compression it cannot."""
     grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
@@ -1038,8 +1062,8 @@ def source_look(canvas: Canvas, cam: Camera, rng: np.random.Generator) -> np.nda
     material = canvas.material_map()
     rgb = apply_textures(canvas.flat_colours(), material, SOURCE_TEXTURE, rng)
     rgb = gradient_sky(rgb, material, canvas.colours[0], cam.horizon)
-    return camera_response(rgb, rng, saturation=1.2, exposure=rng.uniform(1.0, 1.1), gamma=1.0, vignetting=0.0,
-                           blur=0.0, noise=0.006, jpeg=None)
+    return camera_response(rgb, rng, saturation=1.2, exposure=rng.uniform(1.0, 1.1), gamma=1.0,
+                           vignetting=0.0, blur=0.0, noise=0.006, jpeg=None)
 
 
 def target_albedo(canvas: Canvas, material: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -1059,7 +1083,8 @@ def target_look(canvas: Canvas, cam: Camera, rng: np.random.Generator) -> np.nda
         rgb = wet_road(rgb, material, rng.uniform(0.2, 0.4))
     return camera_response(rgb, rng, saturation=rng.uniform(0.55, 0.8), exposure=rng.uniform(0.8, 1.2),
                            gamma=rng.uniform(0.8, 1.25), vignetting=rng.uniform(0.15, 0.35),
-                           blur=rng.uniform(0.4, 0.9), noise=rng.uniform(0.008, 0.02), jpeg=int(rng.integers(30, 71)))
+                           blur=rng.uniform(0.4, 0.9), noise=rng.uniform(0.008, 0.02),
+                           jpeg=int(rng.integers(30, 71)))
 
 
 def emission_table(emission: dict[Material, tuple[float, float, float]]) -> np.ndarray:
@@ -1075,7 +1100,8 @@ NIGHT_EMISSION = emission_table({M.WINDOW_LIT: (1.0, 0.78, 0.45), M.LAMP: (1.6, 
 
 
 def night_glow(canvas: Canvas, rng: np.random.Generator) -> np.ndarray:
-    """(H, W, 3) light emitted by each patch; every patch (a facade's lit windows, a lamp) its own strength."""
+    """(H, W, 3) light emitted by each patch, every patch (a facade's lit windows, a lamp) as bright as
+    it happens to be."""
     materials = np.array(canvas.materials)
     emission = NIGHT_EMISSION[materials] * rng.uniform(0.6, 1.2, (len(materials), 1)).astype(np.float32)
     signals = materials == M.SIGNAL_LAMP
@@ -1109,7 +1135,8 @@ def night_look(canvas: Canvas, cam: Camera, rng: np.random.Generator) -> np.ndar
     material = canvas.material_map()
     albedo = target_albedo(canvas, material, rng)
     lamp_colour = np.array([(1.0, 0.72, 0.4), (0.95, 0.97, 1.0)][rng.integers(2)], np.float32)
-    lamp_light = cv2.GaussianBlur(canvas.light + ego_headlight_beam(cam, material.shape), (0, 0), material.shape[0] / 40)
+    pools = canvas.light + ego_headlight_beam(cam, material.shape)
+    lamp_light = cv2.GaussianBlur(pools, (0, 0), material.shape[0] / 40)
     ambient = rng.uniform(0.16, 0.26) * np.array([0.8, 0.9, 1.15], np.float32)
     rgb = albedo * (ambient + lamp_light[..., None] * lamp_colour)
     rgb = night_sky(rgb, material, cam.horizon, rng)
@@ -1121,7 +1148,8 @@ def night_look(canvas: Canvas, cam: Camera, rng: np.random.Generator) -> np.ndar
         rgb = wet_road(rgb, material, rng.uniform(0.25, 0.45))
     return camera_response(rgb, rng, saturation=rng.uniform(0.6, 0.85), exposure=rng.uniform(1.0, 1.4),
                            gamma=rng.uniform(0.7, 0.85), vignetting=rng.uniform(0.2, 0.4),
-                           blur=rng.uniform(0.5, 0.9), noise=rng.uniform(0.02, 0.04), jpeg=int(rng.integers(30, 61)))
+                           blur=rng.uniform(0.5, 0.9), noise=rng.uniform(0.02, 0.04),
+                           jpeg=int(rng.integers(30, 61)))
 
 
 LOOKS = {"source": source_look, "target": target_look, "night": night_look}
@@ -1181,13 +1209,15 @@ def sample_files(out_root: Path, domain: str, split: str, index: int, source_tra
         city = cities[index % len(cities)]
         stem = f"{city}_{index // len(cities):06d}_000019"
         root = out_root / CITYSCAPES_DIR
-        return SampleFiles(domain, split, index, root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png",
+        return SampleFiles(domain, split, index,
+                           root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png",
                            root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png")
     sequences = NIGHT_SEQUENCES[split]
     sequence = sequences[index % len(sequences)]
     stem = f"{sequence}_frame_{index // len(sequences):06d}"
     root = out_root / ACDC_DIR
-    return SampleFiles(domain, split, index, root / "rgb_anon" / "night" / split / sequence / f"{stem}_rgb_anon.png",
+    return SampleFiles(domain, split, index,
+                       root / "rgb_anon" / "night" / split / sequence / f"{stem}_rgb_anon.png",
                        root / "gt" / "night" / split / sequence / f"{stem}_gt_labelTrainIds.png")
 
 
@@ -1196,7 +1226,8 @@ def scene_seed(seed: int, split: str, index: int) -> int:
 
 
 def write_label(files: SampleFiles, label_ids: np.ndarray) -> None:
-    """Each layout's own label format: GTA5 palette PNGs and Cityscapes 'L' PNGs of label IDs, ACDC train IDs."""
+    """Each layout's own label format: label IDs in GTA5 palette PNGs and Cityscapes 'L' PNGs, train IDs
+    in ACDC's 'L' PNGs."""
     if files.domain == "source":
         write_id_png(files.label, label_ids, GTA5_PALETTE)
     elif files.domain == "target":
@@ -1214,12 +1245,12 @@ def write_sample(files: SampleFiles, seed: int, height: int, width: int) -> None
 def check_counts(counts: dict[str, dict[str, int]]) -> None:
     for domain, per_split in counts.items():
         if domain not in DOMAINS or not set(per_split) <= set(SPLITS):
-            raise ValueError(f"synthetic counts: expected {{domain: {{split: n}}}} with domains in {DOMAINS} and "
-                             f"splits in {SPLITS}, got {domain}: {per_split}")
+            raise ValueError(f"synthetic counts: expected {{domain: {{split: n}}}} with domains in "
+                             f"{DOMAINS} and splits in {SPLITS}, got {domain}: {per_split}")
 
 
-def write_benchmark(out_root: str | Path, height: int, width: int, counts: dict[str, dict[str, int]], seed: int,
-                    workers: int = 1, progress: bool = True) -> None:
+def write_benchmark(out_root: str | Path, height: int, width: int, counts: dict[str, dict[str, int]],
+                    seed: int, workers: int = 1, progress: bool = True) -> None:
     """Render the benchmark into ``out_root`` in the real raw layouts.
 
     ``counts`` = {domain: {split: n}} for domains source (-> ``gta5/``, GTA5 layout with ``split.mat``),
@@ -1256,5 +1287,6 @@ def write_gta5_split(path: Path, train: int, val: int) -> None:
     mat = bytearray(buffer.getvalue())
     # The first 116 bytes of a MAT 5 file are free text, where scipy puts the creation time; a fixed text
     # keeps the benchmark byte-identical from run to run.
-    mat[:MAT_HEADER_TEXT_BYTES] = b"MATLAB 5.0 MAT-file, GTA5 split of the synthetic benchmark".ljust(MAT_HEADER_TEXT_BYTES)
+    header = b"MATLAB 5.0 MAT-file, GTA5 split of the synthetic benchmark"
+    mat[:MAT_HEADER_TEXT_BYTES] = header.ljust(MAT_HEADER_TEXT_BYTES)
     path.write_bytes(bytes(mat))
