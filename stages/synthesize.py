@@ -6,12 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lib.config import load_params, positive, section
-from lib.data.synthetic import write_benchmark
+from lib.data.synthetic import DOMAINS, write_benchmark
 from lib.errors import ConfigError, exit_on_user_error
 from lib.io import atomic_dir
 
 OUT = Path("data/raw/synthetic")
-DOMAINS = ("source", "target", "night")
 
 
 @dataclass(frozen=True)
