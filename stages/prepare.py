@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
 from lib.config import load_params, section
 from lib.data.convert import PrepareParams, parse_dataset_spec, prepare_dataset
+from lib.data.prepared import PREPARED_ROOT
 from lib.errors import ConfigError, exit_on_user_error
-
-PREPARED_ROOT = Path("data/prepared")
 
 
 @exit_on_user_error

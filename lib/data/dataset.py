@@ -107,5 +107,8 @@ def infinite_batches(dataset: PreparedDataset, sampler_stream: Callable[[int], I
         worker_init_fn=functools.partial(_seed_worker, dataset.seed) if num_workers > 0 else None,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        # its own generator: creating the iterator must not consume the global torch RNG, or a
+        # resumed run's dropout would see different random numbers than an uninterrupted one
+        generator=torch.Generator().manual_seed(dataset.seed),
     )
     return iter(loader)

@@ -26,6 +26,7 @@ INDEX = "index.csv"
 COUNTS = "class_counts.csv"
 CENTROIDS = "centroids.csv"
 META = "meta.json"
+PREPARED_ROOT = Path("data/prepared")   # where the prepare@<name> stages write
 INDEX_COLUMNS = ["id", "split", "image", "label", "height", "width"]
 
 

@@ -1,0 +1,117 @@
+"""The evaluate@<model>-<target> stages: one model (or a weighted ensemble) on one prepared split.
+
+Protocol (globallocal_advent.md §2.7, cpsl.md §8, blindnet.md §7): the model in eval mode, the
+main logits upsampled (bilinear, align_corners=True) to the label size, argmax, one confusion
+matrix over the whole split (ignore 255), IoU per class, mIoU = nanmean.  Inference is the whole
+image (optionally resized to ``input_size`` first, ADVENT's 1024x512) or a sliding window, with an
+optional horizontal flip.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from lib.config import positive
+from lib.data.classes import CITYSCAPES19, CLASS_SETS, subset_lut
+from lib.data.dataset import PreparedDataset
+from lib.data.prepared import PREPARED_ROOT, load_class_set, load_index
+from lib.data.transforms import Normalize
+from lib.engine.loop import select_device
+from lib.engine.metrics import protocol_subsets
+from lib.engine.report import evaluate_split, write_report
+from lib.engine.checkpoint import load_model
+from lib.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class InferenceParams:
+    mode: Literal["whole", "slide"] = "whole"
+    input_size: tuple[int, int] | None = None     # (h, w) the image is resized to; null = as stored
+    window: tuple[int, int] | None = None         # slide only: (h, w) window
+    stride: tuple[int, int] | None = None         # slide only: (h, w) step
+    flip: bool = False                            # average with the mirrored prediction
+
+    def validate(self, where: str) -> None:
+        if self.mode == "slide" and (self.window is None or self.stride is None):
+            raise ConfigError(f"params: {where}.mode 'slide' needs {where}.window and {where}.stride")
+        for name in ("input_size", "window", "stride"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 2 or min(value) <= 0):
+                raise ConfigError(f"params: {where}.{name} must be two positive integers, got {list(value)}")
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    models: list[str]                 # model-producing stages to evaluate (data/models/<name>)
+    targets: list[str]                # prepared datasets to evaluate them on
+    split: str = "val"
+    inference: InferenceParams = InferenceParams()
+    batch_size: int = 8               # images per forward; mixed image sizes fall back to 1
+    workers: int = 2
+    panels: int = 4                   # image | label | prediction panels saved per evaluation
+
+    def validate(self, where: str) -> None:
+        positive(self.batch_size, f"{where}.batch_size")
+        positive(self.workers, f"{where}.workers", allow_zero=True)
+        positive(self.panels, f"{where}.panels", allow_zero=True)
+
+
+def label_mapping(model_classes: str, target_classes: str, target: str) -> torch.Tensor | None:
+    """A LUT taking the target's train IDs to the model's, when the model uses a SYNTHIA subset."""
+    if model_classes == target_classes:
+        return None
+    if target_classes != CITYSCAPES19.name:
+        raise ConfigError(f"cannot evaluate a {model_classes} model on {target} ({target_classes} labels)")
+    return torch.from_numpy(subset_lut(CLASS_SETS[model_classes]).astype(np.int64))
+
+
+def run_evaluation(models: list[tuple[str, float]], target: str, params: EvaluateParams,
+                   out_json: Path, out_dir: Path) -> dict:
+    """Evaluate the weighted ensemble of ``data/models/<name>`` on ``target``; write the report."""
+    device = select_device()
+    loaded = [(load_model(Path("data/models") / name, device), weight) for name, weight in models]
+    metas = [meta for (_, meta), _ in loaded]
+    for meta in metas[1:]:
+        if (meta["class_set"], meta["normalize"]) != (metas[0]["class_set"], metas[0]["normalize"]):
+            raise ConfigError(f"ensemble members differ in classes or input normalisation: {models}")
+    meta = metas[0]
+    class_set = CLASS_SETS[meta["class_set"]]
+    prepared = PREPARED_ROOT / target
+    index = load_index(prepared, params.split)
+    if index.empty:
+        raise DataError(f"{prepared}/index.csv: no rows in split '{params.split}'")
+    if (index["label"] == "").any():
+        raise DataError(f"{prepared}/index.csv: split '{params.split}' has unlabelled rows; "
+                        "evaluation needs labels")
+    lut = label_mapping(class_set.name, load_class_set(prepared).name, target)
+
+    mean, std = meta["normalize"]["mean"], meta["normalize"]["std"]
+    dataset = PreparedDataset(prepared, params.split, Normalize(mean, std), seed=0)
+    uniform = index[["height", "width"]].drop_duplicates().shape[0] == 1
+    loader = DataLoader(dataset, batch_size=params.batch_size if uniform else 1,
+                        num_workers=params.workers, pin_memory=device.type == "cuda")
+    if lut is not None:
+        loader = _mapped(loader, lut)
+    matrix, panels = evaluate_split(
+        [(model, weight) for (model, _), weight in loaded], loader, class_set.num_classes, device,
+        inference_kwargs=_inference_kwargs(params.inference), panel_ids=params.panels,
+        mean=mean, std=std, desc=f"evaluate {'+'.join(n for n, _ in models)} on {target}")
+    subsets = protocol_subsets(class_set.name, synthia_source=meta["source_protocol"].startswith("synthia"))
+    return write_report(out_json, out_dir, matrix, class_set, subsets, panels)
+
+
+def _inference_kwargs(inference: InferenceParams) -> dict:
+    kwargs = {"mode": inference.mode, "input_size": inference.input_size, "flip": inference.flip}
+    if inference.mode == "slide":
+        kwargs.update(window=inference.window, stride=inference.stride)
+    return kwargs
+
+
+def _mapped(loader, lut: torch.Tensor):
+    for batch in loader:
+        yield dict(batch, label=lut[batch["label"]])

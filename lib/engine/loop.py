@@ -1,0 +1,218 @@
+"""The one training loop every method plugs into.
+
+Read top to bottom: pick the device, build the optimizers and schedules from the method's
+parameter groups, resume from the newest checkpoint if it was made by the same configuration,
+then iterate: batch -> ``method.training_step`` under autocast -> NaN guard -> optimizer and
+schedule steps -> ``method.after_step`` -> logging and periodic checkpoints.
+
+Resume is exact on CPU: a batch depends only on (dataset seed, draw number) (lib.data.dataset),
+the stream restarts at draw ``it * batch_size``, and the checkpoint carries every module,
+optimizer, scheduler and global RNG state.  A resumed run therefore ends with the same weights as
+an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from dvclive import Live
+from tqdm import tqdm
+
+from lib.config import positive
+from lib.engine.checkpoint import STATE_FILE, load_checked, rng_state, save_atomic, set_rng_state
+from lib.engine.optim import OptimizerParams, ScheduleParams, build_optimizer, build_scheduler
+from lib.errors import ConfigError, UserError
+from lib.methods.base import Method
+
+CHECKPOINT_FORMAT = 1
+# A stream factory takes the iteration to start at and yields collated batches from there on.
+StreamFactory = Callable[[int], Iterator[dict]]
+
+
+class TrainingDiverged(UserError):
+    """A loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    iters: int
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    precision: Literal["fp32", "bf16"] = "bf16"   # bf16 autocast is applied on CUDA only
+    channels_last: bool = True                      # CUDA only
+    cudnn_benchmark: bool = False                   # faster, but not bit-reproducible
+
+    def validate(self, where: str) -> None:
+        positive(self.iters, f"{where}.iters")
+        positive(self.checkpoint_every, f"{where}.checkpoint_every")
+        positive(self.log_every, f"{where}.log_every")
+
+
+def select_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if channels_last and key == "image":
+                value = value.contiguous(memory_format=torch.channels_last)
+        moved[key] = value
+    return moved
+
+
+def train(method: Method, streams: dict[str, StreamFactory], params: TrainParams,
+          optim: dict[str, OptimizerParams], schedule: ScheduleParams,
+          checkpoint_dir: str | Path, live_dir: str | Path, fingerprint: str, desc: str = "train") -> None:
+    """Train ``method`` for ``params.iters`` iterations, resuming from ``checkpoint_dir`` if possible.
+
+    ``fingerprint`` identifies the configuration (params and inputs); a checkpoint made by another
+    configuration is ignored and replaced.  ``live_dir`` receives DVCLive's training curves.
+    """
+    device = select_device()
+    cuda = device.type == "cuda"
+    channels_last = cuda and params.channels_last
+    torch.backends.cudnn.benchmark = params.cudnn_benchmark
+    modules = method.modules()
+    for module in modules.values():
+        module.to(device)
+        if channels_last:
+            module.to(memory_format=torch.channels_last)
+
+    groups = method.param_groups()
+    missing = sorted(set(groups) - set(optim))
+    if missing:
+        raise ConfigError(f"params: this method trains an optimizer '{missing[0]}' but 'optim' has no "
+                          f"entry for it (entries: {', '.join(sorted(optim)) or 'none'})")
+    optimizers = {name: build_optimizer(groups[name], optim[name]) for name in groups}
+    schedulers = {name: build_scheduler(opt, params.iters, schedule) for name, opt in optimizers.items()}
+
+    checkpoint_path = Path(checkpoint_dir) / STATE_FILE
+    start = _resume(checkpoint_path, fingerprint, modules, optimizers, schedulers)
+    live = _open_live(Path(live_dir), start)
+    iterators = {name: streams[name](start) for name in method.streams}
+
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and params.precision == "bf16"
+                else contextlib.nullcontext())
+    for module in modules.values():
+        module.train()
+    window: dict[str, list[float]] = {}
+    tick, images = time.perf_counter(), 0
+    progress = tqdm(range(start, params.iters), initial=start, total=params.iters, desc=desc,
+                    dynamic_ncols=True, mininterval=2.0)
+    for it in progress:
+        batch = {name: to_device(next(iterators[name]), device, channels_last) for name in method.streams}
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        with autocast:
+            losses = method.training_step(batch, it)
+        values = _check_finite(losses, it, checkpoint_path)
+        for opt in optimizers.values():
+            opt.step()
+        for sched in schedulers.values():
+            sched.step()
+        method.after_step(it)
+
+        images += sum(len(b["image"]) for b in batch.values())
+        for name, value in values.items():
+            window.setdefault(name, []).append(value)
+        done = it + 1
+        if done % params.log_every == 0 or done == params.iters:
+            elapsed = time.perf_counter() - tick
+            means = {name: float(np.mean(v)) for name, v in window.items()}
+            _log(live, done, means, optimizers, images / max(elapsed, 1e-9))
+            progress.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
+            window, tick, images = {}, time.perf_counter(), 0
+        if done % params.checkpoint_every == 0 or done == params.iters:
+            _save(checkpoint_path, fingerprint, done, modules, optimizers, schedulers)
+    progress.close()
+    live.end()
+
+
+def _check_finite(losses: dict[str, torch.Tensor], it: int, checkpoint_path: Path) -> dict[str, float]:
+    """One device sync per iteration: every loss must be finite before any optimizer steps."""
+    names = list(losses)
+    values = torch.stack([losses[n].detach().float().reshape(()) for n in names]).tolist()
+    for name, value in zip(names, values):
+        if not math.isfinite(value):
+            kept = (f"the last good checkpoint is kept in {checkpoint_path}" if checkpoint_path.is_file()
+                    else "no checkpoint had been written yet")
+            raise TrainingDiverged(f"iteration {it}: loss '{name}' is {value}; training stopped before the "
+                                   f"update and {kept} (lower the learning rate or check the data)")
+    return dict(zip(names, values))
+
+
+def _save(path: Path, fingerprint: str, done: int, modules, optimizers, schedulers) -> None:
+    save_atomic({
+        "format": CHECKPOINT_FORMAT,
+        "fingerprint": fingerprint,
+        "iteration": done,
+        "modules": {n: m.state_dict() for n, m in modules.items()},
+        "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+        "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
+        "rng": rng_state(),
+    }, path)
+
+
+def _resume(path: Path, fingerprint: str, modules, optimizers, schedulers) -> int:
+    """Load the checkpoint if it belongs to this configuration; return the iteration to start at."""
+    if not path.is_file():
+        return 0
+    state = load_checked(path, "training checkpoint")
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
+        print(f"note: {path} was written by another configuration; training from scratch")
+        path.unlink()
+        return 0
+    for kind, targets in (("modules", modules), ("optimizers", optimizers), ("schedulers", schedulers)):
+        if set(state[kind]) != set(targets):
+            raise UserError(f"{path}: holds {kind} {sorted(state[kind])}, this method has {sorted(targets)}")
+        for name, target in targets.items():
+            target.load_state_dict(state[kind][name])
+    set_rng_state(state["rng"])
+    print(f"resuming from {path} at iteration {state['iteration']}")
+    return int(state["iteration"])
+
+
+def _open_live(live_dir: Path, start: int) -> Live:
+    """DVCLive, continuing the curves of a resumed run.
+
+    Rows logged after the checkpoint being resumed (the part of a killed run that is replayed) are
+    dropped first, so each step appears once.  ``dvcyaml=None``: the plots are declared in our
+    dvc.yaml, DVCLive must not edit it.
+    """
+    resume = start > 0
+    if resume:
+        for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+            table = pd.read_csv(tsv, sep="\t")
+            table[table["step"] <= start].to_csv(tsv, sep="\t", index=False)
+    live = Live(str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None)
+    live.step = start
+    return live
+
+
+def _log(live: Live, step: int, losses: dict[str, float], optimizers, images_per_s: float) -> None:
+    live.step = step
+    for name, value in losses.items():
+        live.log_metric(f"train/loss/{name}", value)
+    for name, opt in optimizers.items():
+        live.log_metric(f"train/lr/{name}", opt.param_groups[0]["lr"])
+    live.log_metric("train/images_per_s", images_per_s)
+    live.make_summary()

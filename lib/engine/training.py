@@ -1,0 +1,190 @@
+"""Everything a training stage shares: its params, its data streams, its outputs.
+
+A training stage (``warmup`` now; self-training and distillation later) reads one section of
+params.yaml::
+
+    method: source_only          # a name from lib.methods.registry
+    source_only: {...}           # that method's own params (other methods' sections may sit beside it)
+    source: synth_gta5           # prepared datasets the streams read
+    target: synth_cityscapes
+    model: {...}                 # lib.models.ModelParams
+    normalize: imagenet          # imagenet mean/std, or unit ([0, 1], CPSL's input)
+    data: {...}                  # crops, batch, sampling (DataParams)
+    optim: {model: {...}}        # one OptimizerParams per optimizer the method trains
+    schedule: {...}
+    train: {...}                 # iterations, seed, checkpoints, precision (TrainParams)
+
+and writes ``data/models/<stage>/`` (the model artifact), ``data/checkpoints/<stage>/`` (the
+resumable state, a ``persist: true`` output) and ``metrics/<stage>/train/`` (DVCLive curves).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from lib.config import parse, positive
+from lib.data.dataset import PreparedDataset, infinite_batches
+from lib.data.prepared import PREPARED_ROOT, load_centroids, load_class_counts, load_class_set, load_index, load_meta
+from lib.data.sampling import centroid_entries, class_uniform_stream, rare_class_stream, uniform_stream
+from lib.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, Compose, HorizontalFlip, Normalize,
+                                 RandomCrop, RandomScale, Resize)
+from lib.engine.checkpoint import STATE_FILE, save_model
+from lib.engine.loop import StreamFactory, TrainParams, seed_everything, train
+from lib.engine.optim import OptimizerParams, ScheduleParams
+from lib.errors import ConfigError, DataError
+from lib.io import atomic_dir
+from lib.methods.base import available_methods, method_class
+from lib.models import ModelParams, build_model
+
+NORMALIZATION = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
+
+
+@dataclass(frozen=True)
+class DataParams:
+    batch_size: int = 8
+    crop: tuple[int, int] = (96, 192)                 # (height, width) of training crops
+    resize: tuple[int, int] | None = None             # (height, width) before cropping; null keeps the size
+    scale: tuple[float, float] | None = None          # random rescale range before cropping
+    flip: bool = True
+    split: str = "train"
+    sampling: Literal["uniform", "class_uniform", "rare_class"] = "uniform"
+    class_uniform_pct: float = 0.5                    # RobustNet: share of class-centroid draws
+    rcs_temperature: float = 0.01                     # DAFormer RCS
+    rcs_min_pixels: int = 3000
+    rcs_min_crop_ratio: float = 0.5
+    workers: int = 2
+
+    def validate(self, where: str) -> None:
+        positive(self.batch_size, f"{where}.batch_size")
+        positive(self.workers, f"{where}.workers", allow_zero=True)
+        for name in ("crop", "resize", "scale"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 2 or min(value) <= 0):
+                raise ConfigError(f"params: {where}.{name} must be two positive numbers, got {list(value)}")
+        if self.scale is not None and self.scale[0] > self.scale[1]:
+            raise ConfigError(f"params: {where}.scale must be [min, max], got {list(self.scale)}")
+
+
+@dataclass(frozen=True)
+class TrainingStageParams:
+    method: str
+    source: str
+    model: ModelParams
+    data: DataParams
+    optim: dict[str, OptimizerParams]
+    train: TrainParams
+    target: str | None = None
+    normalize: Literal["imagenet", "unit"] = "imagenet"
+    schedule: ScheduleParams = ScheduleParams()
+
+
+def parse_stage(raw: Any, where: str) -> tuple[TrainingStageParams, Any]:
+    """(stage params, the chosen method's params); unknown keys and method names are errors."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: {where} must be a mapping")
+    known = available_methods()
+    stage = parse(TrainingStageParams, {k: v for k, v in raw.items() if k not in known}, where)
+    params_type = method_class(stage.method).params_type
+    return stage, parse(params_type, raw.get(stage.method, {}), f"{where}.{stage.method}")
+
+
+def train_transforms(data: DataParams, normalize: str) -> Compose:
+    steps = []
+    if data.resize is not None:
+        steps.append(Resize(*data.resize))
+    if data.scale is not None:
+        steps.append(RandomScale(*data.scale))
+    steps.append(RandomCrop(*data.crop))
+    if data.flip:
+        steps.append(HorizontalFlip())
+    steps.append(Normalize(*NORMALIZATION[normalize]))
+    return Compose(steps)
+
+
+def training_stream(name: str, data: DataParams, normalize: str, seed: int, labelled: bool) -> StreamFactory:
+    """Endless batches of prepared dataset ``name``; the factory takes the iteration to start at."""
+    prepared = PREPARED_ROOT / name
+    index = load_index(prepared, data.split)
+    if index.empty:
+        raise DataError(f"{prepared}/index.csv: no rows in split '{data.split}'")
+    if labelled and (index["label"] == "").any():
+        raise DataError(f"{prepared}/index.csv: split '{data.split}' has unlabelled rows, "
+                        "but this stream needs labels")
+    dataset = PreparedDataset(prepared, data.split, train_transforms(data, normalize), seed)
+    n = len(dataset)
+    if data.sampling == "uniform":
+        draws = functools.partial(uniform_stream, n, seed)
+    elif data.sampling == "class_uniform":
+        entries = centroid_entries(load_centroids(prepared), dataset.ids, load_class_set(prepared).num_classes)
+        draws = functools.partial(class_uniform_stream, n, entries, data.class_uniform_pct, seed)
+    else:
+        counts = load_class_counts(prepared, dataset.ids)
+        draws = functools.partial(rare_class_stream, counts, data.rcs_temperature, data.rcs_min_pixels,
+                                  int(data.rcs_min_pixels * data.rcs_min_crop_ratio), seed)
+    return lambda start_it: infinite_batches(dataset, draws, data.batch_size, data.workers,
+                                             start_draw=start_it * data.batch_size)
+
+
+def stream_seed(seed: int, stream: str) -> int:
+    """Distinct data seeds per stream, so draw k of source and target never share a crop."""
+    return int(np.random.SeedSequence([seed, *stream.encode()]).generate_state(1)[0])
+
+
+def fingerprint(raw_params: Any, datasets: list[str]) -> str:
+    """Identity of a training configuration: its params and the prepared data it reads."""
+    digest = hashlib.sha256(json.dumps(raw_params, sort_keys=True, default=str).encode())
+    for name in datasets:
+        for part in ("meta.json", "index.csv", "class_counts.csv", "centroids.csv"):
+            digest.update((PREPARED_ROOT / name / part).read_bytes())
+    return digest.hexdigest()
+
+
+def run_training_stage(stage_name: str, raw: dict) -> Path:
+    """Train the configured method and write ``data/models/<stage_name>/`` atomically."""
+    stage, method_params = parse_stage(raw, stage_name)
+    method_type = method_class(stage.method)
+    datasets = {"source": stage.source, "target": stage.target}
+    needed = {s: datasets.get(s) for s in method_type.streams}
+    for stream, name in needed.items():
+        if name is None:
+            raise ConfigError(f"params: method '{stage.method}' reads a {stream} dataset; set {stage_name}.{stream}")
+        if not (PREPARED_ROOT / name / "index.csv").is_file():
+            raise DataError(f"{PREPARED_ROOT / name}: prepared dataset not found (is '{name}' under 'datasets'?)")
+    class_set = load_class_set(PREPARED_ROOT / stage.source)
+
+    seed_everything(stage.train.seed)
+    model = build_model(stage.model, class_set.num_classes)
+    method = method_type(model, method_params)
+    streams = {s: training_stream(name, stage.data, stage.normalize, stream_seed(stage.train.seed, s),
+                                  labelled=(s == "source")) for s, name in needed.items()}
+    checkpoint_dir = Path("data/checkpoints") / stage_name
+    train(method, streams, stage.train, stage.optim, stage.schedule, checkpoint_dir=checkpoint_dir,
+          live_dir=Path("metrics") / stage_name / "train",
+          fingerprint=fingerprint(raw, list(needed.values())), desc=stage_name)
+
+    mean, std = NORMALIZATION[stage.normalize]
+    meta = {
+        "stage": stage_name,
+        "method": stage.method,
+        "model": dataclasses.asdict(stage.model),
+        "num_classes": class_set.num_classes,
+        "class_set": class_set.name,
+        "source": stage.source,
+        "source_protocol": load_meta(PREPARED_ROOT / stage.source)["class_protocol"],
+        "normalize": {"mean": list(mean), "std": list(std)},
+        "params": raw,
+    }
+    out = Path("data/models") / stage_name
+    with atomic_dir(out) as tmp:
+        save_model(tmp, model, meta)
+    # The resumable state only serves an interrupted run; left behind, it would let a re-run after
+    # a code change "resume" at the last iteration and skip training.
+    (checkpoint_dir / STATE_FILE).unlink(missing_ok=True)
+    return out

@@ -1,0 +1,1 @@
+"""One small module per loss family; pure functions of tensors."""

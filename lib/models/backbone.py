@@ -1,0 +1,155 @@
+"""Dilated torchvision ResNet encoders for DeepLab, and their offline weight loading.
+
+Layout deviation (globallocal_advent.md §1, cpsl.md §1): the DeepLab ResNets of ADVENT, AdaptSegNet
+and CPSL are Caffe-style ResNet v1, with a stage's stride on the first 1×1 conv of its first block.
+We build torchvision's ResNet v1.5, which puts the stride on the 3×3 conv, so ImageNet weights come
+from torchvision's own files and Caffe-converted DeepLab checkpoints (``DeepLab_resnet_pretrained_*``)
+do not load ("torchvision ResNet-101 weights are not layout-compatible", §1).  Output sizes are the
+same in both layouts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from lib.errors import ConfigError, DataError
+
+_RESNETS = {
+    18: (torchvision.models.resnet18, torchvision.models.ResNet18_Weights),
+    50: (torchvision.models.resnet50, torchvision.models.ResNet50_Weights),
+    101: (torchvision.models.resnet101, torchvision.models.ResNet101_Weights),
+}
+STAGES = ("layer1", "layer2", "layer3", "layer4")
+
+
+class ResNetBackbone(nn.Module):
+    """ResNet stem and layer1..4, with layer3/layer4 optionally dilated instead of strided.
+
+    ``dilations`` gives the dilation of (layer3, layer4); 1 keeps the stage strided.  A dilated stage
+    has stride 1 and dilation = padding = d on the 3×3 conv of *every* block, as DeepLab does
+    (torchvision's own ``replace_stride_with_dilation`` keeps the previous rate in the first block
+    and refuses BasicBlocks, so it is not used).  ``ceil_pool`` is DeepLabV2's ceil-mode max-pool
+    (a 512×1024 input gives 65×129 at stride 8).
+
+    BatchNorm modes (``bn``; backbone BN layers only):
+
+    - ``batch``: ordinary trainable BN.
+    - ``frozen_affine``: γ and β never train, but BN still normalises with batch statistics and
+      updates its running statistics in train mode: ADVENT/AdaptSegNet (globallocal_advent.md §1).
+    - ``frozen``: γ and β never train and BN stays in eval mode (running statistics) even after
+      ``train()``.
+    """
+
+    def __init__(self, depth: int, dilations: tuple[int, int], ceil_pool: bool, bn: str):
+        super().__init__()
+        constructor, _ = _RESNETS[depth]
+        net = constructor(weights=None)
+        # Same attribute names as torchvision, so its state-dict keys load unchanged.
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.maxpool.ceil_mode = ceil_pool
+        self.output_stride = 32
+        for stage, dilation in zip((self.layer3, self.layer4), dilations):
+            if dilation > 1:
+                _dilate(stage, dilation)
+                self.output_stride //= 2
+        width = 1 if depth == 18 else 4  # BasicBlock vs Bottleneck expansion
+        self.channels = {"stem": 64, "layer1": 64 * width, "layer2": 128 * width,
+                         "layer3": 256 * width, "layer4": 512 * width}
+        self.bn_mode = bn
+        if bn != "batch":
+            for norm in self._norms():
+                norm.weight.requires_grad_(False)
+                norm.bias.requires_grad_(False)
+        self.train()  # puts frozen BN in eval mode from the start
+
+    def _norms(self) -> list[nn.BatchNorm2d]:
+        return [m for m in self.modules() if isinstance(m, nn.BatchNorm2d)]
+
+    def train(self, mode: bool = True) -> ResNetBackbone:
+        super().train(mode)
+        if self.bn_mode == "frozen":
+            for norm in self._norms():
+                norm.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        stem = self.relu(self.bn1(self.conv1(x)))
+        features = {"stem": stem}
+        x = self.maxpool(stem)
+        for name in STAGES:
+            x = getattr(self, name)(x)
+            features[name] = x
+        return features
+
+
+def _dilate(stage: nn.Sequential, dilation: int) -> None:
+    """Trade the stage's stride for atrous 3×3 convs, so it keeps its input resolution."""
+    for conv in stage.modules():
+        if isinstance(conv, nn.Conv2d):
+            conv.stride = (1, 1)  # only the first block's 3×3 conv and its shortcut had stride 2
+            if conv.kernel_size == (3, 3):
+                conv.dilation = (dilation, dilation)
+                conv.padding = (dilation, dilation)
+
+
+def build_backbone(depth: int, dilations: tuple[int, int], ceil_pool: bool, bn: str,
+                   weights: str) -> ResNetBackbone:
+    backbone = ResNetBackbone(depth, dilations, ceil_pool, bn)
+    if weights != "none":
+        path = imagenet_file(depth) if weights == "imagenet" else Path(weights)
+        load_weights(backbone, path, depth)
+    return backbone
+
+
+def imagenet_file(depth: int) -> Path:
+    """torchvision's IMAGENET1K_V1 file for this depth in the hub cache; never downloaded."""
+    _, weight_enum = _RESNETS[depth]
+    url = weight_enum.IMAGENET1K_V1.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    if not path.is_file():
+        raise ConfigError(f"model weights 'imagenet': {path} not found; download {url} to that path "
+                          f"(TORCH_HOME moves the cache folder) or set weights to 'none'")
+    return path
+
+
+def load_weights(backbone: ResNetBackbone, path: Path, depth: int) -> None:
+    """Load a backbone state dict strictly; ``fc.*`` (the ImageNet classifier) is ignored.
+
+    The file may hold the dict itself or wrap it under ``state_dict`` or ``model``, and keys may
+    carry DataParallel's ``module.`` prefix.
+    """
+    if not path.is_file():
+        raise ConfigError(f"model weights: {path} not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load fails with many exception types on a bad file
+        raise DataError(f"{path}: not a readable PyTorch weights file ({type(err).__name__})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise DataError(f"{path}: expected a state dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in obj.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+    expected = backbone.state_dict()
+    # Old torchvision files predate BN's num_batches_tracked; BN fills it in itself.
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    problems = [f"{what} {_first(keys)}" for what, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected),
+                 ("wrong shapes for", mismatched)) if keys]
+    if problems:
+        raise ConfigError(f"{path}: not a ResNet-{depth} backbone state dict ({'; '.join(problems)})")
+    backbone.load_state_dict(state, strict=False)
+
+
+def _first(keys: list[str], n: int = 3) -> str:
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more

@@ -1,0 +1,32 @@
+"""The one output structure every segmentation model returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class SegOutput:
+    """What a forward pass returns; methods take what they need, models never know which method runs.
+
+    - ``logits``: (N, C, h, w) at the head's own stride (8 for DeepLabV2, 4 for DeepLabV3+);
+      ``upsample`` brings them to a label size.
+    - ``aux_logits``: the auxiliary head on layer3 (same C, stride of layer3), or None.
+    - ``features``: intermediate maps by name: ``stem`` (after the stem's ReLU, before max-pool),
+      ``layer1`` .. ``layer4`` (encoder stages), ``embedding`` (the last feature map before the
+      classifier: DeepLabV3+'s decoder output ``dec1``, the CPSL head's 256-d ``feat``) and, for
+      DeepLabV3+, ``decoder_input`` (``dec0``, the 304-channel concatenation).
+    """
+
+    logits: torch.Tensor
+    aux_logits: torch.Tensor | None = None
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize with align_corners=True, as ADVENT, CPSL and BlindNet all evaluate."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)

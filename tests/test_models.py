@@ -1,0 +1,296 @@
+"""Segmentation models: shapes and strides, heads, BN modes, parameter split and offline weights."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from lib.config import parse
+from lib.errors import ConfigError, DataError
+from lib.models import ModelParams, SegOutput, build_model
+from lib.models.deeplabv2 import ATROUS_RATES, AsppSum, CpslHead
+
+C = 5  # classes: small, so the heads stay cheap
+
+
+def tiny(**kw) -> ModelParams:
+    return ModelParams(**{"depth": 18, "weights": "none", **kw})
+
+
+def v2_size(n: int) -> int:
+    """DeepLabV2 logits size: stem conv /2, ceil-mode max-pool /2, layer2 /2."""
+    stem = math.ceil(n / 2)
+    pooled = math.ceil((stem - 1) / 2) + 1
+    return math.ceil(pooled / 2)
+
+
+def bn_layers(model) -> list[nn.BatchNorm2d]:
+    return [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def ids(params) -> set[int]:
+    return {id(p) for p in params}
+
+
+# --- shapes and strides --------------------------------------------------------------------
+
+@pytest.mark.parametrize("depth", [18, 50, 101])
+@pytest.mark.parametrize("arch", ["deeplabv2", "deeplabv3plus"])
+def test_output_shapes_and_strides(arch, depth):
+    model = build_model(ModelParams(arch=arch, depth=depth, weights="none"), C).eval()
+    with torch.no_grad():  # batch 1 in eval mode must work for DeepLabV3+ too
+        out = model(torch.randn(1, 3, 65, 65))
+    assert isinstance(out, SegOutput)
+    width = 1 if depth == 18 else 4
+    channels = {"stem": 64, "layer1": 64 * width, "layer2": 128 * width,
+                "layer3": 256 * width, "layer4": 512 * width}
+    # 65 -> stem 33 -> pool 17 -> layer2 9 -> (v3+) layer3 5
+    sizes = {"stem": 33, "layer1": 17, "layer2": 9, "layer3": 9, "layer4": 9}
+    if arch == "deeplabv2":
+        assert model.output_stride == 8
+        assert out.logits.shape == (1, C, 9, 9) and out.aux_logits.shape == (1, C, 9, 9)
+        assert "decoder_input" not in out.features
+    else:
+        sizes.update(layer3=5, layer4=5)
+        channels.update(decoder_input=304, embedding=256)
+        sizes.update(decoder_input=17, embedding=17)
+        assert model.output_stride == 16
+        assert out.logits.shape == (1, C, 17, 17) and out.aux_logits.shape == (1, C, 5, 5)
+    assert {k: tuple(v.shape) for k, v in out.features.items()} == {
+        k: (1, channels[k], sizes[k], sizes[k]) for k in channels}
+    assert model.num_classes == C and model.params.depth == depth
+
+
+@pytest.mark.parametrize("arch, dilations", [("deeplabv2", (1, 1, 2, 4)), ("deeplabv3plus", (1, 1, 1, 2))])
+@pytest.mark.parametrize("depth", [18, 50])
+def test_every_block_of_a_dilated_stage_is_dilated(arch, dilations, depth):
+    backbone = build_model(ModelParams(arch=arch, depth=depth, weights="none"), C).backbone
+    for stage, dilation in zip(("layer1", "layer2", "layer3", "layer4"), dilations):
+        convs = [m for m in getattr(backbone, stage).modules() if isinstance(m, nn.Conv2d)]
+        assert all(c.dilation == (dilation, dilation) for c in convs if c.kernel_size == (3, 3))
+        assert all(c.padding == c.dilation for c in convs if c.kernel_size == (3, 3))
+        if dilation > 1:
+            assert all(c.stride == (1, 1) for c in convs)
+    assert backbone.maxpool.ceil_mode == (arch == "deeplabv2")
+
+
+def test_deeplabv2_matches_original_output_size():
+    model = build_model(tiny(aux=False), C).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 512, 1024))
+    assert out.logits.shape[-2:] == (65, 129) == (v2_size(512), v2_size(1024))
+    assert out.aux_logits is None
+
+
+@pytest.mark.parametrize("size", [(64, 96), (71, 33)])
+def test_strides_on_other_sizes(size):
+    h, w = size
+    x = torch.randn(2, 3, h, w)
+    with torch.no_grad():
+        v2 = build_model(tiny(), C).eval()(x)
+        v3 = build_model(tiny(arch="deeplabv3plus"), C).eval()(x)
+    assert v2.logits.shape[-2:] == (v2_size(h), v2_size(w))
+    assert v3.logits.shape[-2:] == v3.features["layer1"].shape[-2:]
+    assert v3.aux_logits.shape[-2:] == v3.features["layer4"].shape[-2:]
+
+
+def test_cpsl_head_embedding():
+    model = build_model(tiny(head="cpsl", aux=False), C).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 65, 65))
+    assert out.logits.shape == (1, C, 9, 9) and out.aux_logits is None
+    assert out.features["embedding"].shape == (1, 256, 9, 9)
+    assert model.head.classifier.bias is None
+
+
+def test_deeplabv3plus_refuses_training_on_one_image():
+    model = build_model(tiny(arch="deeplabv3plus"), C)
+    with pytest.raises(ConfigError, match="batch size of at least 2"):
+        model(torch.randn(1, 3, 33, 33))
+
+
+# --- heads -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("compat, used", [(False, 4), (True, 2)])
+def test_aspp_sum_is_the_sum_of_its_branches(compat, used):
+    head = AsppSum(8, C, two_branch_compat=compat)
+    x = torch.randn(2, 8, 30, 30)
+    expected = sum(F.conv2d(x, conv.weight, conv.bias, padding=rate, dilation=rate)
+                   for conv, rate in zip(head.branches[:used], ATROUS_RATES[:used]))
+    assert len(head.branches) == 4  # unused branches still exist, so state dicts match
+    torch.testing.assert_close(head(x), expected)
+    assert all(p.requires_grad == (i < used) for i, conv in enumerate(head.branches)
+               for p in conv.parameters())
+
+
+def test_deeplabv2_heads_are_normal_0_01():
+    model = build_model(tiny(), 19)
+    for head in (model.head, model.aux_head):
+        weights = torch.cat([conv.weight.flatten() for conv in head.branches])
+        assert weights.std().item() == pytest.approx(0.01, rel=0.03)
+        assert weights.mean().abs().item() < 1e-3
+    cpsl = CpslHead(512, 19)
+    assert cpsl.classifier.weight.std().item() == pytest.approx(0.01, rel=0.1)
+    assert cpsl.fuse[0].weight.std().item() == pytest.approx(0.01, rel=0.03)
+
+
+def test_deeplabv3plus_heads_are_kaiming_with_zero_bias():
+    model = build_model(tiny(arch="deeplabv3plus"), C)
+    conv = model.final1[0][0]
+    fan_in = conv.weight[0].numel()
+    assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.05)
+    assert torch.all(model.final2.bias == 0) and torch.all(model.dsn[0].bias == 0)
+
+
+# --- BatchNorm modes and the parameter split ------------------------------------------------------
+
+def test_frozen_affine_bn_uses_batch_statistics_but_never_trains():
+    model = build_model(tiny(bn="frozen_affine"), C).train()
+    norms = bn_layers(model)
+    before = norms[0].running_mean.clone()
+    model(torch.randn(2, 3, 33, 33))
+    assert not torch.equal(norms[0].running_mean, before)
+    affine = ids(p for bn in norms for p in bn.parameters())
+    assert not affine & ids(model.backbone_parameters())
+    assert all(not p.requires_grad for bn in norms for p in bn.parameters())
+
+
+def test_frozen_bn_stays_in_eval_mode():
+    model = build_model(tiny(bn="frozen"), C)
+    model.eval().train()
+    norms = bn_layers(model)
+    assert model.training and not any(bn.training for bn in norms)
+    before = [bn.running_mean.clone() for bn in norms]
+    model(torch.randn(2, 3, 33, 33))
+    assert all(torch.equal(bn.running_mean, b) for bn, b in zip(norms, before))
+    assert not ids(p for bn in norms for p in bn.parameters()) & ids(model.backbone_parameters())
+
+
+def test_batch_bn_trains():
+    model = build_model(tiny(bn="batch"), C)
+    affine = ids(p for bn in bn_layers(model) for p in bn.parameters())
+    assert affine <= ids(model.backbone_parameters())
+
+
+CONFIGS = [
+    tiny(bn="batch"),
+    tiny(bn="frozen_affine", aspp_two_branch_compat=True),
+    tiny(bn="batch", head="cpsl", aux=True),
+    tiny(bn="frozen", head="cpsl", aux=False),
+    tiny(bn="batch", arch="deeplabv3plus"),
+    tiny(bn="frozen_affine", arch="deeplabv3plus", aux=False),
+]
+
+
+@pytest.mark.parametrize("params", CONFIGS, ids=str)
+def test_every_trainable_parameter_is_backbone_or_head(params):
+    model = build_model(params, C)
+    backbone, head = ids(model.backbone_parameters()), ids(model.head_parameters())
+    assert len(backbone) == len(model.backbone_parameters())
+    assert not backbone & head
+    assert backbone | head == ids(p for p in model.parameters() if p.requires_grad)
+    assert ids(model.backbone.parameters()) >= backbone
+
+
+@pytest.mark.parametrize("params", CONFIGS, ids=str)
+def test_gradients_reach_every_trainable_parameter(params):
+    torch.manual_seed(0)
+    model = build_model(params, C).train()
+    out = model(torch.randn(2, 3, 33, 33))
+    loss = out.logits.square().mean()
+    if out.aux_logits is not None:
+        loss = loss + out.aux_logits.square().mean()
+    loss.backward()
+    starved = [name for name, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not starved
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+# --- weights ---------------------------------------------------------------------------------------
+
+def save_resnet18(path: Path, wrap=lambda state: state) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(wrap(state), path)
+    return state
+
+
+def assert_backbone_equals(model, state):
+    loaded = model.backbone.state_dict()
+    assert set(state) - set(loaded) == {"fc.weight", "fc.bias"}
+    for key, value in loaded.items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
+def test_imagenet_weights_missing_names_the_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    with pytest.raises(ConfigError, match="TORCH_HOME") as err:
+        build_model(tiny(weights="imagenet"), C)
+    assert str(expected) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_imagenet_weights_load_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    state = save_resnet18(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    assert_backbone_equals(build_model(tiny(weights="imagenet"), C), state)
+
+
+def test_weights_file_with_wrapper_and_module_prefix(tmp_path):
+    path = tmp_path / "ckpt.pth"
+    state = save_resnet18(path, lambda s: {"state_dict": {f"module.{k}": v for k, v in s.items()}})
+    model = build_model(tiny(weights=str(path), arch="deeplabv3plus"), C)
+    assert_backbone_equals(model, state)
+
+
+def test_weights_file_missing_keys_is_an_error(tmp_path):
+    path = tmp_path / "partial.pth"
+    save_resnet18(path, lambda s: {k: v for k, v in s.items() if not k.startswith("layer4.1.")})
+    with pytest.raises(ConfigError, match=r"partial\.pth.*missing keys layer4\.1\.conv1\.weight"):
+        build_model(tiny(weights=str(path)), C)
+
+
+def test_weights_file_of_another_depth_is_an_error(tmp_path):
+    path = tmp_path / "r18.pth"
+    save_resnet18(path)
+    with pytest.raises(ConfigError, match=r"r18\.pth: not a ResNet-50"):
+        build_model(ModelParams(depth=50, weights=str(path)), C)
+
+
+def test_corrupt_weights_file_is_an_error(tmp_path):
+    path = tmp_path / "bad.pth"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match=r"bad\.pth"):
+        build_model(tiny(weights=str(path)), C)
+
+
+# --- params ---------------------------------------------------------------------------------------
+
+def test_params_parse_with_defaults():
+    params = parse(ModelParams, {"depth": 50, "weights": "none"}, "model")
+    assert params == ModelParams(depth=50, weights="none")
+    assert params.arch == "deeplabv2" and params.bn == "frozen_affine" and params.aux
+
+
+@pytest.mark.parametrize("value, match", [
+    ({"arch": "deeplabv3plus", "head": "cpsl"}, "model.head"),
+    ({"head": "cpsl", "aspp_two_branch_compat": True}, "model.aspp_two_branch_compat"),
+    ({"arch": "deeplabv3plus", "aspp_two_branch_compat": True}, "model.aspp_two_branch_compat"),
+    ({"weights": "no/such/file.pth"}, "no/such/file.pth"),
+    ({"depth": 34}, "model.depth"),
+])
+def test_params_errors(value, match):
+    with pytest.raises(ConfigError, match=match):
+        parse(ModelParams, value, "model")
+
+
+def test_build_model_validates_params():
+    with pytest.raises(ConfigError, match="cpsl"):
+        build_model(tiny(arch="deeplabv3plus", head="cpsl"), C)
