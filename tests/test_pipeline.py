@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -16,11 +18,14 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+       "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+TARGETS = ("synth_gta5", "synth_cityscapes", "synth_acdc_night")
+
+
 def sh(cwd: Path, *cmd: str) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
     if res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
     return res.stdout + res.stderr
@@ -31,6 +36,10 @@ def tiny_params() -> dict:
     params["synthesize"].update(height=32, width=64, workers=1,
                                 counts={d: {"train": 4, "val": 2} for d in ("source", "target", "night")})
     params["prepare"]["workers"] = 1
+    warmup = params["warmup"]
+    warmup["data"].update(batch_size=2, crop=[32, 64], workers=0)
+    warmup["train"].update(iters=6, checkpoint_every=2, log_every=2)
+    params["evaluate"].update(batch_size=2, workers=0, panels=1)
     return params
 
 
@@ -86,3 +95,93 @@ def test_dataset_param_change_reruns_only_that_dataset(project):
     assert "Running stage 'prepare@synth_cityscapes'" in out
     assert "Running stage 'prepare@synth_gta5'" not in out
     assert "Running stage 'synthesize'" not in out
+
+
+# ----------------------------------------------------------------------------------------------
+# training and evaluation stages
+
+
+def metrics_of(project: Path) -> dict:
+    return {t: json.loads((project / "metrics/warmup" / f"{t}.json").read_text()) for t in TARGETS}
+
+
+def test_repro_trains_and_evaluates(project):
+    assert (project / "data/models/warmup/model.pt").is_file()
+    meta = json.loads((project / "data/models/warmup/meta.json").read_text())
+    assert meta["method"] == "source_only" and meta["num_classes"] == 19
+    for target, result in metrics_of(project).items():
+        assert set(result) >= {"mIoU", "mAcc", "pixel_acc", "images"}
+        assert result["images"] == 2
+        classes = pd.read_csv(project / "metrics/warmup" / target / "classes.csv")
+        assert len(classes) == 19
+        assert (project / "metrics/warmup" / target / "confusion.png").is_file()
+        assert len(list((project / "metrics/warmup" / target / "panels").glob("*.png"))) == 1
+    curve = pd.read_csv(project / "metrics/warmup/train/plots/metrics/train/loss/seg.tsv", sep="\t")
+    assert list(curve["step"]) == [2, 4, 6]
+    # the finished run leaves no resumable state behind: a later code change must retrain
+    assert list((project / "data/checkpoints/warmup").iterdir()) == []
+    shown = sh(project, "dvc", "metrics", "show")
+    assert "metrics/warmup/synth_cityscapes.json" in shown and "mIoU" in shown
+
+
+def test_evaluate_param_reruns_only_evaluation(project):
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "baseline")
+    out = sh(project, "dvc", "exp", "run", "-S", "evaluate.inference.flip=true")
+    for target in TARGETS:
+        assert f"Running stage 'evaluate@warmup-{target}'" in out
+    assert "Running stage 'warmup'" not in out and "Running stage 'prepare" not in out
+    diff = sh(project, "dvc", "metrics", "diff", "HEAD", "--all")
+    assert "metrics/warmup/synth_cityscapes.json" in diff and "mIoU" in diff
+    table = sh(project, "dvc", "exp", "show", "--no-pager", "--md")
+    assert "mIoU" in table and "evaluate.inference.flip" in table
+
+
+def test_warmup_param_reruns_warmup_and_its_evaluations(project):
+    out = sh(project, "dvc", "exp", "run", "-S", "warmup.train.seed=1")
+    assert "Running stage 'warmup'" in out
+    assert "Running stage 'evaluate@warmup-synth_gta5'" in out
+    assert "Running stage 'prepare" not in out and "Running stage 'synthesize'" not in out
+
+
+def test_bad_param_is_one_clear_line(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["warmup"]["method"] = "nope"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    res = subprocess.run([sys.executable, "-m", "stages.warmup"], cwd=project, env=ENV,
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1].startswith("error: params: method 'nope' does not exist")
+    sh(project, "git", "checkout", "params.yaml")
+
+
+def lock_hash(project: Path, stage: str, path: str) -> str:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == path)
+
+
+def test_killed_warmup_resumes_to_the_same_model(project):
+    """SIGKILL the whole `dvc repro` mid-training; the next repro resumes and ends bit-identical."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["warmup"]["train"].update(iters=40, checkpoint_every=4, seed=7)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    checkpoint = project / "data/checkpoints/warmup/last.pt"
+    proc = subprocess.Popen(["dvc", "repro", "warmup"], cwd=project, env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not checkpoint.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert checkpoint.is_file() and proc.poll() is None, "training ended before a checkpoint appeared"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (project / "data/models/warmup").exists()     # no output that looks finished
+
+    out = sh(project, "dvc", "repro")
+    assert "resuming from data/checkpoints/warmup/last.pt at iteration" in out
+    resumed = lock_hash(project, "warmup", "data/models/warmup")
+    resumed_metrics = metrics_of(project)
+
+    sh(project, "dvc", "repro", "-f", "-s", "warmup")      # uninterrupted, from scratch
+    assert lock_hash(project, "warmup", "data/models/warmup") == resumed
+    assert "up to date" in sh(project, "dvc", "status")   # so no evaluation needs re-running
+    assert metrics_of(project) == resumed_metrics

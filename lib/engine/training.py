@@ -157,6 +157,9 @@ def run_training_stage(stage_name: str, raw: dict) -> Path:
             raise ConfigError(f"params: method '{stage.method}' reads a {stream} dataset; set {stage_name}.{stream}")
         if not (PREPARED_ROOT / name / "index.csv").is_file():
             raise DataError(f"{PREPARED_ROOT / name}: prepared dataset not found (is '{name}' under 'datasets'?)")
+    if stage.model.arch == "deeplabv3plus" and stage.data.batch_size < 2:
+        raise ConfigError(f"params: {stage_name}.data.batch_size must be >= 2 for deeplabv3plus "
+                          "(BatchNorm on its image-pooling branch needs two samples)")
     class_set = load_class_set(PREPARED_ROOT / stage.source)
 
     seed_everything(stage.train.seed)
