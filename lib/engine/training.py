@@ -39,7 +39,7 @@ from lib.engine.checkpoint import STATE_FILE, save_model
 from lib.engine.loop import StreamFactory, TrainParams, seed_everything, train
 from lib.engine.optim import OptimizerParams, ScheduleParams
 from lib.errors import ConfigError, DataError
-from lib.io import atomic_dir
+from lib.io import atomic_dir, write_json_atomic
 from lib.methods.base import available_methods, method_class
 from lib.models import ModelParams, build_model
 
@@ -188,6 +188,8 @@ def run_training_stage(stage_name: str, raw: dict) -> Path:
     with atomic_dir(out) as tmp:
         save_model(tmp, model, meta)
     # The resumable state only serves an interrupted run; left behind, it would let a re-run after
-    # a code change "resume" at the last iteration and skip training.
+    # a code change "resume" at the last iteration and skip training.  A small note replaces it.
     (checkpoint_dir / STATE_FILE).unlink(missing_ok=True)
+    write_json_atomic(checkpoint_dir / "finished.json",
+                      {"iterations": stage.train.iters, "note": "training finished; the model is in " + str(out)})
     return out
