@@ -118,3 +118,9 @@ def positive(value: int | float, where: str, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"params: {where} must be {bound}, got {value}")
+
+
+def positive_pair(value, where: str) -> None:
+    """A (height, width)-like pair of positive numbers, or None (the option is off)."""
+    if value is not None and (len(value) != 2 or min(value) <= 0):
+        raise ConfigError(f"params: {where} must be two positive numbers, got {list(value)}")

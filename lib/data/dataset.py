@@ -34,12 +34,12 @@ class PreparedDataset(Dataset):
 
     An item is the transformed sample without hints, plus ``id`` (str) and ``draw`` (k).
     Unlabelled rows (label '') have no ``label`` key, so a split should be all labelled or all
-    unlabelled to collate.  Label and image must have the same size.
+    unlabelled to collate; ``labelled=True`` makes an unlabelled row an error at construction.  Label and image must have the same size.
     """
 
     def __init__(self, prepared_dir: str | Path, split: str, transforms: Transform, seed: int,
-                 project_root: str | Path = "."):
-        self.index = load_index(prepared_dir, split)
+                 labelled: bool = False, project_root: str | Path = "."):
+        self.index = load_index(prepared_dir, split, labelled=labelled)
         self.transforms = transforms
         self.seed = seed
         self.project_root = Path(project_root)

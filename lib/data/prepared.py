@@ -36,8 +36,12 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def load_index(prepared: str | Path, split: str | None = None) -> pd.DataFrame:
-    """The index, optionally restricted to one split; ``label`` is '' for unlabelled rows."""
+def load_index(prepared: str | Path, split: str | None = None, labelled: bool = False) -> pd.DataFrame:
+    """The index, optionally restricted to one split; ``label`` is '' for unlabelled rows.
+
+    ``labelled=True`` makes an unlabelled row in the selection an error (training on a source,
+    evaluating).
+    """
     df = pd.read_csv(_require(Path(prepared) / INDEX, "prepared index"),
                      dtype={"id": str, "split": str, "image": str, "label": str},
                      keep_default_na=False)
@@ -46,6 +50,8 @@ def load_index(prepared: str | Path, split: str | None = None) -> pd.DataFrame:
             raise DataError(f"{Path(prepared) / INDEX}: no samples in split '{split}' "
                             f"(splits present: {sorted(set(df['split']))})")
         df = df[df["split"] == split].reset_index(drop=True)
+    if labelled and (df["label"] == "").any():
+        raise DataError(f"{Path(prepared) / INDEX}: split '{split}' has unlabelled rows, but labels are needed")
     return df
 
 

@@ -755,13 +755,20 @@ def draw_truck(canvas: Canvas, cam: Camera, x: float, z: float, oncoming: bool) 
     draw_vehicle_lights(canvas, cam, "truck", x0, x1, 0.7, z, oncoming)
 
 
-def draw_bus(canvas: Canvas, cam: Camera, x: float, z: float, oncoming: bool) -> None:
+def draw_long_body(canvas: Canvas, cam: Camera, cls: str, x0: float, x1: float, z: float, length: float,
+                   wheels: float, body: tuple[float, float], glass: tuple[float, float], paint):
+    """Wheels, a painted box and a band of windows along it (buses, trams); returns the paint colour."""
     box = partial(box_outline, cam)
+    canvas.polygons([box(x0 + 0.1, x1 - 0.1, 0, wheels, z + 0.5, z + length - 0.5)], cls, M.TYRE)
+    painted = canvas.polygons([box(x0, x1, *body, z, z + length)], cls, paint)
+    canvas.polygons([box(x0 - 0.01, x1 + 0.01, *glass, z - 0.01, z + length - 0.3)], cls, M.GLASS)
+    return painted
+
+
+def draw_bus(canvas: Canvas, cam: Camera, x: float, z: float, oncoming: bool) -> None:
     length = canvas.rng.uniform(11, 13)
     x0, x1 = x - 1.25, x + 1.25
-    canvas.polygons([box(x0 + 0.1, x1 - 0.1, 0, 0.4, z + 0.5, z + length - 0.5)], "bus", M.TYRE)
-    canvas.polygons([box(x0, x1, 0.3, 3.1, z, z + length)], "bus", M.BUS_PAINT)
-    canvas.polygons([box(x0 - 0.01, x1 + 0.01, 1.3, 2.5, z - 0.01, z + length - 0.3)], "bus", M.GLASS)
+    draw_long_body(canvas, cam, "bus", x0, x1, z, length, 0.4, (0.3, 3.1), (1.3, 2.5), M.BUS_PAINT)
     draw_vehicle_lights(canvas, cam, "bus", x0, x1, 0.6, z, oncoming)
 
 
@@ -769,9 +776,7 @@ def draw_tram(canvas: Canvas, cam: Camera, x: float, z: float, oncoming: bool) -
     box = partial(box_outline, cam)
     length = canvas.rng.uniform(22, 30)
     x0, x1 = x - 1.3, x + 1.3
-    canvas.polygons([box(x0 + 0.1, x1 - 0.1, 0, 0.45, z + 0.5, z + length - 0.5)], "train", M.TYRE)
-    paint = canvas.polygons([box(x0, x1, 0.35, 3.4, z, z + length)], "train", M.TRAM_PAINT)
-    canvas.polygons([box(x0 - 0.01, x1 + 0.01, 1.2, 2.4, z - 0.01, z + length - 0.3)], "train", M.GLASS)
+    paint = draw_long_body(canvas, cam, "train", x0, x1, z, length, 0.45, (0.35, 3.4), (1.2, 2.4), M.TRAM_PAINT)
     roof = box(x - 0.6, x + 0.6, 3.4, 3.8, z + length * 0.3, z + length * 0.6)
     canvas.polygons([roof], "train", M.TRAM_PAINT, paint * 0.6)
     middle = z + length * 0.45

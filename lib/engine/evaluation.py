@@ -16,16 +16,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from lib.config import positive
+from lib.config import positive, positive_pair
 from lib.data.classes import CITYSCAPES19, CLASS_SETS, subset_lut
 from lib.data.dataset import PreparedDataset
-from lib.data.prepared import PREPARED_ROOT, load_class_set, load_index
+from lib.data.prepared import PREPARED_ROOT, load_class_set
 from lib.data.transforms import Normalize
 from lib.engine.loop import select_device
 from lib.engine.metrics import protocol_subsets
 from lib.engine.report import evaluate_split, write_report
 from lib.engine.checkpoint import load_model
-from lib.errors import ConfigError, DataError
+from lib.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,7 @@ class InferenceParams:
         if self.mode == "slide" and (self.window is None or self.stride is None):
             raise ConfigError(f"params: {where}.mode 'slide' needs {where}.window and {where}.stride")
         for name in ("input_size", "window", "stride"):
-            value = getattr(self, name)
-            if value is not None and (len(value) != 2 or min(value) <= 0):
-                raise ConfigError(f"params: {where}.{name} must be two positive integers, got {list(value)}")
+            positive_pair(getattr(self, name), f"{where}.{name}")
 
 
 @dataclass(frozen=True)
@@ -82,17 +80,10 @@ def run_evaluation(models: list[tuple[str, float]], target: str, params: Evaluat
     meta = metas[0]
     class_set = CLASS_SETS[meta["class_set"]]
     prepared = PREPARED_ROOT / target
-    index = load_index(prepared, params.split)
-    if index.empty:
-        raise DataError(f"{prepared}/index.csv: no rows in split '{params.split}'")
-    if (index["label"] == "").any():
-        raise DataError(f"{prepared}/index.csv: split '{params.split}' has unlabelled rows; "
-                        "evaluation needs labels")
-    lut = label_mapping(class_set.name, load_class_set(prepared).name, target)
-
     mean, std = meta["normalize"]["mean"], meta["normalize"]["std"]
-    dataset = PreparedDataset(prepared, params.split, Normalize(mean, std), seed=0)
-    uniform = index[["height", "width"]].drop_duplicates().shape[0] == 1
+    dataset = PreparedDataset(prepared, params.split, Normalize(mean, std), seed=0, labelled=True)
+    lut = label_mapping(class_set.name, load_class_set(prepared).name, target)
+    uniform = dataset.index[["height", "width"]].drop_duplicates().shape[0] == 1
     loader = DataLoader(dataset, batch_size=params.batch_size if uniform else 1,
                         num_workers=params.workers, pin_memory=device.type == "cuda")
     if lut is not None:

@@ -29,9 +29,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lib.config import parse, positive
+from lib.config import parse, positive, positive_pair
 from lib.data.dataset import PreparedDataset, infinite_batches
-from lib.data.prepared import PREPARED_ROOT, load_centroids, load_class_counts, load_class_set, load_index, load_meta
+from lib.data.prepared import PREPARED_ROOT, load_centroids, load_class_counts, load_class_set, load_meta
 from lib.data.sampling import centroid_entries, class_uniform_stream, rare_class_stream, uniform_stream
 from lib.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, Compose, HorizontalFlip, Normalize,
                                  RandomCrop, RandomScale, Resize)
@@ -65,9 +65,7 @@ class DataParams:
         positive(self.batch_size, f"{where}.batch_size")
         positive(self.workers, f"{where}.workers", allow_zero=True)
         for name in ("crop", "resize", "scale"):
-            value = getattr(self, name)
-            if value is not None and (len(value) != 2 or min(value) <= 0):
-                raise ConfigError(f"params: {where}.{name} must be two positive numbers, got {list(value)}")
+            positive_pair(getattr(self, name), f"{where}.{name}")
         if self.scale is not None and self.scale[0] > self.scale[1]:
             raise ConfigError(f"params: {where}.scale must be [min, max], got {list(self.scale)}")
 
@@ -111,13 +109,7 @@ def train_transforms(data: DataParams, normalize: str) -> Compose:
 def training_stream(name: str, data: DataParams, normalize: str, seed: int, labelled: bool) -> StreamFactory:
     """Endless batches of prepared dataset ``name``; the factory takes the iteration to start at."""
     prepared = PREPARED_ROOT / name
-    index = load_index(prepared, data.split)
-    if index.empty:
-        raise DataError(f"{prepared}/index.csv: no rows in split '{data.split}'")
-    if labelled and (index["label"] == "").any():
-        raise DataError(f"{prepared}/index.csv: split '{data.split}' has unlabelled rows, "
-                        "but this stream needs labels")
-    dataset = PreparedDataset(prepared, data.split, train_transforms(data, normalize), seed)
+    dataset = PreparedDataset(prepared, data.split, train_transforms(data, normalize), seed, labelled=labelled)
     n = len(dataset)
     if data.sampling == "uniform":
         draws = functools.partial(uniform_stream, n, seed)
