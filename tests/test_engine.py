@@ -83,6 +83,18 @@ def test_warmup_values():
     assert lr_factor(10, 100, s) == pytest.approx(0.9)      # warm-up over: poly alone
 
 
+def test_cyclegan_constant_then_linear():
+    s = ScheduleParams(power=1.0, constant_iters=100)
+    assert [lr_factor(t, 200, s) for t in (0, 99, 100)] == [1.0, 1.0, 1.0]
+    assert lr_factor(150, 200, s) == pytest.approx(0.5)
+    assert lr_factor(200, 200, s) == 0.0
+
+
+def test_advent_horizon_beyond_the_last_iteration():
+    s = ScheduleParams(power=0.9, horizon=250000)
+    assert lr_factor(120000, 120000, s) == pytest.approx((1 - 120000 / 250000) ** 0.9)   # ~0.555
+
+
 @settings(max_examples=50, deadline=None)
 @given(st.integers(1, 500), st.floats(0.1, 2.0), st.integers(0, 50), st.floats(0.0, 1.0))
 def test_factor_is_bounded_and_ends_at_zero(max_iters, power, warmup, ratio):

@@ -95,6 +95,17 @@ class Resize:
         return resize_sample(sample, self.height, self.width, self.interpolation)
 
 
+class ScaleWidth:
+    """Resize to a given width, keeping the aspect ratio (CycleGAN's ``scale_width``, CyCADA)."""
+
+    def __init__(self, width: int, interpolation: Interpolation = "bilinear"):
+        self.width, self.interpolation = width, interpolation
+
+    def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
+        height, width = sample["image"].shape[:2]
+        return resize_sample(sample, max(1, round(height * self.width / width)), self.width, self.interpolation)
+
+
 class RandomScale:
     """Rescale by s ~ U[min_scale, max_scale] relative to the current size (aspect ratio kept)."""
 

@@ -38,13 +38,19 @@ class OptimizerParams:
 
 @dataclass(frozen=True)
 class ScheduleParams:
-    power: float = 0.9               # poly exponent; 0 keeps the lr constant
+    power: float = 0.9               # poly exponent; 0 keeps the lr constant, 1 decays linearly
     warmup_iters: int = 0            # linear warm-up length (0 = none)
     warmup_ratio: float = 1e-6       # lr factor at iteration 0 of the warm-up
+    constant_iters: int = 0          # lr held at its base value this long before the decay (CycleGAN)
+    horizon: int | None = None       # iteration where the decay reaches 0; null = train.iters.  ADVENT
+                                     # decays over 250k but stops at 120k (lr ~0.555x base at the end)
 
     def validate(self, where: str) -> None:
         positive(self.power, f"{where}.power", allow_zero=True)
         positive(self.warmup_iters, f"{where}.warmup_iters", allow_zero=True)
+        positive(self.constant_iters, f"{where}.constant_iters", allow_zero=True)
+        if self.horizon is not None:
+            positive(self.horizon, f"{where}.horizon")
         if not 0 <= self.warmup_ratio <= 1:
             raise ConfigError(f"params: {where}.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
 
@@ -60,10 +66,16 @@ class ParamGroup:
 def lr_factor(t: int, max_iters: int, schedule: ScheduleParams) -> float:
     """Multiplier of the base lr at iteration t (0-based): poly decay times the linear warm-up.
 
-    The warm-up follows mmcv's linear rule, factor = 1 - (1 - t/W)(1 - ratio) for t < W, applied
-    on top of the poly value, as DAFormer/CISS schedule it.
+    With T = horizon (default max_iters) and c = constant_iters, the decay is
+    (1 - (t - c)/(T - c))^power after c constant iterations: poly for DeepLab (c = 0), and
+    CycleGAN's "constant, then linear to zero" with power 1 and c = T/2.  The warm-up follows mmcv's
+    linear rule, factor = 1 - (1 - t/W)(1 - ratio) for t < W, applied on top of the decay, as
+    DAFormer/CISS schedule it.
     """
-    factor = (1.0 - min(t, max_iters) / max_iters) ** schedule.power
+    horizon = schedule.horizon or max_iters
+    constant = min(schedule.constant_iters, horizon - 1)
+    progress = max(0, min(t, horizon) - constant) / (horizon - constant)
+    factor = (1.0 - progress) ** schedule.power
     if t < schedule.warmup_iters:
         factor *= 1.0 - (1.0 - t / schedule.warmup_iters) * (1.0 - schedule.warmup_ratio)
     return factor

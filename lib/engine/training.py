@@ -34,7 +34,7 @@ from lib.data.dataset import PreparedDataset, infinite_batches
 from lib.data.prepared import PREPARED_ROOT, load_centroids, load_class_counts, load_class_set, load_meta
 from lib.data.sampling import centroid_entries, class_uniform_stream, rare_class_stream, uniform_stream
 from lib.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, Compose, HorizontalFlip, Normalize,
-                                 RandomCrop, RandomScale, Resize)
+                                 RandomCrop, RandomScale, Resize, ScaleWidth)
 from lib.engine.checkpoint import STATE_FILE, save_model
 from lib.engine.loop import StreamFactory, TrainParams, seed_everything, train
 from lib.engine.optim import OptimizerParams, ScheduleParams
@@ -43,7 +43,8 @@ from lib.io import atomic_dir, write_json_atomic
 from lib.methods.base import available_methods, method_class
 from lib.models import ModelParams, build_model
 
-NORMALIZATION = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))}
+NORMALIZATION = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+                 "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}   # [-1, 1]: the CycleGAN input
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class DataParams:
     batch_size: int = 8
     crop: tuple[int, int] = (96, 192)                 # (height, width) of training crops
     resize: tuple[int, int] | None = None             # (height, width) before cropping; null keeps the size
+    scale_width: int | None = None                    # resize to this width, aspect kept (CycleGAN)
     scale: tuple[float, float] | None = None          # random rescale range before cropping
     flip: bool = True
     split: str = "train"
@@ -64,6 +66,8 @@ class DataParams:
     def validate(self, where: str) -> None:
         positive(self.batch_size, f"{where}.batch_size")
         positive(self.workers, f"{where}.workers", allow_zero=True)
+        if self.scale_width is not None:
+            positive(self.scale_width, f"{where}.scale_width")
         for name in ("crop", "resize", "scale"):
             positive_pair(getattr(self, name), f"{where}.{name}")
         if self.scale is not None and self.scale[0] > self.scale[1]:
@@ -79,8 +83,12 @@ class TrainingStageParams:
     optim: dict[str, OptimizerParams]
     train: TrainParams
     target: str | None = None
-    normalize: Literal["imagenet", "unit"] = "imagenet"
+    normalize: Literal["imagenet", "unit", "symmetric"] = "imagenet"
     schedule: ScheduleParams = ScheduleParams()
+    target_data: DataParams | None = None     # the target stream's data; keys not given come from `data`
+
+    def stream_data(self, stream: str) -> DataParams:
+        return self.target_data if stream != "source" and self.target_data is not None else self.data
 
 
 def parse_stage(raw: Any, where: str) -> tuple[TrainingStageParams, Any]:
@@ -88,7 +96,11 @@ def parse_stage(raw: Any, where: str) -> tuple[TrainingStageParams, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"params: {where} must be a mapping")
     known = available_methods()
-    stage = parse(TrainingStageParams, {k: v for k, v in raw.items() if k not in known}, where)
+    stage_raw = {k: v for k, v in raw.items() if k not in known}
+    if isinstance(stage_raw.get("target_data"), dict) and isinstance(stage_raw.get("data"), dict):
+        # ADVENT reads the source at 720x1280 and the target at 512x1024: only the differences are given
+        stage_raw["target_data"] = {**stage_raw["data"], **stage_raw["target_data"]}
+    stage = parse(TrainingStageParams, stage_raw, where)
     params_type = method_class(stage.method).params_type
     return stage, parse(params_type, raw.get(stage.method, {}), f"{where}.{stage.method}")
 
@@ -97,6 +109,8 @@ def train_transforms(data: DataParams, normalize: str) -> Compose:
     steps = []
     if data.resize is not None:
         steps.append(Resize(*data.resize))
+    if data.scale_width is not None:
+        steps.append(ScaleWidth(data.scale_width))
     if data.scale is not None:
         steps.append(RandomScale(*data.scale))
     steps.append(RandomCrop(*data.crop))
@@ -157,7 +171,7 @@ def run_training_stage(stage_name: str, raw: dict) -> Path:
     seed_everything(stage.train.seed)
     model = build_model(stage.model, class_set.num_classes)
     method = method_type(model, method_params)
-    streams = {s: training_stream(name, stage.data, stage.normalize, stream_seed(stage.train.seed, s),
+    streams = {s: training_stream(name, stage.stream_data(s), stage.normalize, stream_seed(stage.train.seed, s),
                                   labelled=(s == "source")) for s, name in needed.items()}
     checkpoint_dir = Path("data/checkpoints") / stage_name
     train(method, streams, stage.train, stage.optim, stage.schedule, checkpoint_dir=checkpoint_dir,
