@@ -43,6 +43,13 @@ def section(params: dict, key: str, cls: type[T]) -> T:
     return parse(cls, node, key)
 
 
+def merged(base: Any, override: Any) -> Any:
+    """``base`` with ``override`` applied recursively (mappings merge, anything else replaces)."""
+    if isinstance(base, dict) and isinstance(override, dict):
+        return {**base, **{k: merged(base.get(k), v) for k, v in override.items()}}
+    return override
+
+
 def parse(tp: Any, value: Any, where: str) -> Any:
     """Check ``value`` against the type ``tp`` and build dataclasses recursively."""
     origin = typing.get_origin(tp)

@@ -1,8 +1,9 @@
 """evaluate@<model>-<target>: score data/models/<model> on the ``evaluate.split`` of a prepared dataset.
 
 Writes metrics/<model>/<target>.json (DVC metrics) and metrics/<model>/<target>/ (per-class table,
-confusion matrix, prediction panels: DVC plots).  ``--ensemble a:0.5 b:0.5`` scores the weighted
-sum of several models' logits instead (ADVENT's AdvEnt+MinEnt figure).
+confusion matrix, prediction panels: DVC plots).  A model name listed in ``evaluate.ensembles``, or
+``--ensemble a:0.5 b:0.5``, scores the weighted sum of several models' logits instead (ADVENT's
+AdvEnt+MinEnt figure).
 """
 from __future__ import annotations
 
@@ -30,7 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ensemble", nargs="+", metavar="NAME:WEIGHT", help="members of an ensemble")
     args = parser.parse_args(argv)
     params = section(load_params(), "evaluate", EvaluateParams)
-    members = [parse_member(m) for m in args.ensemble] if args.ensemble else [(args.model, 1.0)]
+    if args.ensemble:
+        members = [parse_member(m) for m in args.ensemble]
+    elif args.model in params.ensembles:
+        members = list(params.ensembles[args.model].items())
+    else:
+        members = [(args.model, 1.0)]
     out = Path("metrics") / args.model
     result = run_evaluation(members, args.target, params, out / f"{args.target}.json", out / args.target)
     print(f"{args.model} on {args.target} ({params.split}): mIoU {result['mIoU']}")

@@ -91,9 +91,9 @@ def test_prepare_param_change_reruns_only_prepare(project):
 
 
 def test_dataset_param_change_reruns_only_that_dataset(project):
-    out = sh(project, "dvc", "exp", "run", "-S", "datasets.synth_cityscapes.splits=[val]")
-    assert "Running stage 'prepare@synth_cityscapes'" in out
-    assert "Running stage 'prepare@synth_gta5'" not in out
+    out = sh(project, "dvc", "exp", "run", "-S", "datasets.synth_acdc_night.splits=[val]")
+    assert "Running stage 'prepare@synth_acdc_night'" in out
+    assert "Running stage 'prepare@synth_gta5'" not in out and "Running stage 'stylize" not in out
     assert "Running stage 'synthesize'" not in out
 
 
@@ -142,6 +142,36 @@ def test_warmup_param_reruns_warmup_and_its_evaluations(project):
     assert "Running stage 'warmup'" in out
     assert "Running stage 'evaluate@warmup-synth_gta5'" in out
     assert "Running stage 'prepare" not in out and "Running stage 'synthesize'" not in out
+
+
+def test_fda_beta_reruns_stylize_and_what_reads_it_only(project):
+    sh(project, "dvc", "exp", "run", "-S", "warmup.source=synth_gta5_fda")
+    sh(project, "git", "add", "-A")
+    sh(project, "git", "commit", "-qm", "warm-up on the FDA source")
+    out = sh(project, "dvc", "exp", "run", "-S", "warmup.source=synth_gta5_fda", "-S", "stylize.fda_beta=0.05")
+    assert "Running stage 'stylize@synth_gta5_fda'" in out
+    assert "Running stage 'warmup'" in out and "Running stage 'evaluate@warmup-synth_cityscapes'" in out
+    assert "Running stage 'prepare" not in out and "Running stage 'synthesize'" not in out
+    meta = json.loads((project / "data/prepared/synth_gta5_fda/meta.json").read_text())
+    assert "0.05" in json.dumps(meta["stylization"])
+    sh(project, "git", "reset", "-q", "--hard", "HEAD~1")
+    sh(project, "dvc", "checkout", "-f")
+
+
+def test_adversarial_warmup_with_an_ensembled_variant(project):
+    out = sh(project, "dvc", "exp", "run", "-S", "warmup.method=advent",
+             "-S", "+variants.minent={method: minent}", "-S", "evaluate.models=[warmup, minent]",
+             "-S", "+evaluate.ensembles.advent_minent={warmup: 0.5, minent: 0.5}")
+    assert "Running stage 'variant@minent'" in out
+    assert "Running stage 'ensemble@advent_minent-synth_cityscapes'" in out
+    assert json.loads((project / "data/models/minent/meta.json").read_text())["method"] == "minent"
+    assert json.loads((project / "data/models/warmup/meta.json").read_text())["method"] == "advent"
+    curves = project / "metrics/warmup/train/plots/metrics/train/loss"
+    assert (curves / "adv_main.tsv").is_file() and (curves / "d_main.tsv").is_file()
+    ensemble = json.loads((project / "metrics/advent_minent/synth_cityscapes.json").read_text())
+    assert ensemble["images"] == 2 and 0 <= ensemble["mIoU"] <= 100
+    sh(project, "git", "checkout", "params.yaml", "dvc.lock")
+    sh(project, "dvc", "checkout", "-f")
 
 
 def test_bad_param_is_one_clear_line(project):

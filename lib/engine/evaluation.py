@@ -8,6 +8,8 @@ optional horizontal flip.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -52,8 +54,13 @@ class EvaluateParams:
     batch_size: int = 8               # images per forward; mixed image sizes fall back to 1
     workers: int = 2
     panels: int = 4                   # image | label | prediction panels saved per evaluation
+    ensembles: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    # name -> {model: weight}: logits summed with these weights (ADVENT's AdvEnt+MinEnt is 0.5/0.5)
 
     def validate(self, where: str) -> None:
+        for name, members in self.ensembles.items():
+            if name in self.models or not members:
+                raise ConfigError(f"params: {where}.ensembles.{name} must be a new name with at least one member")
         positive(self.batch_size, f"{where}.batch_size")
         positive(self.workers, f"{where}.workers", allow_zero=True)
         positive(self.panels, f"{where}.panels", allow_zero=True)

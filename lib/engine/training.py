@@ -161,8 +161,7 @@ def run_training_stage(stage_name: str, raw: dict) -> Path:
     for stream, name in needed.items():
         if name is None:
             raise ConfigError(f"params: method '{stage.method}' reads a {stream} dataset; set {stage_name}.{stream}")
-        if not (PREPARED_ROOT / name / "index.csv").is_file():
-            raise DataError(f"{PREPARED_ROOT / name}: prepared dataset not found (is '{name}' under 'datasets'?)")
+        require_prepared(name)
     if stage.model.arch == "deeplabv3plus" and stage.data.batch_size < 2:
         raise ConfigError(f"params: {stage_name}.data.batch_size must be >= 2 for deeplabv3plus "
                           "(BatchNorm on its image-pooling branch needs two samples)")
@@ -191,11 +190,21 @@ def run_training_stage(stage_name: str, raw: dict) -> Path:
         "params": raw,
     }
     out = Path("data/models") / stage_name
+    publish_model(out, model, meta, checkpoint_dir, stage.train.iters)
+    return out
+
+
+def require_prepared(name: str) -> None:
+    if not (PREPARED_ROOT / name / "index.csv").is_file():
+        raise DataError(f"{PREPARED_ROOT / name}: prepared dataset not found (is '{name}' under 'datasets'?)")
+
+
+def publish_model(out: Path, model, meta: dict, checkpoint_dir: Path, iters: int) -> None:
+    """Write the model artifact ``out`` atomically, then retire the resumable state of its training."""
     with atomic_dir(out) as tmp:
         save_model(tmp, model, meta)
     # The resumable state only serves an interrupted run; left behind, it would let a re-run after
     # a code change "resume" at the last iteration and skip training.  A small note replaces it.
     (checkpoint_dir / STATE_FILE).unlink(missing_ok=True)
     write_json_atomic(checkpoint_dir / "finished.json",
-                      {"iterations": stage.train.iters, "note": "training finished; the model is in " + str(out)})
-    return out
+                      {"iterations": iters, "note": "training finished; the model is in " + str(out)})

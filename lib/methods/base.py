@@ -17,6 +17,9 @@ from torch import nn
 import lib.methods
 from lib.engine.optim import ParamGroup
 from lib.errors import ConfigError
+from lib.losses.adversarial import frozen
+from lib.losses.segmentation import cross_entropy
+from lib.models.output import SegOutput
 
 Batch = dict[str, dict]   # stream name ("source", "target", ...) -> collated batch on the device
 
@@ -45,6 +48,65 @@ class Method:
 
     def after_step(self, it: int) -> None:
         """Called after the optimizers stepped (EMA teachers, queues)."""
+
+
+class OutputSpaceMethod(Method):
+    """Source supervision plus alignment of the target's output, in ADVENT's step order (§2.3).
+
+    1. the discriminators are frozen;
+    2. source: forward, L_seg = CE(main) + aux_weight * CE(aux), backward;
+    3. target: forward, the generator's alignment terms (``target_losses``), backward;
+    4. the discriminators are unfrozen and trained on detached source and target outputs
+       (``discriminator_losses``), backward.
+    The engine then steps every optimizer.  Each backward frees its graph before the next forward,
+    as ADVENT does to fit a 720x1280 source and a 512x1024 target on one GPU.
+    AdaptSegNet, AdvEnt, MinEnt and the Global-Local reconstruction fill in the two hooks.
+    """
+
+    streams = ("source", "target")
+
+    @property
+    def aux_weight(self) -> float:
+        return self.params.aux_weight
+
+    def discriminators(self) -> dict[str, nn.Module]:
+        return {}
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model, **self.discriminators()}
+
+    def param_groups(self) -> dict[str, list[ParamGroup]]:
+        groups = super().param_groups()
+        if self.discriminators():
+            groups["discriminator"] = [ParamGroup([p for d in self.discriminators().values()
+                                                   for p in d.parameters()])]
+        return groups
+
+    def target_losses(self, target: SegOutput, size: tuple[int, int], it: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def discriminator_losses(self, source: SegOutput, source_label: torch.Tensor, target: SegOutput,
+                             target_size: tuple[int, int], it: int) -> dict[str, torch.Tensor]:
+        """Outputs are detached; the source size is the label's."""
+        return {}
+
+    def training_step(self, batch: Batch, it: int) -> dict[str, torch.Tensor]:
+        xs, ys, xt = batch["source"]["image"], batch["source"]["label"], batch["target"]["image"]
+        with frozen(self.discriminators().values()):
+            source = self.model(xs)
+            losses = {"seg": cross_entropy(source.logits, ys)}
+            if source.aux_logits is not None and self.aux_weight > 0:
+                losses["seg_aux"] = self.aux_weight * cross_entropy(source.aux_logits, ys)
+            sum(losses.values()).backward()
+            target = self.model(xt)
+            aligned = self.target_losses(target, tuple(xt.shape[-2:]), it)
+            if aligned:
+                sum(aligned.values()).backward()
+        source, target = source.detached(), target.detached()
+        judged = self.discriminator_losses(source, ys, target, tuple(xt.shape[-2:]), it)
+        if judged:
+            sum(judged.values()).backward()
+        return {name: value.detach() for name, value in {**losses, **aligned, **judged}.items()}
 
 
 def available_methods() -> list[str]:

@@ -24,6 +24,12 @@ class SegOutput:
     aux_logits: torch.Tensor | None = None
     features: dict[str, torch.Tensor] = field(default_factory=dict)
 
+    def detached(self) -> "SegOutput":
+        """The same maps cut from the graph (a discriminator's step must not reach the generator)."""
+        return SegOutput(self.logits.detach(),
+                         None if self.aux_logits is None else self.aux_logits.detach(),
+                         {name: f.detach() for name, f in self.features.items()})
+
 
 def upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize with align_corners=True, as ADVENT, CPSL and BlindNet all evaluate."""

@@ -1,0 +1,1 @@
+"""Stylized copies of prepared datasets: per-image transfers (FDA, Reinhard, Lab), learned translation, and the cache that writes them."""
