@@ -33,6 +33,16 @@ TINY = CycleGANModelParams(ngf=4, ndf=4, n_blocks=1)
 ADAM = OptimizerParams(type="adam", lr=2e-4, betas=(0.5, 0.999), weight_decay=0.0, head_lr_mult=1.0)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The networks here are tiny: one thread is as fast, and never stalls in OpenMP barriers when
+    other processes hold the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def batch(seed: int, n: int = 2, size: int = 32) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"source": {"image": torch.rand(n, 3, size, size, generator=g) * 2 - 1},
@@ -149,6 +159,23 @@ def tiny_method(**params) -> CycleGAN:
 
 def grads(modules) -> list[torch.Tensor | None]:
     return [None if p.grad is None else p.grad.clone() for m in modules for p in m.parameters()]
+
+
+def test_lsgan_targets():
+    """A discriminator that scores every patch c: D loss 1/2 [(c - 1)^2 + c^2], fooling term (c - 1)^2."""
+    method = tiny_method()
+    c = 0.3
+    for disc in (method.D_target, method.D_source):
+        nn.init.zeros_(disc.net[-1].weight)
+        nn.init.constant_(disc.net[-1].bias, c)
+    b = batch(6)
+    x, y = b["source"]["image"], b["target"]["image"]
+    with torch.no_grad():
+        losses, fake_y, fake_x = method.generator_losses(x, y)
+        judged = method.discriminator_losses(x, y, fake_y, fake_x)
+    assert losses["G_adv"].item() == pytest.approx((c - 1) ** 2) and losses["F_adv"].item() == pytest.approx((c - 1) ** 2)
+    assert judged["D_target"].item() == pytest.approx(0.5 * ((c - 1) ** 2 + c ** 2))
+    assert judged["D_source"].item() == pytest.approx(0.5 * ((c - 1) ** 2 + c ** 2))
 
 
 def test_step_gradients_are_isolated():
