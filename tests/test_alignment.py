@@ -218,6 +218,12 @@ def test_single_level_has_one_discriminator():
     assert list(method.d) == ["main"]
 
 
+def test_zero_adversarial_weights_leave_a_control_without_discriminators():
+    method = build("advent", {"adv_main": 0.0, "adv_aux": 0.0})
+    assert set(method.param_groups()) == {"model"}
+    assert set(method.training_step(fixed_batch(), 0)) == {"seg", "seg_aux"}
+
+
 def test_minent_has_no_discriminator_optimizer():
     assert set(build("minent", {}).param_groups()) == {"model"}
     assert set(build("advent", {}).param_groups()) == {"model", "discriminator"}

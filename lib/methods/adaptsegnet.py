@@ -52,7 +52,8 @@ class AdaptSegNet(OutputSpaceMethod):
         self.d = nn.ModuleDict({level: FCDiscriminator(model.num_classes, params.ndf) for level in self.weights})
 
     def discriminators(self) -> dict[str, nn.Module]:
-        return {"discriminator": self.d}
+        # with both weights at 0 the method is source CE plus target forward passes (BN statistics): a control
+        return {"discriminator": self.d} if self.weights else {}
 
     def discriminator_input(self, prob: torch.Tensor) -> torch.Tensor:
         """AdaptSegNet feeds the softmax itself."""
