@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from lib.config import parse
 from lib.data.classes import CLASS_SETS
@@ -93,9 +94,13 @@ def load_model(directory: str | Path, device="cpu"):
     if meta["class_set"] not in CLASS_SETS:
         raise DataError(f"{path}: unknown class set {meta['class_set']!r}")
     model = build_model(model_params, meta["num_classes"])
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as err:
-        raise DataError(f"{path}: weights do not fit a {model_params.arch}-{model_params.depth} "
-                        f"({str(err).splitlines()[0]})") from None
+    load_weights(model, payload["state_dict"], path, f"a {model_params.arch}-{model_params.depth}")
     return model.to(device).eval(), meta
+
+
+def load_weights(module: nn.Module, state_dict: dict, path: Path, described_as: str) -> None:
+    """Strict ``load_state_dict``; a mismatch is a DataError naming the file and what it should fit."""
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise DataError(f"{path}: weights do not fit {described_as} ({str(err).splitlines()[0]})") from None

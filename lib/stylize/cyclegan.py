@@ -31,7 +31,7 @@ from torch import nn
 from lib.config import parse, positive
 from lib.data.dataset import PreparedDataset
 from lib.data.prepared import PREPARED_ROOT
-from lib.engine.checkpoint import MODEL_FILE, load_checked, load_model
+from lib.engine.checkpoint import MODEL_FILE, load_checked, load_model, load_weights
 from lib.engine.loop import TrainParams, seed_everything, select_device, train
 from lib.engine.optim import OptimizerParams, ParamGroup, ScheduleParams
 from lib.engine.training import (NORMALIZATION, DataParams, fingerprint, publish_model, require_prepared,
@@ -378,11 +378,7 @@ def load_generator(directory: str | Path, device: torch.device | str = "cpu") ->
     if meta.get("kind") != GENERATOR_KIND or "state_dict" not in payload:
         raise DataError(f"{path}: not a CycleGAN generator of this pipeline (run cyclegan_train first)")
     generator = build_generator(parse(CycleGANModelParams, meta["model"], f"{path}:model"))
-    try:
-        generator.load_state_dict(payload["state_dict"])
-    except RuntimeError as err:
-        raise DataError(f"{path}: weights do not fit the generator its meta describes "
-                        f"({str(err).splitlines()[0]})") from None
+    load_weights(generator, payload["state_dict"], path, "the generator its meta describes")
     return generator.to(device).eval(), meta
 
 
