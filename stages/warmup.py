@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
-from lib.config import load_params, merged
-from lib.engine.training import run_training_stage
-from lib.errors import ConfigError, exit_on_user_error
+from lib.config import load_params
+from lib.engine.training import run_training_stage, variant_params
+from lib.errors import exit_on_user_error
 
 
 @exit_on_user_error
@@ -19,16 +19,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", help="name of an entry of `variants` in params.yaml")
     args = parser.parse_args(argv)
     params = load_params()
-    raw, name = params.get("warmup"), "warmup"
-    if args.variant is not None:
-        variants = params.get("variants") or {}
-        if args.variant not in variants or not isinstance(variants[args.variant], dict):
-            raise ConfigError(f"params: variants.{args.variant} is not a mapping of warmup keys to replace "
-                              f"(variants: {', '.join(variants) or 'none'})")
-        ensembles = (params.get("evaluate") or {}).get("ensembles") or {}
-        if args.variant == "warmup" or args.variant in ensembles:
-            raise ConfigError(f"params: variants.{args.variant}: the name is taken")
-        raw, name = merged(raw, variants[args.variant]), args.variant
+    name = args.variant or "warmup"
+    raw = variant_params(params, args.variant) if args.variant else params.get("warmup")
     out = run_training_stage(name, raw)
     print(f"wrote {out}")
 

@@ -10,6 +10,7 @@ import yaml
 from lib.config import merged, parse
 from lib.engine.evaluation import EvaluateParams
 from lib.engine.training import parse_stage
+from lib.errors import ConfigError
 from lib.preset import main as apply_preset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,3 +58,16 @@ def test_missing_and_looping_presets_are_one_line_errors(tmp_path, capsys):
         apply_preset([str(loop), "--params", str(tmp_path / "params.yaml")])
     err = capsys.readouterr().err
     assert "preset not found" in err and "loop" in err
+
+
+def test_variant_params_lay_the_entry_over_warmup():
+    from lib.engine.training import variant_params
+    params = {"warmup": {"method": "advent", "train": {"iters": 4, "seed": 0}},
+              "variants": {"minent": {"method": "minent", "train": {"seed": 1}}},
+              "evaluate": {"ensembles": {"both": {"warmup": 0.5, "minent": 0.5}}}}
+    assert variant_params(params, "minent") == {"method": "minent", "train": {"iters": 4, "seed": 1}}
+    with pytest.raises(ConfigError, match="variants.nope is not a mapping"):
+        variant_params(params, "nope")
+    params["variants"]["both"] = {}
+    with pytest.raises(ConfigError, match="the name is taken"):
+        variant_params(params, "both")

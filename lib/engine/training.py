@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lib.config import parse, positive, positive_pair
+from lib.config import merged, parse, positive, positive_pair
 from lib.data.dataset import PreparedDataset, infinite_batches
 from lib.data.prepared import PREPARED_ROOT, load_centroids, load_class_counts, load_class_set, load_meta
 from lib.data.sampling import centroid_entries, class_uniform_stream, rare_class_stream, uniform_stream
@@ -103,6 +103,18 @@ def parse_stage(raw: Any, where: str) -> tuple[TrainingStageParams, Any]:
     stage = parse(TrainingStageParams, stage_raw, where)
     params_type = method_class(stage.method).params_type
     return stage, parse(params_type, raw.get(stage.method, {}), f"{where}.{stage.method}")
+
+
+def variant_params(params: dict, name: str) -> dict:
+    """The ``warmup`` section with ``variants.<name>`` laid over it (a second model of the chain)."""
+    variants = params.get("variants") or {}
+    if name not in variants or not isinstance(variants[name], dict):
+        raise ConfigError(f"params: variants.{name} is not a mapping of warmup keys to replace "
+                          f"(variants: {', '.join(variants) or 'none'})")
+    ensembles = (params.get("evaluate") or {}).get("ensembles") or {}
+    if name == "warmup" or name in ensembles:
+        raise ConfigError(f"params: variants.{name}: the name is taken")
+    return merged(params.get("warmup"), variants[name])
 
 
 def train_transforms(data: DataParams, normalize: str) -> Compose:
