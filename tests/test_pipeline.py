@@ -31,7 +31,9 @@ def sh(cwd: Path, *cmd: str) -> str:
     return res.stdout + res.stderr
 
 
-def tiny_params() -> dict:
+def tiny_params(chain: bool = False) -> dict:
+    """The committed params shrunk to seconds; ``chain=False`` leaves out the self-training chain
+    (pseudo-labels, selftrain, distill: tests/test_chain.py runs it)."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["synthesize"].update(height=32, width=64, workers=1,
                                 counts={d: {"train": 4, "val": 2} for d in ("source", "target", "night")})
@@ -39,24 +41,37 @@ def tiny_params() -> dict:
     warmup = params["warmup"]
     warmup["data"].update(batch_size=2, crop=[32, 64], workers=0)
     warmup["train"].update(iters=6, checkpoint_every=2, log_every=2)
+    for section in ("selftrain", "distill"):
+        params[section]["data"].update(batch_size=2, crop=[32, 64], workers=0)
+        params[section]["train"].update(iters=4, checkpoint_every=2, log_every=2)
+    params["selftrain"]["cpsl_stage1"].update(queue_length=64, samples_per_image=16)
+    params["pseudo_label"].update(batch_size=2, workers=0)
     params["evaluate"].update(batch_size=2, workers=0, panels=1)
+    if not chain:
+        params["pseudo_label"]["outputs"], params["selftrain"]["runs"], params["distill"]["rounds"] = {}, {}, {}
+        params["evaluate"]["models"] = ["warmup"]
     return params
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def make_project(dest: Path, params: dict) -> Path:
     """A copy of the committed project (git-tracked files) in a fresh git repository."""
-    dest = tmp_path_factory.mktemp("project")
     tracked = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                              cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\0")
     for rel in filter(None, tracked):
         if (ROOT / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dest / rel)
-    (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(dest, "git", "init", "-q")
     sh(dest, "git", "add", "-A")
     sh(dest, "git", "commit", "-qm", "tiny project")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A copy of the committed project (git-tracked files) in a fresh git repository."""
+    dest = make_project(tmp_path_factory.mktemp("project"), tiny_params())
     sh(dest, "dvc", "repro")
     return dest
 

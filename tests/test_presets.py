@@ -1,6 +1,7 @@
 """Presets: each applies cleanly to params.yaml and yields params every stage accepts."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -35,7 +36,51 @@ def test_preset_gives_valid_params(tmp_path, preset):
         parse_stage(merged(params["warmup"], overrides), name)
     for target in evaluate.targets:
         assert target in params["datasets"] or target in params["stylize"]["outputs"]
+    check_chain(tmp_path, params)
     assert "# Source-only" in text or "# The one source of truth" in text     # comments survive
+
+
+def check_chain(tmp_path, params: dict) -> None:
+    """Every pseudo-label output, self-training run and distillation round parses; models named
+    by the chain are produced by an earlier stage, pseudo-labels by a pseudo_label output."""
+    from lib.engine.pseudo import output_params
+    from lib.engine.training import run_params
+    (tmp_path / "data/pretrained").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "data/pretrained/r101_1x_sk0.pth").write_bytes(b"")     # the SimCLR file a preset names
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        runs = params["selftrain"].get("runs") or {}
+        rounds = params["distill"].get("rounds") or {}
+        models = {"warmup", *(params.get("variants") or {}), *runs, *(f"distill_{k}" for k in rounds)}
+        outputs = params["pseudo_label"].get("outputs") or {}
+        for name in outputs:
+            job, _ = output_params(params["pseudo_label"], name)
+            assert job.model in models, name
+        for section, key, names in (("selftrain", "runs", runs), ("distill", "rounds", rounds)):
+            for name in names:
+                raw = run_params(params, section, key, name)
+                parse_stage(raw, f"{section}.{key}.{name}")
+                assert raw["pseudo"] in outputs and (raw.get("init") is None or raw["init"] in models)
+        assert set(params["evaluate"]["models"]) <= models
+    finally:
+        os.chdir(cwd)
+
+
+def test_published_cpsl_recipe(tmp_path, monkeypatch):
+    params, _ = applied(tmp_path, ROOT / "presets" / "gta5_cityscapes_cpsl.yaml")
+    from lib.engine.training import run_params
+    stage1, cpsl = parse_stage(run_params(params, "selftrain", "runs", "selftrain"), "selftrain")
+    assert (cpsl.temperature, cpsl.epsilon, cpsl.queue_length, cpsl.ema) == (0.08, 0.05, 65536, 0.999)
+    assert (stage1.optim["model"].lr, stage1.optim["model"].head_lr_mult, stage1.train.iters) == (1e-4, 5.0, 90000)
+    assert stage1.data.crop == (512, 896) and stage1.normalize == "unit"
+    (tmp_path / "data/pretrained").mkdir(parents=True)
+    (tmp_path / "data/pretrained/r101_1x_sk0.pth").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    kd1, kd = parse_stage(run_params(params, "distill", "rounds", "1"), "distill")
+    assert kd.kd_form == "released" and kd1.pseudo_threshold == 0.95 and kd1.model.extra_bn
+    assert (kd1.optim["model"].lr, kd1.optim["model"].head_lr_mult) == (6e-4, 10.0)
+    assert run_params(params, "distill", "rounds", "2")["init"] == "distill_1"
 
 
 def test_published_advent_numbers(tmp_path):

@@ -92,10 +92,13 @@ def train(method: Method, streams: dict[str, StreamFactory], params: TrainParams
     channels_last = cuda and params.channels_last
     torch.backends.cudnn.benchmark = params.cudnn_benchmark
     modules = method.modules()
-    for module in modules.values():
+    frozen = method.frozen_modules()
+    for module in [*modules.values(), *frozen.values()]:
         module.to(device)
         if channels_last:
             module.to(memory_format=torch.channels_last)
+    for module in frozen.values():
+        module.eval().requires_grad_(False)
 
     groups = method.param_groups()
     missing = sorted(set(groups) - set(optim))

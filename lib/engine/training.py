@@ -35,12 +35,12 @@ from lib.data.prepared import PREPARED_ROOT, load_centroids, load_class_counts, 
 from lib.data.sampling import centroid_entries, class_uniform_stream, rare_class_stream, uniform_stream
 from lib.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, Compose, HorizontalFlip, Normalize,
                                  RandomCrop, RandomScale, Resize, ScaleWidth)
-from lib.engine.checkpoint import STATE_FILE, save_model
+from lib.engine.checkpoint import MODEL_FILE, STATE_FILE, load_model, load_weights, save_model
 from lib.engine.loop import StreamFactory, TrainParams, seed_everything, train
 from lib.engine.optim import OptimizerParams, ScheduleParams
 from lib.errors import ConfigError, DataError
 from lib.io import atomic_dir, write_json_atomic
-from lib.methods.base import available_methods, method_class
+from lib.methods.base import StageContext, available_methods, method_class
 from lib.models import ModelParams, build_model
 
 NORMALIZATION = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
@@ -78,14 +78,24 @@ class DataParams:
 class TrainingStageParams:
     method: str
     source: str
-    model: ModelParams
     data: DataParams
     optim: dict[str, OptimizerParams]
     train: TrainParams
+    model: ModelParams | None = None          # null: the architecture of `init`
     target: str | None = None
     normalize: Literal["imagenet", "unit", "symmetric"] = "imagenet"
     schedule: ScheduleParams = ScheduleParams()
     target_data: DataParams | None = None     # the target stream's data; keys not given come from `data`
+    init: str | None = None                   # data/models/<init>: start from these weights (all of them)
+    teacher: str | None = None                # data/models/<teacher>: a frozen teacher (distillation)
+    pseudo: str | None = None                 # data/pseudo/<pseudo>: the target stream's pseudo-labels
+    pseudo_threshold: float | None = None     # hard pseudo-labels: confidence <= this -> ignored (CPSL 0.95)
+
+    def validate(self, where: str) -> None:
+        if self.model is None and self.init is None:
+            raise ConfigError(f"params: {where} needs a `model` section or an `init` model to copy it from")
+        if self.pseudo_threshold is not None and not 0.0 <= self.pseudo_threshold < 1.0:
+            raise ConfigError(f"params: {where}.pseudo_threshold must be in [0, 1), got {self.pseudo_threshold}")
 
     def stream_data(self, stream: str) -> DataParams:
         return self.target_data if stream != "source" and self.target_data is not None else self.data
@@ -115,6 +125,34 @@ def variant_params(params: dict, name: str) -> dict:
     if name == "warmup" or name in ensembles:
         raise ConfigError(f"params: variants.{name}: the name is taken")
     return merged(params.get("warmup"), variants[name])
+
+
+def with_init_model(raw: dict, stage_name: str) -> dict:
+    """A stage with an ``init`` model inherits its architecture: ``model`` keys given in the stage
+    replace the init's (e.g. CPSL stage 1 unfreezes BatchNorm: ``model: {bn: batch}``)."""
+    if not isinstance(raw, dict) or not raw.get("init"):
+        return raw
+    meta_path = MODELS_ROOT / str(raw["init"]) / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"{meta_path}: model not found ({stage_name}.init = {raw['init']!r}; "
+                        "is it produced by an earlier stage?)")
+    meta = json.loads(meta_path.read_text())
+    return dict(raw, model=merged(dict(meta["model"], weights="none"), raw.get("model") or {}))
+
+
+def run_params(params: dict, section: str, runs_key: str, name: str) -> dict:
+    """One run of a chain stage: ``params[section]`` (less ``runs_key``) with
+    ``params[section][runs_key][name]`` laid over it (its init, teacher, pseudo-labels, ...).
+
+    ``selftrain.runs.<name>`` and ``distill.rounds.<name>`` work this way, so a control (the same
+    stage with one ingredient removed) is one more entry, e.g. ``-S '+selftrain.runs.ctl={...}'``.
+    """
+    base = dict(params.get(section) or {})
+    runs = {str(k): v for k, v in (base.pop(runs_key, None) or {}).items()}
+    if str(name) not in runs or not isinstance(runs[str(name)], dict):
+        raise ConfigError(f"params: {section}.{runs_key}.{name} is not a mapping "
+                          f"({section}.{runs_key}: {', '.join(runs) or 'none'})")
+    return merged(base, runs[str(name)])
 
 
 def train_transforms(data: DataParams, normalize: str) -> Compose:
@@ -155,18 +193,86 @@ def stream_seed(seed: int, stream: str) -> int:
     return int(np.random.SeedSequence([seed, *stream.encode()]).generate_state(1)[0])
 
 
-def fingerprint(raw_params: Any, datasets: list[str]) -> str:
-    """Identity of a training configuration: its params and the prepared data it reads."""
+def fingerprint(raw_params: Any, datasets: list[str], files: list[Path] = ()) -> str:
+    """Identity of a training configuration: its params, the prepared data and the input artifacts
+    (init / teacher models, pseudo-labels) it reads."""
     digest = hashlib.sha256(json.dumps(raw_params, sort_keys=True, default=str).encode())
     for name in datasets:
         for part in ("meta.json", "index.csv", "class_counts.csv", "centroids.csv"):
             digest.update((PREPARED_ROOT / name / part).read_bytes())
+    for path in files:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
     return digest.hexdigest()
+
+
+MODELS_ROOT = Path("data/models")
+PSEUDO_ROOT = Path("data/pseudo")
+
+
+@dataclass
+class StageInputs:
+    """The artifacts a later stage of a chain reads: its init model, a teacher, pseudo-labels.
+
+    Each is checked against the stage before any training starts: the class set, the input
+    normalisation (a teacher must see images as it was trained to) and the pseudo-labelled dataset.
+    """
+
+    stage_name: str
+    init_meta: dict | None = None
+    init_state: dict | None = None
+    teacher: Any = None
+    pseudo: Any = None
+    paths: list[Path] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def load(cls, stage: TrainingStageParams, stage_name: str, class_set: str,
+             normalize: tuple[tuple[float, ...], tuple[float, ...]]) -> "StageInputs":
+        inputs = cls(stage_name)
+        expected = {"mean": list(normalize[0]), "std": list(normalize[1])}
+        for key in ("init", "teacher"):
+            name = getattr(stage, key)
+            if name is None:
+                continue
+            model, meta = load_model(MODELS_ROOT / name)
+            where = f"{MODELS_ROOT / name}"
+            if meta["class_set"] != class_set:
+                raise ConfigError(f"params: {stage_name}.{key}: {where} predicts {meta['class_set']} classes, "
+                                  f"the source has {class_set}")
+            if meta["normalize"] != expected:
+                raise ConfigError(f"params: {stage_name}.{key}: {where} was trained on inputs normalised with "
+                                  f"{meta['normalize']}, this stage normalises with {expected} "
+                                  f"({stage_name}.normalize)")
+            inputs.paths.append(MODELS_ROOT / name / MODEL_FILE)
+            if key == "init":
+                inputs.init_meta, inputs.init_state = meta, model.state_dict()
+            else:
+                inputs.teacher = model
+        if stage.pseudo is not None:
+            from lib.engine.pseudo import PseudoLabels
+            inputs.pseudo = PseudoLabels.load(PSEUDO_ROOT / stage.pseudo)
+            made_for = inputs.pseudo.meta.get("dataset")
+            if made_for != stage.target:
+                raise ConfigError(f"params: {stage_name}.pseudo: {PSEUDO_ROOT / stage.pseudo} labels "
+                                  f"'{made_for}', but {stage_name}.target is '{stage.target}'")
+            inputs.paths += sorted(p for p in (PSEUDO_ROOT / stage.pseudo).iterdir()
+                                   if p.is_file() and p.suffix in (".json", ".csv", ".npy"))
+        return inputs
+
+    def initialise(self, model, model_params: ModelParams) -> None:
+        """Copy the init model's weights into ``model`` (strict: the architectures must agree)."""
+        if self.init_state is not None:
+            load_weights(model, self.init_state, self.paths[0],
+                         f"a {model_params.arch}-{model_params.depth} ({self.stage_name}.model)")
+
+    def files(self) -> list[Path]:
+        return list(self.paths)
 
 
 def run_training_stage(stage_name: str, raw: dict) -> Path:
     """Train the configured method and write ``data/models/<stage_name>/`` atomically."""
-    stage, method_params = parse_stage(raw, stage_name)
+    stage, method_params = parse_stage(with_init_model(raw, stage_name), stage_name)
     method_type = method_class(stage.method)
     datasets = {"source": stage.source, "target": stage.target}
     needed = {s: datasets.get(s) for s in method_type.streams}
@@ -174,26 +280,41 @@ def run_training_stage(stage_name: str, raw: dict) -> Path:
         if name is None:
             raise ConfigError(f"params: method '{stage.method}' reads a {stream} dataset; set {stage_name}.{stream}")
         require_prepared(name)
-    if stage.model.arch == "deeplabv3plus" and stage.data.batch_size < 2:
+    for wanted, key in ((method_type.needs_teacher, "teacher"), (method_type.needs_pseudo, "pseudo")):
+        if wanted and getattr(stage, key) is None:
+            raise ConfigError(f"params: method '{stage.method}' needs {stage_name}.{key}")
+    class_set = load_class_set(PREPARED_ROOT / stage.source)
+    mean, std = NORMALIZATION[stage.normalize]
+    inputs = StageInputs.load(stage, stage_name, class_set.name, (mean, std))
+    model_params = stage.model
+    if model_params.arch == "deeplabv3plus" and stage.data.batch_size < 2:
         raise ConfigError(f"params: {stage_name}.data.batch_size must be >= 2 for deeplabv3plus "
                           "(BatchNorm on its image-pooling branch needs two samples)")
-    class_set = load_class_set(PREPARED_ROOT / stage.source)
 
     seed_everything(stage.train.seed)
-    model = build_model(stage.model, class_set.num_classes)
-    method = method_type(model, method_params)
-    streams = {s: training_stream(name, stage.stream_data(s), stage.normalize, stream_seed(stage.train.seed, s),
-                                  labelled=(s == "source")) for s, name in needed.items()}
+    model = build_model(model_params, class_set.num_classes)
+    inputs.initialise(model, model_params)
+    context = StageContext(num_classes=class_set.num_classes, teacher=inputs.teacher, pseudo=inputs.pseudo,
+                           normalize=(mean, std))
+    method = method_type.build(model, method_params, context)
+    streams = {}
+    for s, name in needed.items():
+        seed = stream_seed(stage.train.seed, s)
+        if s == "target" and inputs.pseudo is not None:
+            from lib.engine.pseudo import pseudo_stream
+            streams[s] = pseudo_stream(name, inputs.pseudo, stage.pseudo_threshold, stage.stream_data(s),
+                                       stage.normalize, seed)
+        else:
+            streams[s] = training_stream(name, stage.stream_data(s), stage.normalize, seed, labelled=(s == "source"))
     checkpoint_dir = Path("data/checkpoints") / stage_name
     train(method, streams, stage.train, stage.optim, stage.schedule, checkpoint_dir=checkpoint_dir,
           live_dir=Path("metrics") / stage_name / "train",
-          fingerprint=fingerprint(raw, list(needed.values())), desc=stage_name)
+          fingerprint=fingerprint(raw, list(needed.values()), inputs.files()), desc=stage_name)
 
-    mean, std = NORMALIZATION[stage.normalize]
     meta = {
         "stage": stage_name,
         "method": stage.method,
-        "model": dataclasses.asdict(stage.model),
+        "model": dataclasses.asdict(model_params),
         "num_classes": class_set.num_classes,
         "class_set": class_set.name,
         "source": stage.source,

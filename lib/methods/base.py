@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,19 +26,51 @@ from lib.models.output import SegOutput
 Batch = dict[str, dict]   # stream name ("source", "target", ...) -> collated batch on the device
 
 
+@dataclass
+class StageContext:
+    """What a training stage hands a method besides its model and params.
+
+    - ``num_classes``: of the source's class set;
+    - ``teacher``: a trained model loaded from ``<stage>.teacher`` (eval mode, frozen), or None;
+    - ``pseudo``: the pseudo-label artifact of ``<stage>.pseudo`` (lib.engine.pseudo.PseudoLabels:
+      its meta, and for the soft form the class prototypes and prior), or None;
+    - ``normalize``: the (mean, std) the stage's images were normalised with (strong views undo it).
+    """
+
+    num_classes: int
+    teacher: nn.Module | None = None
+    pseudo: Any = None
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    extras: dict = field(default_factory=dict)
+
+
 class Method:
     #: streams the step reads, e.g. ("source",) or ("source", "target")
     streams: tuple[str, ...] = ("source",)
     #: the dataclass of the method's own params (its ``<stage>.<method name>`` section)
     params_type: type
 
+    #: the stage must give this method a teacher model / a pseudo-label artifact
+    needs_teacher: bool = False
+    needs_pseudo: bool = False
+
     def __init__(self, model: nn.Module, params):
         self.model = model
         self.params = params
 
+    @classmethod
+    def build(cls, model: nn.Module, params, context: StageContext) -> "Method":
+        """The engine's constructor; methods that need the context (teacher, pseudo-labels) override it."""
+        return cls(model, params)
+
     def modules(self) -> dict[str, nn.Module]:
         """Everything with state: moved to the device, checkpointed, put in train mode."""
         return {"model": self.model}
+
+    def frozen_modules(self) -> dict[str, nn.Module]:
+        """Fixed networks the step reads (a distillation teacher): moved to the device, kept in eval
+        mode with gradients off, never checkpointed (they are an input artifact of the stage)."""
+        return {}
 
     def param_groups(self) -> dict[str, list[ParamGroup]]:
         """Optimizer name -> its parameter groups; each name needs an ``optim.<name>`` entry."""

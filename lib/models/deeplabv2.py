@@ -98,13 +98,16 @@ class DeepLabV2(SegModel):
         channels = backbone.channels
         compat = params.aspp_two_branch_compat
         if params.head == "cpsl":
-            self.head = CpslHead(channels["layer4"], num_classes)
+            self.head = CpslHead(channels["layer4"], num_classes, params.head_width)
         else:
             self.head = AsppSum(channels["layer4"], num_classes, compat)
         self.aux_head = AsppSum(channels["layer3"], num_classes, compat) if params.aux else None
+        self.extra_bn = nn.BatchNorm2d(channels["layer4"]) if params.extra_bn else None
 
     def forward(self, x: torch.Tensor) -> SegOutput:
         features = self.backbone(x)
+        if self.extra_bn is not None:
+            features["layer4"] = self.extra_bn(features["layer4"])
         if isinstance(self.head, CpslHead):
             logits, features["embedding"] = self.head(features["layer4"])
         else:

@@ -23,6 +23,11 @@ class ModelParams:
     - ``aux``: auxiliary head on layer3.
     - ``head``: DeepLabV2 classifier: ``aspp_sum`` (ADVENT/AdaptSegNet) or ``cpsl`` (ProDA/CPSL).
     - ``aspp_two_branch_compat``: sum only the rate-6 and rate-12 branches, AdaptSegNet's bug.
+    - ``extra_bn``: CPSL's ``bn_pretrain``, a BatchNorm over layer4's output before the heads, used
+      to renormalise SimCLR backbone features (cpsl.md §1, §7); it trains with the heads.
+    - ``head_width``: channels of the CPSL head's branches and embedding (256 in CPSL; a multiple
+      of 32 for its GroupNorm).  Our synthetic default narrows it, which is our choice: at 256 the
+      head costs more than the ResNet-18 backbone on a CPU.
     """
 
     arch: Literal["deeplabv2", "deeplabv3plus"] = "deeplabv2"
@@ -32,11 +37,18 @@ class ModelParams:
     aux: bool = True
     head: Literal["aspp_sum", "cpsl"] = "aspp_sum"
     aspp_two_branch_compat: bool = False
+    extra_bn: bool = False
+    head_width: int = 256
 
     def validate(self, where: str) -> None:
         if self.head == "cpsl" and self.arch != "deeplabv2":
             raise ConfigError(f"params: {where}.head = 'cpsl' exists for arch 'deeplabv2' only "
                               f"(got arch {self.arch!r})")
+        if self.head_width < 32 or self.head_width % 32:
+            raise ConfigError(f"params: {where}.head_width must be a positive multiple of 32 (GroupNorm(32)), "
+                              f"got {self.head_width}")
+        if self.extra_bn and self.arch != "deeplabv2":
+            raise ConfigError(f"params: {where}.extra_bn exists for arch 'deeplabv2' only (got {self.arch!r})")
         if self.aspp_two_branch_compat and (self.arch != "deeplabv2" or self.head != "aspp_sum"):
             raise ConfigError(f"params: {where}.aspp_two_branch_compat needs arch 'deeplabv2' with "
                               f"head 'aspp_sum' (got arch {self.arch!r}, head {self.head!r})")

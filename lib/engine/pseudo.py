@@ -1,0 +1,641 @@
+"""Pseudo-labels as artifacts: the writer behind ``pseudo_label@<name>`` and the reader of the
+self-training and distillation stages.
+
+A trained model (``data/models/<model>``) labels one split of a prepared dataset in eval mode,
+without augmentation, and the result is written atomically to ``data/pseudo/<name>/``:
+
+- ``meta.json``: form, model (folder name, its stage and method), dataset, split, class set,
+  image count, the per-class ``predicted_fraction`` (share of all pixels predicted as the class)
+  and ``kept_fraction`` (kept / predicted pixels of the class, 0 for a class never predicted),
+  the threshold rule, the params;
+- ``index.csv``: ``id, height, width`` and the files of the sample, relative to the artifact;
+- ``soft`` (CPSL P1, cpsl.md §4): ``soft/<id>.npy`` float16 (C, h, w), the softmax at the
+  logits' stride; ``prototypes.npy`` float32 (C, D) class centroids of the CPSL head's embedding;
+  ``prior.npy`` float32 (C,) the class prior r (argmax shares on the logit grid);
+- ``hard_threshold`` (CPSL P2/P3, cpsl.md §6): ``labels/<id>.png`` uint8 argmax of the
+  (flip-averaged) softmax at the image size, ``conf/<id>.npy`` float16 (H, W) its maximum; the
+  threshold is applied when the labels are loaded (conf <= t -> 255, t = 0.95 by default);
+- ``class_median`` (BAFFT/SIM, bafft.md §6): the same two files, without flip by default, the
+  labels already set to 255 where conf < tau_c, tau_c the class's median confidence capped at 0.9.
+
+``metrics/pseudo/<name>/classes.csv`` (class, predicted, kept) holds the same per-class
+fractions for a DVC bar plot.  Nothing here holds the split's maps in memory: every pass streams
+image by image.
+
+Reading: :class:`PseudoLabels` (``.sample(id, threshold)``), :class:`PseudoLabelledDataset` (a
+prepared split whose items carry ``pseudo`` (and ``soft``) instead of the ground truth) and
+:func:`pseudo_stream` (endless training batches of it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from lib.config import merged, parse, positive
+from lib.data.classes import CLASS_SETS, IGNORE
+from lib.data.dataset import PreparedDataset, infinite_batches
+from lib.data.prepared import PREPARED_ROOT, resolve
+from lib.data.sampling import uniform_stream
+from lib.data.transforms import Normalize, Transform
+# the module, not its names: training may import this module back (the selftrain streams)
+from lib.engine import training
+from lib.engine.checkpoint import MODEL_FILE, load_model
+from lib.engine.evaluation import InferenceParams
+from lib.engine.inference import predict_logits
+from lib.engine.loop import StreamFactory, select_device
+from lib.errors import ConfigError, DataError
+from lib.io import atomic_dir, read_label_png, read_rgb, write_json_atomic, write_label_png
+from lib.models.output import upsample
+
+Form = Literal["soft", "hard_threshold", "class_median"]
+FORMS = ("soft", "hard_threshold", "class_median")
+# CPSL P2/P3 average the softmax of the image and of its mirror image; CPSL P1 and SIM do not flip
+FLIP_DEFAULT = {"soft": False, "hard_threshold": True, "class_median": False}
+PSEUDO_ROOT = Path("data/pseudo")
+META, INDEX, PROTOTYPES, PRIOR, CLASSES_CSV = "meta.json", "index.csv", "prototypes.npy", "prior.npy", "classes.csv"
+FLOAT16_PATTERNS = 1 << 16    # every uint16 bit pattern of a float16
+
+
+@dataclass(frozen=True)
+class PseudoParams:
+    """How a model labels a split (the ``pseudo_label`` section, per output overridable).
+
+    - ``flip``: average with the mirrored prediction; null = the form's default (hard_threshold
+      yes, as CPSL P2/P3; class_median no, as SIM; soft never, as CPSL P1).
+    - ``inference``: whole image or sliding window, optional input resize (hard forms only; its
+      own ``flip`` must stay false: pseudo-labels average softmax, not logits).
+    - ``threshold``: hard_threshold's load-time threshold (cpsl.md §6: 0.95), recorded in the meta
+      as the default of the loader and used for the kept fractions.
+    - ``median_cap``: class_median's cap on the class thresholds (bafft.md §6: 0.9).
+    - ``min_pixels``, ``count_cap``, ``passes``: the soft form's prototypes (cpsl.md §4.2).
+    """
+
+    batch_size: int = 8
+    workers: int = 2
+    flip: bool | None = None
+    inference: InferenceParams = InferenceParams()
+    threshold: float = 0.95
+    median_cap: float = 0.9
+    min_pixels: int = 10
+    count_cap: int = 3000
+    passes: int = 4
+
+    def validate(self, where: str) -> None:
+        positive(self.batch_size, f"{where}.batch_size")
+        positive(self.workers, f"{where}.workers", allow_zero=True)
+        positive(self.min_pixels, f"{where}.min_pixels")
+        positive(self.count_cap, f"{where}.count_cap")
+        positive(self.passes, f"{where}.passes")
+        if self.inference.flip:
+            raise ConfigError(f"params: {where}.inference.flip: use {where}.flip (pseudo-labels "
+                              "average the softmax of the two views, not their logits)")
+        if not 0.0 <= self.threshold < 1.0:
+            raise ConfigError(f"params: {where}.threshold must be in [0, 1), got {self.threshold}")
+        if not 0.0 < self.median_cap <= 1.0:
+            raise ConfigError(f"params: {where}.median_cap must be in (0, 1], got {self.median_cap}")
+
+    def flip_for(self, form: str) -> bool:
+        return FLIP_DEFAULT[form] if self.flip is None else self.flip
+
+
+@dataclass(frozen=True)
+class PseudoJob:
+    """What one output labels: ``model`` (a data/models folder) on ``dataset``/``split``, in ``form``."""
+
+    model: str
+    form: Form
+    dataset: str
+    split: str = "train"
+
+
+JOB_KEYS = tuple(f.name for f in dataclasses.fields(PseudoJob))
+
+
+def output_params(section: dict | None, name: str) -> tuple[PseudoJob, PseudoParams]:
+    """``pseudo_label.outputs.<name>`` laid over the rest of the ``pseudo_label`` section."""
+    if not isinstance(section, dict):
+        raise ConfigError("params: missing section 'pseudo_label'")
+    outputs = section.get("outputs") or {}
+    if name not in outputs or not isinstance(outputs[name], dict):
+        raise ConfigError(f"params: no output '{name}' under 'pseudo_label.outputs' "
+                          f"(known: {', '.join(outputs) or 'none'})")
+    raw = merged({k: v for k, v in section.items() if k != "outputs"}, outputs[name])
+    where = f"pseudo_label.outputs.{name}"
+    job = parse(PseudoJob, {k: v for k, v in raw.items() if k in JOB_KEYS}, where)
+    params = parse(PseudoParams, {k: v for k, v in raw.items() if k not in JOB_KEYS}, where)
+    return job, params
+
+
+def check_form(form: str, params: PseudoParams) -> None:
+    if form not in FORMS:
+        raise ConfigError(f"params: pseudo-label form {form!r} is not one of {', '.join(FORMS)}")
+    if form == "soft" and (params.flip or params.inference.mode != "whole"):
+        raise ConfigError("params: the soft form is the plain whole-image forward (cpsl.md §4.1); flip and "
+                          "sliding windows apply to the hard forms only (inference.input_size is allowed)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def confident(conf: np.ndarray, threshold: float) -> np.ndarray:
+    """Pixels kept by a load-time threshold: conf > t (cpsl.md §6: conf <= t becomes ignore).
+
+    Compared in float64, so the stored float16 value is what counts.
+    """
+    return np.asarray(conf).astype(np.float64) > threshold
+
+
+def softmax_average(probabilities: torch.Tensor, mirrored: torch.Tensor | None) -> torch.Tensor:
+    """CPSL P2/P3 (cpsl.md §6): p = 1/2 [softmax(x) + flip(softmax(flip x))].
+
+    ``mirrored`` is the softmax of the mirrored image, still mirrored; None means no flip.
+    """
+    if mirrored is None:
+        return probabilities
+    return 0.5 * (probabilities + mirrored.flip(-1))
+
+
+def class_feature_means(embedding: torch.Tensor, pred: torch.Tensor, num_classes: int,
+                        min_pixels: int) -> list[list[tuple[int, np.ndarray]]]:
+    """Per image, (k, v) for every class k with >= ``min_pixels`` argmax pixels (cpsl.md §4.2).
+
+    ``embedding`` (N, D, h, w), ``pred`` (N, h, w) argmax on the same grid; v (D,) float64 is
+    the mean embedding over the image's pixels predicted k.  Classes come in ascending order.
+    """
+    n, dim = embedding.shape[:2]
+    flat = embedding.reshape(n, dim, -1).double()                                       # N, D, P
+    onehot = torch.nn.functional.one_hot(pred.reshape(n, -1), num_classes).double()     # N, P, C
+    sums = torch.bmm(flat, onehot).transpose(1, 2).cpu().numpy()                        # N, C, D
+    counts = onehot.sum(1).cpu().numpy()                                                # N, C
+    return [[(k, sums[i, k] / counts[i, k]) for k in range(num_classes) if counts[i, k] >= min_pixels]
+            for i in range(n)]
+
+
+def replay_prototypes(observations: Sequence[tuple[int, np.ndarray]], num_classes: int, dim: int,
+                      passes: int, count_cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """(eta (C, D) float64, n (C,) int64): the running class means of cpsl.md §4.2.
+
+    For each observation (k, v), in order, ``passes`` times over the sequence:
+    eta_k <- (n_k eta_k + v) / (n_k + 1), then n_k <- min(n_k + 1, count_cap); past the cap the
+    update is an EMA with weight 1 / (count_cap + 1).  A class never observed keeps eta_k = 0.
+    """
+    eta = np.zeros((num_classes, dim), np.float64)
+    counts = np.zeros(num_classes, np.int64)
+    for _ in range(passes):
+        for k, v in observations:
+            eta[k] = (counts[k] * eta[k] + v) / (counts[k] + 1)
+            counts[k] = min(counts[k] + 1, count_cap)
+    return eta, counts
+
+
+def class_prior(pred_counts: np.ndarray) -> np.ndarray:
+    """The class prior r of cpsl.md §4.3: argmax counts normalised to sum 1, float32."""
+    counts = np.asarray(pred_counts, np.float64)
+    if counts.sum() <= 0:
+        raise ValueError("class prior of an empty prediction")
+    return (counts / counts.sum()).astype(np.float32)
+
+
+def confidence_histogram(label: np.ndarray, conf16: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, 65536) int64: pixels per (predicted class, float16 bit pattern of their confidence).
+
+    Confidences are non-negative, and for non-negative float16 values the uint16 bit patterns
+    sort exactly like the values, so the histogram holds every class's sorted confidences.
+    """
+    bits = np.ascontiguousarray(conf16, np.float16).view(np.uint16).astype(np.int64)
+    flat = np.asarray(label, np.int64) * FLOAT16_PATTERNS + bits
+    return np.bincount(flat.ravel(), minlength=num_classes * FLOAT16_PATTERNS).reshape(
+        num_classes, FLOAT16_PATTERNS)
+
+
+def median_index(count: int) -> int:
+    """SIM's index into a class's ascending confidences: round(0.5 N) (bafft.md §6).
+
+    NumPy's round halves to even (N = 3 -> 2, N = 5 -> 2); for N >= 1 the index is < N.
+    """
+    return int(np.round(0.5 * count))
+
+
+def class_median_thresholds(histogram: np.ndarray, cap: float) -> np.ndarray:
+    """tau_c (bafft.md §6): the confidence at ``median_index(N_c)`` of class c's ascending
+    confidences, min(tau_c, cap); 0 for a class never predicted.  Exact for the stored float16
+    values (``histogram`` from :func:`confidence_histogram`)."""
+    taus = np.zeros(histogram.shape[0], np.float64)
+    for c, row in enumerate(histogram):
+        total = int(row.sum())
+        if total == 0:
+            continue
+        cumulative = np.cumsum(row)
+        bits = int(np.searchsorted(cumulative, median_index(total), side="right"))
+        value = float(np.array([bits], np.uint16).view(np.float16)[0])
+        taus[c] = min(value, cap)
+    return taus
+
+
+def kept_by_class_threshold(label: np.ndarray, conf: np.ndarray, taus: np.ndarray) -> np.ndarray:
+    """SIM's rule (bafft.md §6): a pixel is kept iff prob >= tau_{label}."""
+    return np.asarray(conf).astype(np.float64) >= taus[label]
+
+
+def class_fractions(predicted: np.ndarray, kept: np.ndarray) -> tuple[list[float], list[float]]:
+    """(predicted share of all pixels, kept / predicted) per class; 0 for a class never predicted."""
+    predicted = np.asarray(predicted, np.float64)
+    total = max(predicted.sum(), 1.0)
+    kept_share = np.divide(kept, predicted, out=np.zeros_like(predicted), where=predicted > 0)
+    return (predicted / total).tolist(), kept_share.tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# Writer
+
+
+class ImagesOnly(PreparedDataset):
+    """The images of a prepared split; the ground truth is never read.  Items are
+    ``{id, image}`` (transformed) plus ``draw``; the image must have the index's size."""
+
+    def load(self, i: int) -> dict:
+        row = self.index.iloc[i]
+        path = resolve(row["image"], self.project_root)
+        image = read_rgb(path)
+        if image.shape[:2] != (row["height"], row["width"]):
+            raise DataError(f"{path}: image is {image.shape[1]}x{image.shape[0]} but the index says "
+                            f"{row['width']}x{row['height']}")
+        return {"id": row["id"], "image": image}
+
+
+def check_ids(ids: Iterable[str], where: str) -> None:
+    """Ids become file names: no separators, no '.'/'..', no repeats."""
+    seen = set()
+    for sample_id in ids:
+        if (not sample_id or sample_id in (".", "..") or "/" in sample_id or "\\" in sample_id
+                or "\0" in sample_id):
+            raise DataError(f"{where}: sample id {sample_id!r} cannot be a file name")
+        if sample_id in seen:
+            raise DataError(f"{where}: sample id {sample_id!r} appears twice in the split")
+        seen.add(sample_id)
+
+
+def generate_pseudo_labels(model_dir: Path, dataset: str, split: str, form: str, params: PseudoParams,
+                           out: Path, metrics: Path | None = None, progress: bool = True) -> dict:
+    """Label ``dataset``/``split`` with the model artifact ``model_dir``; write ``out`` atomically
+    (and ``metrics/classes.csv`` when given).  Returns the meta written to ``out/meta.json``.
+
+    Every input is checked before any work: the form, the model folder, the prepared dataset,
+    the ids (they become file names) and, for the soft form, the CPSL head.  The dataset's
+    ground truth is never read; pseudo-labels are in the model's class set, so the dataset's own
+    class protocol does not matter (a SYNTHIA-16 model labels Cityscapes in its 16 classes).
+    """
+    model_dir, out = Path(model_dir), Path(out)
+    check_form(form, params)
+    if not (model_dir / MODEL_FILE).is_file():
+        raise DataError(f"{model_dir}: model artifact not found (run the stage that writes it first)")
+    training.require_prepared(dataset)
+    device = select_device()
+    model, model_meta = load_model(model_dir, device)
+    if form == "soft" and model_meta["model"].get("head") != "cpsl":
+        raise ConfigError(f"{model_dir}: the soft form needs the CPSL head's embedding for the "
+                          f"prototypes; this model has model.head = {model_meta['model'].get('head')!r} "
+                          "(train it with model.head: cpsl)")
+    normalize = model_meta["normalize"]
+    images = ImagesOnly(PREPARED_ROOT / dataset, split, Normalize(normalize["mean"], normalize["std"]), seed=0)
+    check_ids(images.ids, str(PREPARED_ROOT / dataset / "index.csv"))
+    uniform = images.index[["height", "width"]].drop_duplicates().shape[0] == 1
+    loader = DataLoader(images, batch_size=params.batch_size if uniform else 1,
+                        num_workers=params.workers, pin_memory=device.type == "cuda")
+    class_set = CLASS_SETS[model_meta["class_set"]]
+    meta = {
+        "form": form, "model": model_dir.name, "model_stage": model_meta.get("stage"),
+        "model_method": model_meta.get("method"), "dataset": dataset, "split": split,
+        "num_classes": class_set.num_classes, "class_set": class_set.name, "classes": list(class_set.names),
+        "count": len(images), "normalize": normalize, "flip": params.flip_for(form),
+        "params": dataclasses.asdict(params),
+    }
+    bar = tqdm(total=len(images), desc=f"pseudo_label {out.name} ({form})", unit="img", disable=not progress)
+    with atomic_dir(out) as tmp, bar:
+        write = _write_soft if form == "soft" else _write_hard
+        meta.update(write(model, loader, tmp, form, params, class_set.num_classes, device, bar, model_dir))
+        index = meta.pop("index")
+        pd.DataFrame(index).to_csv(tmp / INDEX, index=False)
+        write_json_atomic(tmp / META, meta)
+        if metrics is not None:   # inside the artifact's atomic block: a failure leaves neither
+            with atomic_dir(metrics) as metrics_tmp:
+                pd.DataFrame({"class": class_set.names, "predicted": meta["predicted_fraction"],
+                              "kept": meta["kept_fraction"]}).to_csv(
+                    metrics_tmp / CLASSES_CSV, index=False, float_format="%.6f")
+    return meta
+
+
+def _checked_probabilities(probabilities: torch.Tensor, ids: list[str], model_dir: Path) -> torch.Tensor:
+    if not torch.isfinite(probabilities).all():
+        raise DataError(f"{model_dir}: the model's prediction is not finite on a batch starting "
+                        f"with sample {ids[0]}")
+    return probabilities
+
+
+def _write_soft(model, loader, tmp: Path, form: str, params: PseudoParams, num_classes: int,
+                device, bar, model_dir: Path) -> dict:
+    """CPSL P1 (cpsl.md §4): soft maps, prototypes and prior in one forward per image.
+
+    The prototypes' ``passes`` passes (cpsl.md §4.2) see the same features every time (eval
+    mode, no augmentation), so the per-image class means are computed once and the running-mean
+    update is replayed ``passes`` times in the set's order: exactly the update of ``passes``
+    forward passes in that order (which order ProDA's loader used is not pinned down: our choice
+    is the index order).  What stays in memory is one D-vector per (image, class present).
+    Nothing is thresholded: the predicted (= kept) fractions count the argmax on the logit grid.
+    """
+    (tmp / "soft").mkdir()
+    observations: list[tuple[int, np.ndarray]] = []
+    pred_counts = np.zeros(num_classes, np.int64)
+    index, dim = [], None
+    with torch.inference_mode():
+        for batch in loader:
+            ids = list(batch["id"])
+            image = batch["image"].to(device, non_blocking=True)
+            if params.inference.input_size is not None:     # our option: a cheaper forward (synthetic default)
+                image = F.interpolate(image, size=tuple(params.inference.input_size), mode="bilinear",
+                                      align_corners=False, antialias=True)
+            out = model(image)
+            embedding = out.features.get("embedding")
+            if embedding is None:
+                raise ConfigError(f"{model_dir}: the model returns no 'embedding' feature; the soft "
+                                  "form needs model.head = cpsl")
+            probabilities = _checked_probabilities(torch.softmax(out.logits.float(), 1), ids, model_dir)
+            pred = probabilities.argmax(1)
+            pred_counts += torch.bincount(pred.reshape(-1), minlength=num_classes).cpu().numpy()
+            for per_image in class_feature_means(embedding.float(), pred, num_classes, params.min_pixels):
+                observations.extend(per_image)
+            dim = embedding.shape[1]
+            height, width = batch["image"].shape[-2:]
+            for sample_id, soft in zip(ids, probabilities.half().cpu().numpy()):
+                np.save(tmp / "soft" / f"{sample_id}.npy", soft)
+                index.append({"id": sample_id, "height": int(height), "width": int(width),
+                              "soft": f"soft/{sample_id}.npy"})
+            bar.update(len(ids))
+    eta, counts = replay_prototypes(observations, num_classes, dim, params.passes, params.count_cap)
+    prior = class_prior(pred_counts)
+    np.save(tmp / PROTOTYPES, eta.astype(np.float32))
+    np.save(tmp / PRIOR, prior)
+    predicted, kept = class_fractions(pred_counts, pred_counts)
+    # the nominal stride: with ceil-mode pooling the grid is ceil-rounded (h = 9 for H = 64)
+    return {"index": index, "stride": model.output_stride, "embedding_dim": int(dim),
+            "threshold": {"load_time": None, "rule": "no threshold; 'pseudo' is the argmax of the soft map"},
+            "thresholds": None, "predicted_pixels": pred_counts.tolist(), "kept_pixels": pred_counts.tolist(),
+            "predicted_fraction": predicted, "kept_fraction": kept, "kept_fraction_total": 1.0,
+            "prototype_counts": counts.tolist(), "prior": prior.tolist()}
+
+
+def predict_probabilities(model, image: torch.Tensor, size: tuple[int, int], inference: InferenceParams,
+                          flip: bool) -> torch.Tensor:
+    """(N, C, H, W) float32 softmax at ``size``: softmax(up(logits)), flip-averaged if ``flip``
+    (cpsl.md §6, ``softmax_average``).  Whole image or sliding window per ``inference``."""
+    kwargs = {"mode": inference.mode, "input_size": inference.input_size, "resize_mode": "bilinear"}
+    if inference.mode == "slide":
+        kwargs.update(window=inference.window, stride=inference.stride)
+    probabilities = torch.softmax(predict_logits(model, image, size, **kwargs), 1)
+    mirrored = torch.softmax(predict_logits(model, image.flip(-1), size, **kwargs), 1) if flip else None
+    return softmax_average(probabilities, mirrored)
+
+
+def _write_hard(model, loader, tmp: Path, form: str, params: PseudoParams, num_classes: int,
+                device, bar, model_dir: Path) -> dict:
+    """CPSL P2/P3 (cpsl.md §6) and SIM (bafft.md §6): argmax PNG + float16 confidence per image.
+
+    class_median then takes tau_c from the histogram of the stored confidences and rewrites the
+    labels in a second pass that reads the files back one image at a time.
+    """
+    if num_classes >= IGNORE:
+        raise ConfigError(f"{num_classes} classes do not fit a uint8 label with {IGNORE} as ignore")
+    (tmp / "labels").mkdir()
+    (tmp / "conf").mkdir()
+    flip = params.flip_for(form)
+    pred_counts = np.zeros(num_classes, np.int64)
+    kept_counts = np.zeros(num_classes, np.int64)
+    histogram = np.zeros((num_classes, FLOAT16_PATTERNS), np.int64) if form == "class_median" else None
+    index = []
+    for batch in loader:
+        ids = list(batch["id"])
+        image = batch["image"].to(device, non_blocking=True)
+        size = tuple(image.shape[-2:])
+        probabilities = _checked_probabilities(
+            predict_probabilities(model, image, size, params.inference, flip), ids, model_dir)
+        conf, label = probabilities.max(1)
+        conf16 = conf.half().cpu().numpy()
+        label = label.to(torch.uint8).cpu().numpy()
+        pred_counts += np.bincount(label.ravel(), minlength=num_classes)
+        if histogram is None:
+            kept_counts += np.bincount(label[confident(conf16, params.threshold)], minlength=num_classes)
+        else:
+            histogram += confidence_histogram(label, conf16, num_classes)
+        for sample_id, one_label, one_conf in zip(ids, label, conf16):
+            write_label_png(tmp / "labels" / f"{sample_id}.png", one_label)
+            np.save(tmp / "conf" / f"{sample_id}.npy", one_conf)
+            index.append({"id": sample_id, "height": int(size[0]), "width": int(size[1]),
+                          "label": f"labels/{sample_id}.png", "conf": f"conf/{sample_id}.npy"})
+        bar.update(len(ids))
+    result = {"index": index}
+    if histogram is None:
+        result["threshold"] = {"load_time": params.threshold,
+                               "rule": "at load time, conf <= threshold becomes 255 (cpsl.md §6)"}
+        result["thresholds"] = None
+    else:
+        taus = class_median_thresholds(histogram, params.median_cap)
+        kept_counts = apply_class_thresholds(tmp, [row["id"] for row in index], taus, num_classes)
+        result["threshold"] = {"load_time": None,
+                               "rule": "conf < thresholds[label] was set to 255 when written (bafft.md §6)"}
+        result["thresholds"] = taus.tolist()
+    predicted, kept = class_fractions(pred_counts, kept_counts)
+    result.update(predicted_pixels=pred_counts.tolist(), kept_pixels=kept_counts.tolist(),
+                  predicted_fraction=predicted, kept_fraction=kept,
+                  kept_fraction_total=float(kept_counts.sum() / max(pred_counts.sum(), 1)))
+    return result
+
+
+def read_confidence(path: Path) -> np.ndarray:
+    """A stored float16 (H, W) confidence map; a missing or corrupt file is a DataError naming it."""
+    array = _load_npy(path, "confidence map")
+    if array.dtype != np.float16 or array.ndim != 2:
+        raise DataError(f"{path}: expected a float16 (H, W) confidence map, found {array.dtype} {array.shape}")
+    return array
+
+
+def apply_class_thresholds(folder: Path, ids: Sequence[str], taus: np.ndarray, num_classes: int) -> np.ndarray:
+    """Second class_median pass: per id, read ``labels/<id>.png`` and ``conf/<id>.npy`` back, set
+    pixels with conf < tau_label to 255, rewrite the label.  Returns the kept pixels per class."""
+    kept_counts = np.zeros(num_classes, np.int64)
+    for sample_id in ids:
+        label_path = folder / "labels" / f"{sample_id}.png"
+        label = read_label_png(label_path)
+        keep = kept_by_class_threshold(label, read_confidence(folder / "conf" / f"{sample_id}.npy"), taus)
+        kept_counts += np.bincount(label[keep], minlength=num_classes)
+        write_label_png(label_path, np.where(keep, label, IGNORE).astype(np.uint8))
+    return kept_counts
+
+
+# ------------------------------------------------------------------------------------------------
+# Reader
+
+
+def _load_npy(path: Path, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: not a readable {what} ({first})") from None
+
+
+class PseudoLabels:
+    """A pseudo-label artifact ``data/pseudo/<name>/`` opened for reading.
+
+    ``meta`` (meta.json), ``form``, ``path``, ``ids``, ``prototypes`` (torch float32 (C, D), soft
+    form, else None), ``prior`` (torch float32 (C,), soft form, else None) and
+    ``default_threshold`` (the load-time threshold the artifact was written for, or None).
+    """
+
+    def __init__(self, path: Path, meta: dict, index: pd.DataFrame, prototypes: torch.Tensor | None,
+                 prior: torch.Tensor | None):
+        self.path, self.meta, self.index = Path(path), meta, index
+        self.prototypes, self.prior = prototypes, prior
+        self._row = {sample_id: i for i, sample_id in enumerate(index["id"])}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PseudoLabels":
+        path = Path(path)
+        if not (path / META).is_file():
+            raise DataError(f"{path}: pseudo-label artifact not found (no {META}; run its pseudo_label stage)")
+        try:
+            meta = json.loads((path / META).read_text())
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path / META}: not valid JSON ({err})") from None
+        if meta.get("form") not in FORMS:
+            raise DataError(f"{path / META}: unknown pseudo-label form {meta.get('form')!r}")
+        if not (path / INDEX).is_file():
+            raise DataError(f"{path / INDEX}: pseudo-label index not found")
+        index = pd.read_csv(path / INDEX, dtype={"id": str}, keep_default_na=False)
+        files = ["soft"] if meta["form"] == "soft" else ["label", "conf"]
+        missing = [c for c in ["id", "height", "width", *files] if c not in index.columns]
+        if missing:
+            raise DataError(f"{path / INDEX}: missing column '{missing[0]}'")
+        prototypes = prior = None
+        if meta["form"] == "soft":
+            prototypes = torch.from_numpy(_load_npy(path / PROTOTYPES, "prototype matrix").astype(np.float32))
+            prior = torch.from_numpy(_load_npy(path / PRIOR, "class prior").astype(np.float32))
+            if prototypes.shape[:1] != (meta["num_classes"],) or prior.shape != (meta["num_classes"],):
+                raise DataError(f"{path}: prototypes {tuple(prototypes.shape)} or prior {tuple(prior.shape)} "
+                                f"do not have {meta['num_classes']} classes")
+        return cls(path, meta, index, prototypes, prior)
+
+    @property
+    def form(self) -> str:
+        return self.meta["form"]
+
+    @property
+    def ids(self) -> list[str]:
+        return self.index["id"].tolist()
+
+    @property
+    def default_threshold(self) -> float | None:
+        return (self.meta.get("threshold") or {}).get("load_time")
+
+    def __contains__(self, sample_id: str) -> bool:
+        return sample_id in self._row
+
+    def sample(self, sample_id: str, threshold: float | None = None) -> dict:
+        """The maps of one sample at its image size.
+
+        ``pseudo``: (H, W) uint8 train IDs, 255 where conf <= ``threshold`` (None: no threshold;
+        class_median labels carry their 255s already).  For the soft form also ``soft``: (H, W, C)
+        float32, the stored softmax upsampled bilinearly with align_corners=True (our choice: the
+        convention every logit map of the project is upsampled with, lib.models.output.upsample);
+        its ``pseudo`` is the argmax of that upsampled map and conf its maximum.
+        """
+        if sample_id not in self._row:
+            raise DataError(f"{self.path}: no pseudo-label for sample '{sample_id}' (the artifact "
+                            f"covers {self.meta.get('dataset')}/{self.meta.get('split')}, {len(self._row)} images)")
+        row = self.index.iloc[self._row[sample_id]]
+        size = (int(row["height"]), int(row["width"]))
+        out = {}
+        if self.form == "soft":
+            path = self.path / row["soft"]
+            soft = _load_npy(path, "soft pseudo-label")
+            if soft.ndim != 3 or soft.shape[0] != self.meta["num_classes"]:
+                raise DataError(f"{path}: expected ({self.meta['num_classes']}, h, w) probabilities, "
+                                f"found shape {soft.shape}")
+            with torch.no_grad():
+                full = upsample(torch.from_numpy(soft.astype(np.float32))[None], size)[0]
+                conf, pseudo = full.max(0)
+            out["soft"] = full.permute(1, 2, 0).contiguous().numpy()
+            conf, pseudo = conf.numpy(), pseudo.numpy().astype(np.uint8)
+        else:
+            pseudo = read_label_png(self.path / row["label"])
+            conf = read_confidence(self.path / row["conf"])
+            if pseudo.shape != size or conf.shape != size:
+                raise DataError(f"{self.path / row['label']}: label {pseudo.shape} or confidence "
+                                f"{conf.shape} is not the indexed size {size}")
+        if threshold is not None:
+            pseudo = np.where(confident(conf, threshold), pseudo, IGNORE).astype(np.uint8)
+        out["pseudo"] = pseudo
+        return out
+
+
+class PseudoLabelledDataset(ImagesOnly):
+    """A prepared split whose items carry pseudo-labels instead of the ground truth.
+
+    ``load(i)`` returns ``id``, ``image`` and the maps of ``pseudo.sample(id, threshold)``:
+    ``pseudo`` (uint8: the transforms move it like a label, nearest, padded with 255) and, for
+    the soft form, ``soft`` (float: bilinear, padded with 0; (C, H, W) after Normalize).  The
+    dataset's own label is never read.
+    """
+
+    def __init__(self, prepared_dir: str | Path, split: str, transforms: Transform, seed: int,
+                 pseudo: PseudoLabels, threshold: float | None = None, project_root: str | Path = "."):
+        super().__init__(prepared_dir, split, transforms, seed, labelled=False, project_root=project_root)
+        missing = [sample_id for sample_id in self.ids if sample_id not in pseudo]
+        if missing:
+            raise DataError(f"{pseudo.path}: no pseudo-labels for {len(missing)} of the {len(self)} samples "
+                            f"of {prepared_dir} split '{split}' (first: {missing[0]})")
+        self.pseudo, self.threshold = pseudo, threshold
+
+    def load(self, i: int) -> dict:
+        sample = super().load(i)
+        maps = self.pseudo.sample(sample["id"], self.threshold)
+        if maps["pseudo"].shape != sample["image"].shape[:2]:
+            raise DataError(f"{self.pseudo.path}: pseudo-label of '{sample['id']}' is "
+                            f"{maps['pseudo'].shape} but its image is {sample['image'].shape[:2]}")
+        return {**sample, **maps}
+
+
+def pseudo_stream(dataset_name: str, pseudo: PseudoLabels, threshold: float | None, data: "training.DataParams",
+                  normalize: str, seed: int) -> StreamFactory:
+    """Endless batches of pseudo-labelled ``dataset_name`` (``training.training_stream``'s
+    machinery: the same transforms, uniform draws, resumable at an iteration).
+
+    ``normalize`` is a key of ``training.NORMALIZATION``; ``threshold`` is applied at load time
+    (pass ``pseudo.default_threshold`` for the artifact's own).  Batches hold ``image``,
+    ``pseudo`` (N, H, W) int64 and for the soft form ``soft`` (N, C, H, W) float32, ``id``, ``draw``.
+    """
+    if data.sampling != "uniform":
+        raise ConfigError(f"params: pseudo-labelled streams sample uniformly (got sampling '{data.sampling}')")
+    if pseudo.meta.get("dataset") != dataset_name:
+        raise ConfigError(f"{pseudo.path}: pseudo-labels of dataset '{pseudo.meta.get('dataset')}' "
+                          f"cannot label '{dataset_name}'")
+    training.require_prepared(dataset_name)
+    dataset = PseudoLabelledDataset(PREPARED_ROOT / dataset_name, data.split,
+                                    training.train_transforms(data, normalize), seed, pseudo, threshold)
+    draws = functools.partial(uniform_stream, len(dataset), seed)
+    return lambda start_it: infinite_batches(dataset, draws, data.batch_size, data.workers,
+                                             start_draw=start_it * data.batch_size)

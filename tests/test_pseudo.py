@@ -1,0 +1,451 @@
+"""Pseudo-label artifacts (lib/engine/pseudo.py): the three forms of the writer, the reader, the stage."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lib.data.classes import IGNORE
+from lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
+from lib.engine import pseudo as pseudo_module
+from lib.engine.checkpoint import load_model, save_model
+from lib.engine.evaluation import InferenceParams
+from lib.engine.pseudo import (PseudoLabelledDataset, PseudoLabels, PseudoParams, apply_class_thresholds,
+                               check_ids, class_feature_means, class_median_thresholds, class_prior,
+                               confidence_histogram, generate_pseudo_labels, median_index, output_params,
+                               pseudo_stream, replay_prototypes)
+from lib.engine.training import DataParams
+from lib.errors import ConfigError, DataError
+from lib.io import read_label_png, read_rgb, write_label_png, write_rgb
+from lib.models import ModelParams, build_model
+from lib.models.output import upsample
+from stages import pseudo_label as stage
+
+H, W, N_IMAGES, C = 64, 128, 5, 19
+DATASET = "tiny"
+
+
+def write_prepared(root: Path) -> None:
+    """A labelled prepared split 'train' (its labels must never reach a pseudo-labelled item)."""
+    rng = np.random.default_rng(0)
+    prepared = root / "data/prepared" / DATASET
+    (prepared / "labels/train").mkdir(parents=True)
+    (root / "raw").mkdir()
+    rows = []
+    for i in range(N_IMAGES):
+        sample_id = f"img{i}"
+        image = rng.integers(0, 256, (H, W, 3)).astype(np.uint8)
+        image[:, : W // 2] //= 3   # some structure, so predictions differ across the image
+        write_rgb(root / f"raw/{sample_id}.png", image)
+        write_label_png(prepared / f"labels/train/{sample_id}.png", np.full((H, W), 7, np.uint8))
+        rows.append([sample_id, "train", f"raw/{sample_id}.png",
+                     f"data/prepared/{DATASET}/labels/train/{sample_id}.png", H, W])
+    pd.DataFrame(rows, columns=["id", "split", "image", "label", "height", "width"]).to_csv(
+        prepared / "index.csv", index=False)
+    (prepared / "meta.json").write_text(json.dumps({"class_protocol": "cityscapes19"}))
+
+
+def save_tiny_model(root: Path, name: str, head: str) -> None:
+    torch.manual_seed(0)
+    params = ModelParams(arch="deeplabv2", depth=18, weights="none", bn="batch", aux=False, head=head)
+    model = build_model(params, C)
+    with torch.no_grad():   # random init gives a near-uniform softmax; sharpen it so classes win clearly
+        for p in (model.head.classifier.parameters() if head == "cpsl" else model.head.parameters()):
+            p.mul_(30.0)
+    meta = {"stage": "warmup", "method": "source_only", "model": dataclasses.asdict(params),
+            "num_classes": C, "class_set": "cityscapes19", "source": "x", "source_protocol": "cityscapes19",
+            "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}
+    save_model(root / "data/models" / name, model, meta)
+
+
+SOFT = PseudoParams(batch_size=2, workers=0, min_pixels=3, passes=3, count_cap=4)
+HARD = PseudoParams(batch_size=1, workers=0, threshold=0.5)
+MEDIAN = PseudoParams(batch_size=1, workers=0, median_cap=0.9)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project folder (the module runs inside it) with a prepared split, two tiny models and the
+    three artifacts generated once."""
+    root = tmp_path_factory.mktemp("project")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        # the comparisons below recompute the predictions on the CPU
+        mp.setattr(pseudo_module, "select_device", lambda: torch.device("cpu"))
+        write_prepared(root)
+        save_tiny_model(root, "cpsl", "cpsl")
+        save_tiny_model(root, "aspp", "aspp_sum")
+        for name, form, params in (("soft", "soft", SOFT), ("hard", "hard_threshold", HARD),
+                                   ("median", "class_median", MEDIAN)):
+            generate_pseudo_labels(Path("data/models/cpsl"), DATASET, "train", form, params,
+                                   Path("data/pseudo") / name, metrics=Path("metrics/pseudo") / name,
+                                   progress=False)
+        yield root
+
+
+def normalised_images(root: Path) -> list[torch.Tensor]:
+    norm = Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    return [norm({"image": read_rgb(root / f"raw/img{i}.png")}, None)["image"][None] for i in range(N_IMAGES)]
+
+
+def manual_softmax(model, x: torch.Tensor, flip: bool) -> torch.Tensor:
+    """softmax(up(logits)), averaged with the mirrored view's softmax: cpsl.md §6 written out."""
+    with torch.no_grad():
+        p = torch.softmax(upsample(model(x).logits.float(), (H, W)), 1)
+        if flip:
+            q = torch.softmax(upsample(model(x.flip(-1)).logits.float(), (H, W)), 1).flip(-1)
+            p = 0.5 * (p + q)
+    return p
+
+
+# ------------------------------------------------------------------------------------------------
+# soft (CPSL P1)
+
+
+def test_soft_artifact_files(project):
+    art = project / "data/pseudo/soft"
+    meta = json.loads((art / "meta.json").read_text())
+    index = pd.read_csv(art / "index.csv", dtype={"id": str})
+    assert list(index["id"]) == [f"img{i}" for i in range(N_IMAGES)]
+    soft = np.load(art / index["soft"][0])
+    assert soft.dtype == np.float16 and soft.shape[0] == C and soft.ndim == 3
+    assert meta["stride"] == 8 and soft.shape[1:] == (9, 17)   # 64x128 through ceil-mode pooling
+    np.testing.assert_allclose(soft.astype(np.float32).sum(0), 1.0, atol=5e-3)
+    assert np.load(art / "prototypes.npy").dtype == np.float32
+    assert np.load(art / "prototypes.npy").shape == (C, 256)
+    prior = np.load(art / "prior.npy")
+    assert prior.dtype == np.float32 and prior.shape == (C,) and abs(prior.sum() - 1) < 1e-6
+    assert meta["form"] == "soft" and meta["model"] == "cpsl" and meta["model_stage"] == "warmup"
+    assert meta["count"] == N_IMAGES and meta["threshold"]["load_time"] is None
+
+
+def test_soft_prototypes_and_prior_equal_a_direct_forward(project):
+    """Prototypes: the running means of cpsl.md §4.2 over per-image class means of the embedding,
+    replayed ``passes`` times; prior: the argmax counts on the logit grid, normalised."""
+    model, _ = load_model(project / "data/models/cpsl")
+    observations, counts = [], np.zeros(C, np.int64)
+    for x in normalised_images(project):
+        with torch.no_grad():
+            out = model(x)
+        pred = out.logits.argmax(1)[0].numpy()
+        emb = out.features["embedding"][0].double().numpy()
+        counts += np.bincount(pred.ravel(), minlength=C)
+        for k in range(C):
+            if (pred == k).sum() >= SOFT.min_pixels:
+                observations.append((k, emb[:, pred == k].mean(1)))
+    eta, n = np.zeros((C, 256)), np.zeros(C, np.int64)
+    for _ in range(SOFT.passes):
+        for k, v in observations:
+            eta[k] = (n[k] * eta[k] + v) / (n[k] + 1)
+            n[k] = min(n[k] + 1, SOFT.count_cap)
+    art = PseudoLabels.load(project / "data/pseudo/soft")
+    assert len({k for k, _ in observations}) >= 2   # the check below compares more than one class
+    np.testing.assert_allclose(art.prototypes.numpy(), eta, rtol=1e-4, atol=1e-6)
+    assert art.meta["prototype_counts"] == n.tolist()
+    np.testing.assert_allclose(art.prior.numpy(), counts / counts.sum(), rtol=1e-6)
+    assert art.meta["predicted_pixels"] == counts.tolist()
+    assert art.meta["kept_fraction"] == [1.0 if c else 0.0 for c in counts]
+
+
+def test_class_feature_means_keep_classes_with_enough_pixels():
+    embedding = torch.zeros(1, 2, 4, 5)
+    embedding[0, 0] = torch.arange(20.0).reshape(4, 5)
+    embedding[0, 1] = 1.0
+    pred = torch.zeros(1, 4, 5, dtype=torch.long)
+    pred[0, 0, :] = 2           # 5 pixels of class 2: values 0..4
+    pred[0, 3, 1:] = 1          # 4 pixels of class 1: below min_pixels 5
+    (observations,) = class_feature_means(embedding, pred, 3, min_pixels=5)
+    assert [k for k, _ in observations] == [0, 2]
+    class0 = [v for v in range(20) if not (v < 5 or v >= 16)]
+    np.testing.assert_allclose(observations[0][1], [np.mean(class0), 1.0])
+    np.testing.assert_allclose(observations[1][1], [2.0, 1.0])
+    assert observations[0][1].dtype == np.float64
+
+
+def test_replay_prototypes_hand_values():
+    observations = [(0, np.array([1.0, 0.0])), (0, np.array([3.0, 0.0])), (1, np.array([2.0, 2.0]))]
+    eta, n = replay_prototypes(observations, 3, 2, passes=2, count_cap=2)
+    # pass 1: eta0 = 1, then (1*1 + 3)/2 = 2 (n0 = 2); eta1 = (2, 2).  pass 2 (n0 capped at 2):
+    # (2*2 + 1)/3 = 5/3, then (2*5/3 + 3)/3 = 19/9; eta1 = (1*(2,2) + (2,2))/2 = (2, 2)
+    np.testing.assert_allclose(eta, [[19 / 9, 0.0], [2.0, 2.0], [0.0, 0.0]])
+    assert n.tolist() == [2, 2, 0]
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-10, 10), min_size=1, max_size=20))
+def test_replay_without_cap_is_the_plain_mean(values):
+    observations = [(0, np.array([v])) for v in values]
+    eta, n = replay_prototypes(observations, 1, 1, passes=1, count_cap=10_000)
+    assert eta[0, 0] == pytest.approx(np.mean(values), abs=1e-9) and n[0] == len(values)
+
+
+def test_class_prior_normalises_counts():
+    prior = class_prior(np.array([3, 1, 0]))
+    assert prior.dtype == np.float32 and prior.tolist() == [0.75, 0.25, 0.0]
+
+
+# ------------------------------------------------------------------------------------------------
+# hard_threshold (CPSL P2/P3)
+
+
+def test_hard_threshold_is_the_flip_averaged_softmax(project):
+    model, _ = load_model(project / "data/models/cpsl")
+    art = PseudoLabels.load(project / "data/pseudo/hard")
+    assert art.meta["flip"] is True
+    flip_matters = False
+    for i, x in enumerate(normalised_images(project)):
+        conf, label = manual_softmax(model, x, flip=True)[0].max(0)
+        stored_label = read_label_png(project / f"data/pseudo/hard/labels/img{i}.png")
+        stored_conf = np.load(project / f"data/pseudo/hard/conf/img{i}.npy")
+        assert stored_conf.dtype == np.float16 and stored_conf.shape == (H, W)
+        np.testing.assert_array_equal(stored_label, label.numpy())
+        np.testing.assert_allclose(stored_conf.astype(np.float32), conf.numpy(), atol=1e-3, rtol=0)
+        plain = manual_softmax(model, x, flip=False)[0].max(0).values.numpy()
+        flip_matters |= bool(np.abs(plain - conf.numpy()).max() > 1e-2)
+    assert flip_matters
+
+
+def test_load_time_threshold_sets_low_confidence_to_ignore(project):
+    art = PseudoLabels.load(project / "data/pseudo/hard")
+    label = read_label_png(project / "data/pseudo/hard/labels/img1.png")
+    conf = np.load(project / "data/pseudo/hard/conf/img1.npy")
+    t = float(np.median(conf.astype(np.float64)))   # a stored value: conf == t must be dropped too
+    thresholded = art.sample("img1", t)["pseudo"]
+    np.testing.assert_array_equal(thresholded, np.where(conf.astype(np.float64) > t, label, IGNORE))
+    assert (thresholded == IGNORE).any() and (thresholded != IGNORE).any()
+    np.testing.assert_array_equal(art.sample("img1", None)["pseudo"], label)
+    assert art.default_threshold == 0.5 and "soft" not in art.sample("img1")
+
+
+def test_hard_threshold_kept_fractions_in_meta_and_metrics(project):
+    art = PseudoLabels.load(project / "data/pseudo/hard")
+    predicted, kept = np.zeros(C), np.zeros(C)
+    for i in range(N_IMAGES):
+        label = read_label_png(project / f"data/pseudo/hard/labels/img{i}.png")
+        conf = np.load(project / f"data/pseudo/hard/conf/img{i}.npy").astype(np.float64)
+        predicted += np.bincount(label.ravel(), minlength=C)
+        kept += np.bincount(label[conf > HARD.threshold], minlength=C)
+    expected = np.divide(kept, predicted, out=np.zeros(C), where=predicted > 0)
+    np.testing.assert_allclose(art.meta["kept_fraction"], expected)
+    np.testing.assert_allclose(art.meta["predicted_fraction"], predicted / predicted.sum())
+    assert 0 < art.meta["kept_fraction_total"] < 1
+    assert art.meta["kept_fraction_total"] == pytest.approx(kept.sum() / predicted.sum())
+    table = pd.read_csv(project / "metrics/pseudo/hard/classes.csv")
+    assert list(table.columns) == ["class", "predicted", "kept"] and table["class"][0] == "road"
+    np.testing.assert_allclose(table["kept"], expected, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# class_median (BAFFT / SIM)
+
+
+def reference_thresholds(labels: np.ndarray, conf16: np.ndarray, num_classes: int, cap: float) -> list[float]:
+    """SIM written out: sort the class's confidences, take index round(0.5 N), cap, 0 if absent."""
+    taus = []
+    for c in range(num_classes):
+        values = np.sort(conf16[labels == c].astype(np.float64))
+        taus.append(0.0 if len(values) == 0 else min(values[int(np.round(0.5 * len(values)))], cap))
+    return taus
+
+
+def test_median_index_follows_sim():
+    assert [median_index(n) for n in (1, 2, 3, 4, 5, 6, 7)] == [0, 1, 2, 2, 2, 3, 4]
+
+
+def test_class_median_thresholds_on_a_constructed_distribution():
+    values = {0: [0.1, 0.5, 0.7],                      # N = 3: index round(1.5) = 2 -> 0.7
+              1: [0.99, 0.2, 0.95, 0.3, 0.97, 0.4],    # N = 6: index 3 of the sorted -> 0.95, capped 0.9
+              3: [0.25, 0.5, 0.125, 1.0, 0.75]}        # N = 5: round(2.5) = 2 (half to even) -> 0.5
+    labels = np.concatenate([np.full(len(v), c) for c, v in values.items()])
+    conf = np.concatenate([v for v in values.values()]).astype(np.float16)
+    taus = class_median_thresholds(confidence_histogram(labels, conf, 4), cap=0.9)
+    assert taus.tolist() == [float(np.float16(0.7)), 0.9, 0.0, 0.5]   # class 2 never predicted
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.floats(0.0, 1.0, width=16)), min_size=1, max_size=60),
+       st.floats(0.05, 1.0))
+def test_class_median_thresholds_equal_the_sorted_reference(pixels, cap):
+    labels = np.array([c for c, _ in pixels])
+    conf = np.array([v for _, v in pixels], np.float16)
+    taus = class_median_thresholds(confidence_histogram(labels, conf, 3), cap)
+    assert taus.tolist() == reference_thresholds(labels, conf, 3, cap)
+
+
+def test_class_median_artifact(project):
+    model, _ = load_model(project / "data/models/cpsl")
+    labels, confs = [], []
+    for x in normalised_images(project):
+        conf, label = manual_softmax(model, x, flip=False)[0].max(0)   # SIM: no flip
+        labels.append(label.numpy())
+        confs.append(conf.half().numpy())
+    labels, confs = np.stack(labels), np.stack(confs)
+    taus = reference_thresholds(labels, confs, C, MEDIAN.median_cap)
+    art = PseudoLabels.load(project / "data/pseudo/median")
+    assert art.meta["flip"] is False and art.default_threshold is None
+    assert art.meta["thresholds"] == taus
+    assert any(t == 0.0 for t in taus) and any(0 < t < MEDIAN.median_cap for t in taus)
+    kept = np.zeros(C)
+    for i in range(N_IMAGES):
+        keep = confs[i].astype(np.float64) >= np.asarray(taus)[labels[i]]
+        np.testing.assert_array_equal(art.sample(f"img{i}")["pseudo"], np.where(keep, labels[i], IGNORE))
+        kept += np.bincount(labels[i][keep], minlength=C)
+    predicted = np.bincount(labels.ravel(), minlength=C)
+    assert art.meta["predicted_pixels"] == predicted.tolist() and art.meta["kept_pixels"] == kept.tolist()
+    np.testing.assert_allclose(art.meta["kept_fraction"],
+                               np.divide(kept, predicted, out=np.zeros(C), where=predicted > 0))
+
+
+def test_class_thresholds_pass_reads_one_file_at_a_time(tmp_path, monkeypatch):
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "conf").mkdir()
+    for sample_id, label, conf in (("a", [[0, 1]], [[0.2, 0.9]]), ("b", [[1, 1]], [[0.5, 0.4]])):
+        write_label_png(tmp_path / f"labels/{sample_id}.png", np.array(label, np.uint8))
+        np.save(tmp_path / f"conf/{sample_id}.npy", np.array(conf, np.float16))
+    reads = []
+    original = pseudo_module.read_confidence
+    monkeypatch.setattr(pseudo_module, "read_confidence", lambda path: reads.append(path.name) or original(path))
+    kept = apply_class_thresholds(tmp_path, ["a", "b"], np.array([0.3, 0.5]), 2)
+    assert reads == ["a.npy", "b.npy"]
+    assert read_label_png(tmp_path / "labels/a.png").tolist() == [[IGNORE, 1]]
+    assert read_label_png(tmp_path / "labels/b.png").tolist() == [[1, IGNORE]]   # 0.5 >= 0.5 kept
+    assert kept.tolist() == [0, 2]
+
+
+# ------------------------------------------------------------------------------------------------
+# reader, datasets, stream
+
+
+def test_soft_sample_is_upsampled_and_its_pseudo_is_the_argmax(project):
+    art = PseudoLabels.load(project / "data/pseudo/soft")
+    item = art.sample("img2")
+    stored = np.load(project / "data/pseudo/soft/soft/img2.npy").astype(np.float32)
+    assert item["soft"].shape == (H, W, C) and item["soft"].dtype == np.float32
+    np.testing.assert_allclose(item["soft"][0, 0], stored[:, 0, 0])      # align_corners: corners kept
+    np.testing.assert_allclose(item["soft"][-1, -1], stored[:, -1, -1])
+    np.testing.assert_array_equal(item["pseudo"], item["soft"].argmax(-1))
+    assert item["pseudo"].dtype == np.uint8
+
+
+def test_reader_errors_name_the_file(project, tmp_path):
+    with pytest.raises(DataError, match="pseudo-label artifact not found"):
+        PseudoLabels.load(tmp_path / "nothing")
+    art = PseudoLabels.load(project / "data/pseudo/hard")
+    with pytest.raises(DataError, match="no pseudo-label for sample 'ghost'"):
+        art.sample("ghost")
+    copy = tmp_path / "hard"
+    shutil.copytree(project / "data/pseudo/hard", copy)
+    (copy / "conf/img0.npy").unlink()
+    (copy / "conf/img1.npy").write_bytes(b"not numpy")
+    broken = PseudoLabels.load(copy)
+    with pytest.raises(DataError, match=r"conf/img0\.npy: confidence map not found"):
+        broken.sample("img0")
+    with pytest.raises(DataError, match=r"conf/img1\.npy: not a readable confidence map"):
+        broken.sample("img1")
+    soft = tmp_path / "soft"
+    shutil.copytree(project / "data/pseudo/soft", soft)
+    (soft / "prototypes.npy").unlink()
+    with pytest.raises(DataError, match=r"prototypes\.npy: prototype matrix not found"):
+        PseudoLabels.load(soft)
+
+
+def test_pseudo_labelled_dataset_never_returns_the_ground_truth(project):
+    art = PseudoLabels.load(project / "data/pseudo/soft")
+    dataset = PseudoLabelledDataset(project / "data/prepared" / DATASET, "train", Normalize(), 0, art)
+    raw = dataset.load(0)
+    assert set(raw) == {"id", "image", "pseudo", "soft"}
+    item = dataset[0]
+    assert "label" not in item and item["pseudo"].dtype == torch.int64
+    assert item["soft"].shape == (C, H, W) and item["soft"].dtype == torch.float32
+    hard = PseudoLabels.load(project / "data/pseudo/hard")
+    thresholded = PseudoLabelledDataset(project / "data/prepared" / DATASET, "train", Normalize(), 0, hard,
+                                        threshold=0.5)[1]
+    assert "label" not in thresholded and "soft" not in thresholded
+    np.testing.assert_array_equal(thresholded["pseudo"].numpy(), hard.sample("img1", 0.5)["pseudo"])
+
+
+def test_pseudo_stream_batches(project):
+    art = PseudoLabels.load(project / "data/pseudo/soft")
+    data = DataParams(batch_size=2, crop=(32, 48), workers=0)
+    batch = next(pseudo_stream(DATASET, art, None, data, "imagenet", seed=3)(0))
+    assert set(batch) == {"id", "image", "pseudo", "soft", "draw"}
+    assert batch["image"].shape == (2, 3, 32, 48) and batch["pseudo"].shape == (2, 32, 48)
+    assert batch["soft"].shape == (2, C, 32, 48) and batch["pseudo"].dtype == torch.int64
+    again = list(islice(pseudo_stream(DATASET, art, None, data, "imagenet", seed=3)(0), 1))[0]
+    assert torch.equal(again["soft"], batch["soft"])
+    with pytest.raises(ConfigError, match="sample uniformly"):
+        pseudo_stream(DATASET, art, None, dataclasses.replace(data, sampling="rare_class"), "imagenet", 0)
+    with pytest.raises(ConfigError, match="cannot label 'other'"):
+        pseudo_stream("other", art, None, data, "imagenet", 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# params and up-front checks
+
+
+def test_output_params_merge_the_section_and_its_output():
+    section = {"dataset": "d", "batch_size": 4, "threshold": 0.9,
+               "outputs": {"p1": {"model": "warmup", "form": "soft"},
+                           "p2": {"model": "stage1", "form": "hard_threshold", "threshold": 0.95,
+                                  "inference": {"mode": "whole"}}}}
+    job, params = output_params(section, "p2")
+    assert (job.model, job.form, job.dataset, job.split) == ("stage1", "hard_threshold", "d", "train")
+    assert params.threshold == 0.95 and params.batch_size == 4 and params.flip_for("hard_threshold")
+    assert not output_params(section, "p1")[1].flip_for("soft")
+    assert not PseudoParams().flip_for("class_median")
+    with pytest.raises(ConfigError, match="no output 'p3'"):
+        output_params(section, "p3")
+    with pytest.raises(ConfigError, match="is not one of"):
+        output_params({"dataset": "d", "outputs": {"x": {"model": "m", "form": "median"}}}, "x")
+    with pytest.raises(ConfigError, match="unknown key 'pseudo_label.outputs.x.tresh'"):
+        output_params({"dataset": "d", "outputs": {"x": {"model": "m", "form": "soft", "tresh": 1}}}, "x")
+    with pytest.raises(ConfigError, match="inference.flip"):
+        output_params({"dataset": "d", "inference": {"flip": True},
+                       "outputs": {"x": {"model": "m", "form": "hard_threshold"}}}, "x")
+
+
+def test_up_front_checks(project, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="is not one of"):
+        generate_pseudo_labels(Path("data/models/cpsl"), DATASET, "train", "median", HARD, out)
+    with pytest.raises(ConfigError, match="flip and sliding windows"):
+        generate_pseudo_labels(Path("data/models/cpsl"), DATASET, "train", "soft",
+                               dataclasses.replace(SOFT, flip=True), out)
+    with pytest.raises(DataError, match="data/models/nope: model artifact not found"):
+        generate_pseudo_labels(Path("data/models/nope"), DATASET, "train", "soft", SOFT, out)
+    with pytest.raises(DataError, match="prepared dataset not found"):
+        generate_pseudo_labels(Path("data/models/cpsl"), "nope", "train", "soft", SOFT, out)
+    with pytest.raises(ConfigError, match="model.head = 'aspp_sum'"):
+        generate_pseudo_labels(Path("data/models/aspp"), DATASET, "train", "soft", SOFT, out)
+    assert not out.exists()
+    with pytest.raises(DataError, match="cannot be a file name"):
+        check_ids(["a", "b/c"], "index.csv")
+    with pytest.raises(DataError, match="appears twice"):
+        check_ids(["a", "a"], "index.csv")
+    with pytest.raises(ConfigError, match="threshold must be in"):
+        PseudoParams(threshold=1.0).validate("pseudo_label")
+
+
+def test_stage_writes_the_artifact_and_prints_one_line(project, capsys):
+    (project / "params.yaml").write_text(yaml.safe_dump({"pseudo_label": {
+        "dataset": DATASET, "batch_size": 5, "workers": 0,
+        "outputs": {"stage_out": {"model": "aspp", "form": "class_median", "inference": InferenceParams().__dict__}}}}))
+    stage.main(["stage_out"])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("wrote data/pseudo/stage_out: 5 images of tiny/train labelled by aspp")
+    assert "kept fraction" in line
+    assert (project / "metrics/pseudo/stage_out/classes.csv").is_file()
+    assert PseudoLabels.load(project / "data/pseudo/stage_out").meta["model"] == "aspp"
+    with pytest.raises(SystemExit):
+        stage.main(["missing"])
+    assert "error: params: no output 'missing'" in capsys.readouterr().err
