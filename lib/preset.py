@@ -39,7 +39,7 @@ def chain(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
         raise ConfigError(f"{path}: preset not found (the presets are in presets/)")
     if path in seen:
         raise ConfigError(f"{path}: presets include each other in a loop")
-    preset = YAML(typ="safe").load(path.read_text())
+    preset = YAML().load(path.read_text())     # round trip: 6.0e-5 stays a float PyYAML reads back
     if not isinstance(preset, dict):
         raise ConfigError(f"{path}: a preset must be a YAML mapping of params.yaml keys")
     base = preset.pop("base", None)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from lib.config import load_params
-from lib.engine.training import run_params, run_training_stage
+from lib.engine.training import run_model_name, run_params, run_training_stage
 from lib.errors import ConfigError, exit_on_user_error
 
 
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError(f"params: distill.rounds.{args.round}.init must be null or the round's teacher "
                           f"({raw.get('teacher')!r}), got {raw.get('init')!r}: dvc.yaml declares the teacher's "
                           "folder as the round's model dependency")
-    out = run_training_stage(f"distill_{args.round}", raw)
+    out = run_training_stage(run_model_name("distill", args.round), raw)
     print(f"wrote {out}")
 
 

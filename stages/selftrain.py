@@ -26,9 +26,6 @@ def main(argv: list[str] | None = None) -> None:
         if not raw.get(key):
             raise ConfigError(f"params: selftrain.runs.{args.name}.{key} must name a "
                               f"{'data/models' if key == 'init' else 'data/pseudo'} folder")
-    taken = set(params.get("variants") or {}) | {"warmup"} | {f"distill_{k}" for k in (params.get("distill") or {}).get("rounds") or {}}
-    if args.name in taken:
-        raise ConfigError(f"params: selftrain.runs.{args.name}: the model name is taken")
     out = run_training_stage(args.name, raw)
     print(f"wrote {out}")
 

@@ -211,13 +211,15 @@ def make_bdd100k(root: Path, rng, per_split: dict[str, int], suffix: str = "") -
     return expected
 
 
-def make_mapillary(root: Path, rng, n: int = 3, release: str = "v1.2") -> dict[str, np.ndarray]:
+def make_mapillary(root: Path, rng, n: int = 3, release: str = "v1.2",
+                   sizes: list[tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+    """``n`` images of H x W, or one per (height, width) of ``sizes`` (each at least 66 pixels)."""
     expected = {}
     label_dir = root / "validation" / ("labels" if release == "v1.2" else "v1.2/labels")
-    for i in range(n):
+    for i, (h, w) in enumerate(sizes or [(H, W)] * n):
         stem = f"mapi{i:03d}XyZ"
-        save_rgb(root / "validation" / "images" / f"{stem}.jpg", random_image(rng))
-        ids = raw_ids(rng, list(range(66)))
+        save_rgb(root / "validation" / "images" / f"{stem}.jpg", random_image(rng, h, w))
+        ids = raw_ids(rng, list(range(66)), h, w)
         save_palette(label_dir / f"{stem}.png", ids)
         expected[stem] = spec_map(ids, SPEC_MAPILLARY)
     (root / "config.json").write_text("{}")

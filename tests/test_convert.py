@@ -7,9 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from PIL import Image, ImageOps
+
 from lib.data import prepared
-from lib.data.convert import PrepareParams, parse_dataset_spec, prepare_dataset, tile_centroids
-from lib.io import read_label_png
+from lib.data.convert import PrepareParams, _centre_window, parse_dataset_spec, prepare_dataset, tile_centroids
+from lib.data.dataset import PreparedDataset
+from lib.data.transforms import Normalize
+from lib.errors import ConfigError
+from lib.io import read_label_png, read_rgb
 from tests import layouts as L
 
 PARAMS = PrepareParams(workers=1, centroid_tile=1024)
@@ -145,6 +150,68 @@ def test_mapillary_66_to_19(tmp_path, release):
     index, meta, _ = run(tmp_path, "mv", {"layout": "mapillary", "root": str(root)})
     assert_labels(index, expected)
     assert meta["counts"] == {"val": 3}
+
+
+def protocol_reference(image: Image.Image, label: np.ndarray, height: int, crop: int):
+    """blindnet.md §7 with PIL operations, as RobustNet's ResizeHeight + CenterCropPad do it, except
+    the pad (ours: centred, label 255)."""
+    w, h = image.size
+    width = int(w / h * height)
+    image = image.resize((width, height), Image.BICUBIC)
+    lab = Image.fromarray(label).resize((width, height), Image.NEAREST)
+    if width < crop:
+        left = (crop - width) // 2
+        border = (left, 0, crop - width - left, 0)
+        return (np.asarray(ImageOps.expand(image, border, fill=0)),
+                np.asarray(ImageOps.expand(lab, border, fill=255)))
+    x1 = int(round((width - crop) / 2.))
+    box = (x1, 0, x1 + crop, crop)
+    return np.asarray(image.crop(box)), np.asarray(lab.crop(box))
+
+
+def test_mapillary_evaluation_protocol_resizes_and_centre_crops(tmp_path):
+    root = tmp_path / "mapillary"
+    # landscape at the protocol height (no resize), portrait (padded), landscape resized up
+    sizes = [(12, 20), (14, 8), (10, 25)]
+    expected = L.make_mapillary(root, np.random.default_rng(14), sizes=sizes)
+    index, meta, out = run(tmp_path, "mv", {"layout": "mapillary", "root": str(root),
+                                            "resize_crop": {"height": 12, "crop": 12}})
+    assert meta["resize_crop"] == {"height": 12, "crop": 12}
+    assert (index["height"] == 12).all() and (index["width"] == 12).all()
+    for row in index.itertuples():
+        assert Path(row.image) == out / "images" / "val" / f"{row.id}.png"
+        raw = Image.open(root / "validation" / "images" / f"{row.id}.jpg").convert("RGB")
+        image, label = read_rgb(row.image), read_label_png(row.label)
+        ref_image, ref_label = protocol_reference(raw, expected[row.id], 12, 12)
+        np.testing.assert_array_equal(image, ref_image, err_msg=row.id)
+        np.testing.assert_array_equal(label, ref_label, err_msg=row.id)
+    first = index["id"][0]
+    # no resize at height 12: columns 4..15 of the 20, offset round(8 / 2)
+    np.testing.assert_array_equal(read_label_png(index["label"][0]), expected[first][:, 4:16])
+    # the portrait resized to 6 columns sits in the middle, the pad is black and ignored
+    pad = read_label_png(index["label"][1])
+    assert (pad[:, :3] == 255).all() and (pad[:, 9:] == 255).all() and (pad[:, 3:9] != 255).any()
+    assert (read_rgb(index["image"][1])[:, :3] == 0).all()
+    counts = prepared.load_class_counts(out, list(index["id"]))
+    for row, c in zip(index.itertuples(), counts):
+        lab = read_label_png(row.label)
+        np.testing.assert_array_equal(c, [(lab == k).sum() for k in range(19)])
+    loaded = PreparedDataset(out, "val", Normalize(), seed=0, labelled=True)[0]
+    assert loaded["image"].shape == (3, 12, 12) and loaded["label"].shape == (12, 12)
+
+
+def test_centre_window_rounds_half_to_even_and_pads_in_the_middle():
+    assert _centre_window(25, 16) == (slice(4, 20), slice(0, 16))      # round(4.5) = 4, as RobustNet's
+    assert _centre_window(27, 16) == (slice(6, 22), slice(0, 16))      # round(5.5) = 6
+    assert _centre_window(16, 16) == (slice(0, 16), slice(0, 16))
+    assert _centre_window(9, 16) == (slice(0, 9), slice(3, 12))
+
+
+def test_resize_crop_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="datasets.mv.resize_crop.crop must be > 0"):
+        parse_dataset_spec("mv", {"layout": "mapillary", "root": "x", "resize_crop": {"height": 4, "crop": 0}})
+    with pytest.raises(ConfigError, match="unknown key 'datasets.mv.resize_crop.width'"):
+        parse_dataset_spec("mv", {"layout": "mapillary", "root": "x", "resize_crop": {"height": 4, "width": 4}})
 
 
 def test_class_counts_and_centroids_tables(tmp_path):

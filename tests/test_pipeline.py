@@ -142,20 +142,28 @@ def test_repro_trains_and_evaluates(project):
 def test_evaluate_param_reruns_only_evaluation(project):
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "baseline")
-    out = sh(project, "dvc", "exp", "run", "-S", "evaluate.inference.flip=true")
+    out = sh(project, "dvc", "exp", "run", "-S", "evaluate.inference.flip=true",
+             "-S", "+evaluate.averages.unseen=[synth_cityscapes, synth_acdc_night]")
     for target in TARGETS:
         assert f"Running stage 'evaluate@warmup-{target}'" in out
+    assert "Running stage 'average@warmup-unseen'" in out
     assert "Running stage 'warmup'" not in out and "Running stage 'prepare" not in out
+    average = json.loads((project / "metrics/warmup-unseen.json").read_text())
+    unseen = {t: m["mIoU"] for t, m in metrics_of(project).items() if t != "synth_gta5"}
+    assert average == {"mIoU": round(sum(unseen.values()) / 2, 2), "targets": unseen}
     diff = sh(project, "dvc", "metrics", "diff", "HEAD", "--all")
     assert "metrics/warmup/synth_cityscapes.json" in diff and "mIoU" in diff
+    assert "metrics/warmup-unseen.json" in diff and "targets.synth_acdc_night" in diff
     table = sh(project, "dvc", "exp", "show", "--no-pager", "--md")
-    assert "mIoU" in table and "evaluate.inference.flip" in table
+    assert "mIoU" in table and "evaluate.inference.flip" in table and "targets.synth_cityscapes" in table
 
 
 def test_warmup_param_reruns_warmup_and_its_evaluations(project):
-    out = sh(project, "dvc", "exp", "run", "-S", "warmup.train.seed=1")
+    out = sh(project, "dvc", "exp", "run", "-S", "warmup.train.seed=1",
+             "-S", "++evaluate.averages.unseen=[synth_cityscapes, synth_acdc_night]")
     assert "Running stage 'warmup'" in out
     assert "Running stage 'evaluate@warmup-synth_gta5'" in out
+    assert "Running stage 'average@warmup-unseen'" in out
     assert "Running stage 'prepare" not in out and "Running stage 'synthesize'" not in out
 
 

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from lib.config import merged, parse
+from lib.data.convert import ResizeCrop, parse_dataset_spec
 from lib.engine.evaluation import EvaluateParams
 from lib.engine.training import parse_stage
 from lib.errors import ConfigError
@@ -36,6 +37,8 @@ def test_preset_gives_valid_params(tmp_path, preset):
         parse_stage(merged(params["warmup"], overrides), name)
     for target in evaluate.targets:
         assert target in params["datasets"] or target in params["stylize"]["outputs"]
+    for name, raw in params["datasets"].items():
+        parse_dataset_spec(name, raw)
     check_chain(tmp_path, params)
     assert "# Source-only" in text or "# The one source of truth" in text     # comments survive
 
@@ -114,5 +117,93 @@ def test_variant_params_lay_the_entry_over_warmup():
     with pytest.raises(ConfigError, match="variants.nope is not a mapping"):
         variant_params(params, "nope")
     params["variants"]["both"] = {}
-    with pytest.raises(ConfigError, match="the name is taken"):
+    with pytest.raises(ConfigError, match="variants.both: the model name 'both' is taken by evaluate.ensembles.both"):
         variant_params(params, "both")
+
+
+def test_chain_runs_cannot_reuse_a_model_name():
+    from lib.engine.training import model_owners, run_params
+    params = {"warmup": {}, "variants": {"minent": {}},
+              "selftrain": {"method": "cpsl_stage1", "runs": {"selftrain": {"init": "warmup"},
+                                                             "minent": {"init": "warmup"},
+                                                             "distill_1": {"init": "warmup"}}},
+              "distill": {"rounds": {"1": {"teacher": "selftrain"}}}}
+    assert model_owners(params)["distill_1"] == ["selftrain.runs.distill_1", "distill.rounds.1"]
+    assert run_params(params, "selftrain", "runs", "selftrain") == {"method": "cpsl_stage1", "init": "warmup"}
+    with pytest.raises(ConfigError, match="selftrain.runs.minent: the model name 'minent' is taken by variants.minent"):
+        run_params(params, "selftrain", "runs", "minent")
+    with pytest.raises(ConfigError, match="distill.rounds.1: the model name 'distill_1' is taken by selftrain.runs"):
+        run_params(params, "distill", "rounds", "1")
+
+
+def test_published_blindnet_and_robustnet_recipes(tmp_path):
+    params, _ = applied(tmp_path, ROOT / "presets" / "gta5_blindnet.yaml")
+    stage, blindnet = parse_stage(params["warmup"], "warmup")
+    assert (stage.method, stage.source, stage.target) == ("blindnet", "gtav", None)
+    assert (blindnet.cml_weight, blindnet.ccl_weight, blindnet.cwcl_weight, blindnet.sdcl_weight) == (0.2, 0.2, 0.3, 0.3)
+    model = stage.model
+    assert (model.arch, model.depth, model.weights, model.instance_norm) == ("deeplabv3plus", 50, "imagenet", "in")
+    sgd = stage.optim["model"]
+    assert (sgd.type, sgd.lr, sgd.momentum, sgd.weight_decay, sgd.head_lr_mult) == ("sgd", 0.01, 0.9, 5e-4, 1.0)
+    assert (stage.schedule.power, stage.schedule.warmup_iters, stage.train.iters, stage.train.seed) == (0.9, 0, 40000, 304)
+    data = stage.data
+    assert (data.batch_size, data.crop, data.scale, data.sampling, data.class_uniform_pct) == (
+        8, (768, 768), (0.5, 2.0), "class_uniform", 0.5)
+    assert params["prepare"]["centroid_tile"] == 1024
+    assert parse_dataset_spec("mapillary", params["datasets"]["mapillary"]).resize_crop == ResizeCrop(1024, 1024)
+    evaluate = parse(EvaluateParams, params["evaluate"], "evaluate")
+    assert evaluate.averages == {"unseen": ["cityscapes", "bdd100k", "mapillary"]}
+    assert "gtav" in evaluate.targets and evaluate.inference.input_size is None
+
+    params, _ = applied(tmp_path, ROOT / "presets" / "gta5_robustnet_isw.yaml")
+    stage, isw = parse_stage(params["warmup"], "warmup")
+    assert (stage.method, isw.whitening, isw.whitening_weight, isw.clusters, isw.trials) == ("robustnet", "isw", 0.6, 3, 10)
+    assert (isw.trial_images, isw.statistics_iter, stage.data.batch_size, stage.model.instance_norm) == (500, 4644, 16, "in")
+    assert stage.optim["model"].lr == 0.01 and stage.train.iters == 40000 and stage.data.crop == (768, 768)
+    assert parse_dataset_spec("m", params["datasets"]["mapillary_1536"]).resize_crop == ResizeCrop(1536, 1536)
+    assert params["evaluate"]["averages"] == {"unseen": ["cityscapes", "bdd100k", "mapillary"],
+                                              "unseen_robustnet": ["cityscapes", "bdd100k", "mapillary_1536"]}
+
+
+@pytest.mark.parametrize("preset, target, weights", [("cityscapes_acdc_ciss", "acdc", (50.0, 20.0)),
+                                                     ("cityscapes_darkzurich_ciss", "dark_zurich", (100.0, 10.0))])
+def test_published_ciss_recipes(tmp_path, preset, target, weights):
+    params, _ = applied(tmp_path, ROOT / "presets" / f"{preset}.yaml")
+    stage, ciss = parse_stage(params["warmup"], "warmup")
+    assert (stage.method, stage.source, stage.target) == ("ciss", "cityscapes", target)
+    assert (ciss.source_weight, ciss.target_weight) == weights
+    assert (ciss.stylization, ciss.fda_beta, ciss.ema, ciss.pseudo_threshold, ciss.fd_weight) == ("fda", 0.01, 0.999, 0.968, 0.005)
+    adamw = stage.optim["model"]
+    assert (adamw.type, adamw.lr, adamw.weight_decay, adamw.head_lr_mult) == ("adamw", 6e-5, 0.01, 10.0)
+    assert (stage.schedule.power, stage.schedule.warmup_iters, stage.train.iters) == (1.0, 1500, 40000)
+    assert stage.data.sampling == "rare_class" and stage.stream_data("target").sampling == "uniform"
+    assert stage.data.batch_size == stage.stream_data("target").batch_size == 2 and stage.model.weights == "imagenet"
+    assert params["evaluate"]["targets"] == [target] and set(params["datasets"]) >= {"cityscapes", target}
+    assert "acdc" not in params["datasets"] or target == "acdc"
+
+
+def test_synthetic_generalisation_and_condition_presets(tmp_path):
+    params, _ = applied(tmp_path, ROOT / "presets" / "synthetic_blindnet.yaml")
+    stage, _ = parse_stage(params["warmup"], "warmup")
+    control, _ = parse_stage(merged(params["warmup"], params["variants"]["source_only"]), "source_only")
+    assert (stage.method, stage.model.instance_norm, control.method, control.model.instance_norm) == (
+        "blindnet", "in", "source_only", "none")
+    assert control.model.arch == stage.model.arch == "deeplabv3plus" and control.train.iters == stage.train.iters
+    assert params["evaluate"]["averages"] == {"unseen": ["synth_cityscapes", "synth_acdc_night"]}
+    assert not params["stylize"]["outputs"] and not params["pseudo_label"]["outputs"]
+
+    params, _ = applied(tmp_path, ROOT / "presets" / "synthetic_ciss.yaml")
+    stage, ciss = parse_stage(params["warmup"], "warmup")
+    _, dacs = parse_stage(merged(params["warmup"], params["variants"]["dacs"]), "dacs")
+    assert (stage.source, stage.target, ciss.invariant, dacs.invariant) == ("synth_cityscapes", "synth_acdc_night", True, False)
+    assert params["evaluate"]["models"] == ["warmup", "source_only", "dacs"]
+    assert not params["selftrain"]["runs"] and not params["distill"]["rounds"]
+
+
+def test_small_floats_stay_floats_for_the_stages(tmp_path):
+    """ruamel writes a loaded 6e-5 as `6e-05`, which PyYAML (the stages' reader) takes for a string;
+    the preset's own spelling is kept instead."""
+    preset = tmp_path / "small.yaml"
+    preset.write_text("warmup:\n  optim:\n    model: {type: adamw, lr: 6.0e-5}\n  schedule: {warmup_ratio: 1.0e-6}\n")
+    params, _ = applied(tmp_path, preset)
+    assert params["warmup"]["optim"]["model"]["lr"] == 6e-5 and params["warmup"]["schedule"]["warmup_ratio"] == 1e-6

@@ -291,3 +291,25 @@ def test_cpsl_kd_step_leaves_the_teacher_untouched():
     # the control: no pseudo-label and no KD term, only the source and the target's BN statistics
     control = CpslKd(cpsl_model(0), CpslKdParams(kd_weight=0.0, pl_weight=0.0), teacher, NORMALIZE)
     assert set(control.training_step(chain_batch(soft=False), 0)) == {"src"}
+
+
+def test_cpsl_stage1_on_an_aspp_model_clusters_layer4_and_checks_the_prototype_width():
+    """Under ASPP sum the embedding is layer4 (OUR CHOICE, lib/models/deeplabv2.py): stage 1 trains on it,
+    and prototypes of another width are refused before any training."""
+    from types import SimpleNamespace
+    from lib.errors import ConfigError
+    from lib.methods.base import StageContext
+    torch.manual_seed(0)
+    model = build_model(ModelParams(arch="deeplabv2", depth=18, weights="none", aux=False, head="aspp_sum"), C)
+    assert model.embedding_channels == 512 and cpsl_model().embedding_channels == 32
+    pseudo = SimpleNamespace(form="soft", prototypes=torch.randn(C, 512), prior=torch.full((C,), 1 / C))
+    params = CpslStage1Params(queue_length=64, samples_per_image=16, ema=0.5, cutmix_p=0.0)
+    method = CpslStage1.build(model, params, StageContext(num_classes=C, pseudo=pseudo, normalize=NORMALIZE))
+    for m in method.modules().values():
+        m.train()
+    losses = method.training_step(chain_batch(), 0)
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["sl"] > 0
+    assert model.head.branches[0].weight.grad is not None
+    wrong = SimpleNamespace(form="soft", prototypes=torch.randn(C, 256), prior=pseudo.prior)
+    with pytest.raises(ConfigError, match="prototypes are 256-d but the model's embedding has 512 channels"):
+        CpslStage1.build(model, params, StageContext(num_classes=C, pseudo=wrong, normalize=NORMALIZE))

@@ -6,6 +6,9 @@ Three phases, so that bad input fails before the long work starts:
    size mismatches and label files of the wrong kind (RGB where IDs are expected, ...) fail here;
 3. ``convert``: labels are decoded, mapped to train IDs (an unknown raw ID is an error), counted and
    written, in parallel with a progress bar, into a temporary folder renamed when complete.
+
+Raw images are referenced, not copied, except under ``resize_crop`` (any layout, e.g. BlindNet's
+Mapillary protocol): then the resized and cropped images are written as lossless PNGs beside the labels.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from lib.data import prepared
 from lib.data.classes import IGNORE, UNKNOWN, color_to_train_ids
 from lib.data.readers import READERS, LabelFormat, RawSample
 from lib.errors import ConfigError, DataError
-from lib.io import atomic_dir, write_json_atomic, write_label_png
+from lib.io import atomic_dir, write_json_atomic, write_label_png, write_rgb
 
 FORMAT_VERSION = 1
 Image.MAX_IMAGE_PIXELS = None  # Mapillary images reach 20+ megapixels
@@ -49,11 +52,33 @@ class PrepareParams:
 
 
 @dataclass(frozen=True)
+class ResizeCrop:
+    """BlindNet's Mapillary evaluation protocol (blindnet.md §7), applied when preparing the dataset.
+
+    The image is resized to ``height`` rows, aspect kept (width ``int(w / h * height)``), bicubic
+    (PIL); the label the same way, nearest; then both are centre-cropped to ``crop`` x ``crop``, the
+    offset ``round((size - crop) / 2)`` (RobustNet's ResizeHeight + CenterCropPad).  BlindNet uses
+    1024 / 1024, RobustNet 1536 / 1536.  A side shorter than ``crop`` (portrait images) is padded
+    symmetrically, image black and label 255.  OUR CHOICE: the reference pads labels with 0 (road)
+    and takes its crop origin from the unpadded size, so part of the pad counts as road and the
+    image is shifted off-centre; we pad with ignore and keep the whole image centred.
+    """
+
+    height: int
+    crop: int
+
+    def validate(self, where: str) -> None:
+        positive(self.height, f"{where}.height")
+        positive(self.crop, f"{where}.crop")
+
+
+@dataclass(frozen=True)
 class DatasetSpec:
     name: str
     layout: str
     root: Path
     options: Any
+    resize_crop: ResizeCrop | None = None     # generic key beside layout and root (not a reader option)
 
 
 def parse_dataset_spec(name: str, raw: Any) -> DatasetSpec:
@@ -67,9 +92,11 @@ def parse_dataset_spec(name: str, raw: Any) -> DatasetSpec:
     if layout not in READERS:
         raise ConfigError(f"params: {where}.layout = '{layout}' is not a known layout "
                           f"(expected one of {', '.join(READERS)})")
-    rest = {k: v for k, v in raw.items() if k not in ("layout", "root")}
+    rest = {k: v for k, v in raw.items() if k not in ("layout", "root", "resize_crop")}
     options = parse(READERS[layout].Options, rest, where)
-    return DatasetSpec(name, layout, Path(raw["root"]), options)
+    resize = raw.get("resize_crop")
+    resize = None if resize is None else parse(ResizeCrop, resize, f"{where}.resize_crop")
+    return DatasetSpec(name, layout, Path(raw["root"]), options, resize)
 
 
 # --- phase 2: headers -------------------------------------------------------------------------
@@ -165,6 +192,42 @@ def verify_image(path: Path) -> None:
         raise DataError(f"{path}: corrupt or truncated image ({type(err).__name__}: {err})") from None
 
 
+def read_image(path: Path) -> Image.Image:
+    """The decoded RGB image (PIL, as the reference loaders decode it); a bad file is a DataError."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except Exception as err:
+        raise DataError(f"{path}: corrupt or truncated image ({type(err).__name__}: {err})") from None
+
+
+def _centre_window(size: int, crop: int) -> tuple[slice, slice]:
+    """(source, destination) slices of a centre crop of ``size`` to ``crop``, or of a centred pad."""
+    if size >= crop:
+        offset = int(round((size - crop) / 2))      # RobustNet's CenterCrop offset (round half to even)
+        return slice(offset, offset + crop), slice(0, crop)
+    before = (crop - size) // 2
+    return slice(0, size), slice(before, before + size)
+
+
+def resize_and_centre_crop(image: Image.Image, label: np.ndarray | None, protocol: ResizeCrop
+                           ) -> tuple[np.ndarray, np.ndarray | None]:
+    """``image`` (RGB) and its train-ID ``label`` under ``protocol`` (see :class:`ResizeCrop`):
+    (crop, crop, 3) uint8 and (crop, crop) uint8, padding black / 255."""
+    w, h = image.size
+    size = (int(w / h * protocol.height), protocol.height)
+    rgb = np.asarray(image.resize(size, Image.BICUBIC))
+    (ys, yd), (xs, xd) = _centre_window(size[1], protocol.crop), _centre_window(size[0], protocol.crop)
+    out = np.zeros((protocol.crop, protocol.crop, 3), np.uint8)
+    out[yd, xd] = rgb[ys, xs]
+    if label is None:
+        return out, None
+    resized = np.asarray(Image.fromarray(label).resize(size, Image.NEAREST))
+    out_label = np.full((protocol.crop, protocol.crop), IGNORE, np.uint8)
+    out_label[yd, xd] = resized[ys, xs]
+    return out, out_label
+
+
 def class_counts(label: np.ndarray, num_classes: int) -> np.ndarray:
     return np.bincount(label.ravel(), minlength=256)[:num_classes].astype(np.int64)
 
@@ -199,14 +262,21 @@ class _Job:
     fmt: LabelFormat
     tile: int
     verify: bool
+    image_out: Path | None = None           # with resize_crop: where the resized image goes
+    resize_crop: ResizeCrop | None = None
 
 
 def _convert_one(job: _Job) -> tuple[np.ndarray | None, list[tuple[int, int, int]]]:
-    if job.verify:
+    if job.resize_crop is not None:
+        image = read_image(job.sample.image)         # decoding it verifies it
+    elif job.verify:
         verify_image(job.sample.image)
-    if job.label_out is None:
+    label = None if job.label_out is None else decode_label(job.sample.label, job.fmt)
+    if job.resize_crop is not None:
+        rgb, label = resize_and_centre_crop(image, label, job.resize_crop)
+        write_rgb(job.image_out, rgb)
+    if label is None:
         return None, []
-    label = decode_label(job.sample.label, job.fmt)
     write_label_png(job.label_out, label)
     n = job.fmt.classes.num_classes
     return class_counts(label, n), tile_centroids(label, n, job.tile)
@@ -238,12 +308,19 @@ def prepare_dataset(spec: DatasetSpec, out_dir: Path, params: PrepareParams) -> 
             raise DataError(f"{s.image}: sample id '{s.id}' also used by {seen[s.id].image}")
         seen[s.id] = s
     samples, sizes, skipped = check_headers(samples, fmt, params.size_mismatch)
+    resize = spec.resize_crop
+    if resize is not None:
+        sizes = {sample_id: (resize.crop, resize.crop) for sample_id in sizes}
 
     with atomic_dir(out_dir) as tmp:
         for split in {s.split for s in samples}:
             (tmp / "labels" / split).mkdir(parents=True)
+            if resize is not None:
+                (tmp / "images" / split).mkdir(parents=True)
         jobs = [_Job(s, None if s.label is None else tmp / "labels" / s.split / f"{s.id}.png",
-                     fmt, params.centroid_tile, params.verify_images) for s in samples]
+                     fmt, params.centroid_tile, params.verify_images,
+                     None if resize is None else tmp / "images" / s.split / f"{s.id}.png", resize)
+                for s in samples]
         results = list(_run_parallel(jobs, params.workers, f"prepare {spec.name}"))
         meta = _write_tables(tmp, out_dir, spec, fmt, samples, sizes, results, skipped, params)
     return meta
@@ -256,7 +333,8 @@ def _write_tables(tmp: Path, out_dir: Path, spec: DatasetSpec, fmt: LabelFormat,
     index = pd.DataFrame({
         "id": [s.id for s in samples],
         "split": [s.split for s in samples],
-        "image": [str(s.image) for s in samples],
+        "image": [str(s.image) if spec.resize_crop is None else str(out_dir / "images" / s.split / f"{s.id}.png")
+                  for s in samples],
         "label": ["" if s.label is None else str(out_dir / "labels" / s.split / f"{s.id}.png")
                   for s in samples],
         "height": [sizes[s.id][0] for s in samples],
@@ -300,5 +378,7 @@ def _write_tables(tmp: Path, out_dir: Path, spec: DatasetSpec, fmt: LabelFormat,
         "count_notes": notes,
         "paths_relative_to": "project root",
     }
+    if spec.resize_crop is not None:     # only then, so the meta of every other dataset stays as it was
+        meta["resize_crop"] = dataclasses.asdict(spec.resize_crop)
     write_json_atomic(tmp / prepared.META, meta)
     return meta

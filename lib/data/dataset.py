@@ -67,7 +67,12 @@ class PreparedDataset(Dataset):
     def __getitem__(self, draw: Draw | int) -> dict:
         if not isinstance(draw, Draw):
             draw = Draw(index=int(draw), k=int(draw))
-        sample = self.load(draw.index)
+        return self.augment(self.load(draw.index), draw)
+
+    def augment(self, sample: dict, draw: Draw) -> dict:
+        """A loaded sample as draw k sees it: the draw's crop hints, then the transforms with the
+        generator of (seed, k)."""
+        sample = dict(sample)
         if draw.centroid is not None:
             sample["centroid"] = draw.centroid
         if draw.rare_class is not None:
@@ -112,3 +117,11 @@ def infinite_batches(dataset: PreparedDataset, sampler_stream: Callable[[int], I
         generator=torch.Generator().manual_seed(dataset.seed),
     )
     return iter(loader)
+
+
+def inference_loader(dataset: PreparedDataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
+    """One ordered pass over a split for inference (evaluation, pseudo-labelling): batches of
+    ``batch_size`` when every image has one size, one image at a time otherwise."""
+    uniform = dataset.index[["height", "width"]].drop_duplicates().shape[0] == 1
+    return DataLoader(dataset, batch_size=batch_size if uniform else 1, num_workers=num_workers,
+                      pin_memory=device.type == "cuda")

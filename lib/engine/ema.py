@@ -26,3 +26,14 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, copy_buf
             b.copy_(source)
         else:
             b.mul_(momentum).add_(source, alpha=1.0 - momentum)
+
+
+def warmup_momentum(t: int, maximum: float) -> float:
+    """DACS's mean-teacher momentum at iteration t: alpha_t = min(1 - 1/(t+1), maximum) (ciss.md §4.1).
+
+    alpha_0 = 0 (the teacher is a copy of the student), alpha_1 = 1/2, ..., so early on the teacher is
+    the plain average of the students so far, until the cap (DACS 0.99, DAFormer/CISS 0.999) takes over.
+    """
+    if t < 0:
+        raise ValueError(f"iteration must be >= 0, got {t}")
+    return min(1.0 - 1.0 / (t + 1), maximum)

@@ -16,11 +16,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from lib.config import positive, positive_pair
 from lib.data.classes import CITYSCAPES19, CLASS_SETS, subset_lut
-from lib.data.dataset import PreparedDataset
+from lib.data.dataset import PreparedDataset, inference_loader
 from lib.data.prepared import PREPARED_ROOT, load_class_set
 from lib.data.transforms import Normalize
 from lib.engine.loop import select_device
@@ -56,11 +55,20 @@ class EvaluateParams:
     panels: int = 4                   # image | label | prediction panels saved per evaluation
     ensembles: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     # name -> {model: weight}: logits summed with these weights (ADVENT's AdvEnt+MinEnt is 0.5/0.5)
+    averages: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    # name -> targets: average@<model>-<name> writes each model's mean mIoU over them (BlindNet's C/B/M)
 
     def validate(self, where: str) -> None:
         for name, members in self.ensembles.items():
             if name in self.models or not members:
                 raise ConfigError(f"params: {where}.ensembles.{name} must be a new name with at least one member")
+        for name, targets in self.averages.items():
+            if not targets or len(set(targets)) != len(targets):
+                raise ConfigError(f"params: {where}.averages.{name} must list distinct targets, got {targets}")
+            missing = [t for t in targets if t not in self.targets]
+            if missing:
+                raise ConfigError(f"params: {where}.averages.{name}: {', '.join(missing)} not in {where}.targets "
+                                  "(only evaluated targets can be averaged)")
         positive(self.batch_size, f"{where}.batch_size")
         positive(self.workers, f"{where}.workers", allow_zero=True)
         positive(self.panels, f"{where}.panels", allow_zero=True)
@@ -90,9 +98,7 @@ def run_evaluation(models: list[tuple[str, float]], target: str, params: Evaluat
     mean, std = meta["normalize"]["mean"], meta["normalize"]["std"]
     dataset = PreparedDataset(prepared, params.split, Normalize(mean, std), seed=0, labelled=True)
     lut = label_mapping(class_set.name, load_class_set(prepared).name, target)
-    uniform = dataset.index[["height", "width"]].drop_duplicates().shape[0] == 1
-    loader = DataLoader(dataset, batch_size=params.batch_size if uniform else 1,
-                        num_workers=params.workers, pin_memory=device.type == "cuda")
+    loader = inference_loader(dataset, params.batch_size, params.workers, device)
     if lut is not None:
         loader = _mapped(loader, lut)
     matrix, panels = evaluate_split(

@@ -40,12 +40,11 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from lib.config import merged, parse, positive
 from lib.data.classes import CLASS_SETS, IGNORE
-from lib.data.dataset import PreparedDataset, infinite_batches
+from lib.data.dataset import PreparedDataset, infinite_batches, inference_loader
 from lib.data.prepared import PREPARED_ROOT, resolve
 from lib.data.sampling import uniform_stream
 from lib.data.transforms import Normalize, Transform
@@ -305,16 +304,10 @@ def generate_pseudo_labels(model_dir: Path, dataset: str, split: str, form: str,
     training.require_prepared(dataset)
     device = select_device()
     model, model_meta = load_model(model_dir, device)
-    if form == "soft" and model_meta["model"].get("head") != "cpsl":
-        raise ConfigError(f"{model_dir}: the soft form needs the CPSL head's embedding for the "
-                          f"prototypes; this model has model.head = {model_meta['model'].get('head')!r} "
-                          "(train it with model.head: cpsl)")
     normalize = model_meta["normalize"]
     images = ImagesOnly(PREPARED_ROOT / dataset, split, Normalize(normalize["mean"], normalize["std"]), seed=0)
     check_ids(images.ids, str(PREPARED_ROOT / dataset / "index.csv"))
-    uniform = images.index[["height", "width"]].drop_duplicates().shape[0] == 1
-    loader = DataLoader(images, batch_size=params.batch_size if uniform else 1,
-                        num_workers=params.workers, pin_memory=device.type == "cuda")
+    loader = inference_loader(images, params.batch_size, params.workers, device)
     class_set = CLASS_SETS[model_meta["class_set"]]
     meta = {
         "form": form, "model": model_dir.name, "model_stage": model_meta.get("stage"),
@@ -371,7 +364,7 @@ def _write_soft(model, loader, tmp: Path, form: str, params: PseudoParams, num_c
             embedding = out.features.get("embedding")
             if embedding is None:
                 raise ConfigError(f"{model_dir}: the model returns no 'embedding' feature; the soft "
-                                  "form needs model.head = cpsl")
+                                  "form needs one for the class prototypes")
             probabilities = _checked_probabilities(torch.softmax(out.logits.float(), 1), ids, model_dir)
             pred = probabilities.argmax(1)
             pred_counts += torch.bincount(pred.reshape(-1), minlength=num_classes).cpu().numpy()

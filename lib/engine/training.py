@@ -23,16 +23,18 @@ import dataclasses
 import functools
 import hashlib
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from torch.utils.data import Dataset
 
 from lib.config import merged, parse, positive, positive_pair
 from lib.data.dataset import PreparedDataset, infinite_batches
 from lib.data.prepared import PREPARED_ROOT, load_centroids, load_class_counts, load_class_set, load_meta
-from lib.data.sampling import centroid_entries, class_uniform_stream, rare_class_stream, uniform_stream
+from lib.data.sampling import Draw, centroid_entries, class_uniform_stream, rare_class_stream, uniform_stream
 from lib.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, Compose, HorizontalFlip, Normalize,
                                  RandomCrop, RandomScale, Resize, ScaleWidth)
 from lib.engine.checkpoint import MODEL_FILE, STATE_FILE, load_model, load_weights, save_model
@@ -42,6 +44,9 @@ from lib.errors import ConfigError, DataError
 from lib.io import atomic_dir, write_json_atomic
 from lib.methods.base import StageContext, available_methods, method_class
 from lib.models import ModelParams, build_model
+
+if TYPE_CHECKING:
+    from lib.stylize.transfer import Transfer
 
 NORMALIZATION = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
                  "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}   # [-1, 1]: the CycleGAN input
@@ -115,15 +120,34 @@ def parse_stage(raw: Any, where: str) -> tuple[TrainingStageParams, Any]:
     return stage, parse(params_type, raw.get(stage.method, {}), f"{where}.{stage.method}")
 
 
+def model_owners(params: dict) -> dict[str, list[str]]:
+    """Every name under data/models (and ensemble names, which share the evaluation namespace) ->
+    the params entries that produce it."""
+    owners: dict[str, list[str]] = {"warmup": ["warmup"]}
+    producers = [(params.get("variants"), "variants.{}", "{}"),
+                 ((params.get("selftrain") or {}).get("runs"), "selftrain.runs.{}", "{}"),
+                 ((params.get("distill") or {}).get("rounds"), "distill.rounds.{}", "distill_{}"),
+                 ((params.get("evaluate") or {}).get("ensembles"), "evaluate.ensembles.{}", "{}")]
+    for entries, where, model in producers:
+        for key in entries or {}:
+            owners.setdefault(model.format(key), []).append(where.format(key))
+    return owners
+
+
+def claim_model_name(params: dict, name: str, where: str) -> None:
+    """One line and no training when the model ``where`` writes is also another entry's."""
+    others = [o for o in model_owners(params).get(name, []) if o != where]
+    if others:
+        raise ConfigError(f"params: {where}: the model name {name!r} is taken by {', '.join(others)}")
+
+
 def variant_params(params: dict, name: str) -> dict:
     """The ``warmup`` section with ``variants.<name>`` laid over it (a second model of the chain)."""
     variants = params.get("variants") or {}
     if name not in variants or not isinstance(variants[name], dict):
         raise ConfigError(f"params: variants.{name} is not a mapping of warmup keys to replace "
                           f"(variants: {', '.join(variants) or 'none'})")
-    ensembles = (params.get("evaluate") or {}).get("ensembles") or {}
-    if name == "warmup" or name in ensembles:
-        raise ConfigError(f"params: variants.{name}: the name is taken")
+    claim_model_name(params, name, f"variants.{name}")
     return merged(params.get("warmup"), variants[name])
 
 
@@ -152,7 +176,14 @@ def run_params(params: dict, section: str, runs_key: str, name: str) -> dict:
     if str(name) not in runs or not isinstance(runs[str(name)], dict):
         raise ConfigError(f"params: {section}.{runs_key}.{name} is not a mapping "
                           f"({section}.{runs_key}: {', '.join(runs) or 'none'})")
+    claim_model_name(params, run_model_name(section, name), f"{section}.{runs_key}.{name}")
     return merged(base, runs[str(name)])
+
+
+def run_model_name(section: str, name: str) -> str:
+    """The data/models folder a chain run writes: ``selftrain.runs.<name>`` -> <name>,
+    ``distill.rounds.<k>`` -> distill_<k>."""
+    return f"distill_{name}" if section == "distill" else str(name)
 
 
 def train_transforms(data: DataParams, normalize: str) -> Compose:
@@ -170,22 +201,56 @@ def train_transforms(data: DataParams, normalize: str) -> Compose:
     return Compose(steps)
 
 
+def sampler(prepared: Path, ids: list[str], data: DataParams, seed: int) -> Callable[[int], Iterator[Draw]]:
+    """The draw requests of a training stream over the rows ``ids``, from any draw number on."""
+    if data.sampling == "uniform":
+        return functools.partial(uniform_stream, len(ids), seed)
+    if data.sampling == "class_uniform":
+        entries = centroid_entries(load_centroids(prepared), ids, load_class_set(prepared).num_classes)
+        return functools.partial(class_uniform_stream, len(ids), entries, data.class_uniform_pct, seed)
+    counts = load_class_counts(prepared, ids)
+    return functools.partial(rare_class_stream, counts, data.rcs_temperature, data.rcs_min_pixels,
+                             int(data.rcs_min_pixels * data.rcs_min_crop_ratio), seed)
+
+
+def batches_from(dataset: Dataset, draws: Callable[[int], Iterator[Draw]], data: DataParams) -> StreamFactory:
+    return lambda start_it: infinite_batches(dataset, draws, data.batch_size, data.workers,
+                                             start_draw=start_it * data.batch_size)
+
+
 def training_stream(name: str, data: DataParams, normalize: str, seed: int, labelled: bool) -> StreamFactory:
     """Endless batches of prepared dataset ``name``; the factory takes the iteration to start at."""
     prepared = PREPARED_ROOT / name
     dataset = PreparedDataset(prepared, data.split, train_transforms(data, normalize), seed, labelled=labelled)
-    n = len(dataset)
-    if data.sampling == "uniform":
-        draws = functools.partial(uniform_stream, n, seed)
-    elif data.sampling == "class_uniform":
-        entries = centroid_entries(load_centroids(prepared), dataset.ids, load_class_set(prepared).num_classes)
-        draws = functools.partial(class_uniform_stream, n, entries, data.class_uniform_pct, seed)
-    else:
-        counts = load_class_counts(prepared, dataset.ids)
-        draws = functools.partial(rare_class_stream, counts, data.rcs_temperature, data.rcs_min_pixels,
-                                  int(data.rcs_min_pixels * data.rcs_min_crop_ratio), seed)
-    return lambda start_it: infinite_batches(dataset, draws, data.batch_size, data.workers,
-                                             start_draw=start_it * data.batch_size)
+    return batches_from(dataset, sampler(prepared, dataset.ids, data, seed), data)
+
+
+def stylized_pair_streams(stage: TrainingStageParams, stage_name: str, transfer: Transfer,
+                          seeds: dict[str, int]) -> dict[str, StreamFactory]:
+    """The source and target streams of a method that asks for stylized pairs (CISS, lib.data.paired):
+    each stream keeps its own data params, seed and sampler, and draw k of one is restyled by the full
+    image of draw k of the other."""
+    from lib.data.paired import StylizedPairs    # lazy: only the methods that pair streams depend on it
+    if stage.pseudo is not None:
+        raise ConfigError(f"params: method '{stage.method}' pairs its own source and target streams; "
+                          f"{stage_name}.pseudo must be null")
+    data = {s: stage.stream_data(s) for s in ("source", "target")}
+    if data["source"].batch_size != data["target"].batch_size:
+        raise ConfigError(f"params: method '{stage.method}' pairs source and target samples one to one; "
+                          f"{stage_name}.target_data.batch_size must equal data.batch_size "
+                          f"({data['target'].batch_size} != {data['source'].batch_size})")
+    plain = {}
+    for s, name in (("source", stage.source), ("target", stage.target)):
+        prepared = PREPARED_ROOT / name
+        dataset = PreparedDataset(prepared, data[s].split, train_transforms(data[s], stage.normalize), seeds[s],
+                                  labelled=(s == "source"))
+        plain[s] = dataset, sampler(prepared, dataset.ids, data[s], seeds[s])
+    streams = {}
+    for s, partner in (("source", "target"), ("target", "source")):
+        dataset, draws = plain[s]
+        paired = StylizedPairs(dataset, *plain[partner], transfer, NORMALIZATION[stage.normalize])
+        streams[s] = batches_from(paired, draws, data[s])
+    return streams
 
 
 def stream_seed(seed: int, stream: str) -> int:
@@ -297,15 +362,20 @@ def run_training_stage(stage_name: str, raw: dict) -> Path:
     context = StageContext(num_classes=class_set.num_classes, teacher=inputs.teacher, pseudo=inputs.pseudo,
                            normalize=(mean, std))
     method = method_type.build(model, method_params, context)
-    streams = {}
-    for s, name in needed.items():
-        seed = stream_seed(stage.train.seed, s)
-        if s == "target" and inputs.pseudo is not None:
-            from lib.engine.pseudo import pseudo_stream
-            streams[s] = pseudo_stream(name, inputs.pseudo, stage.pseudo_threshold, stage.stream_data(s),
-                                       stage.normalize, seed)
-        else:
-            streams[s] = training_stream(name, stage.stream_data(s), stage.normalize, seed, labelled=(s == "source"))
+    seeds = {s: stream_seed(stage.train.seed, s) for s in needed}
+    stylization = method.stream_stylization()
+    if stylization is not None:
+        streams = stylized_pair_streams(stage, stage_name, stylization, seeds)
+    else:
+        streams = {}
+        for s, name in needed.items():
+            if s == "target" and inputs.pseudo is not None:
+                from lib.engine.pseudo import pseudo_stream
+                streams[s] = pseudo_stream(name, inputs.pseudo, stage.pseudo_threshold, stage.stream_data(s),
+                                           stage.normalize, seeds[s])
+            else:
+                streams[s] = training_stream(name, stage.stream_data(s), stage.normalize, seeds[s],
+                                             labelled=(s == "source"))
     checkpoint_dir = Path("data/checkpoints") / stage_name
     train(method, streams, stage.train, stage.optim, stage.schedule, checkpoint_dir=checkpoint_dir,
           live_dir=Path("metrics") / stage_name / "train",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from lib.errors import ConfigError
 from lib.losses.adversarial import frozen
 from lib.losses.segmentation import cross_entropy
 from lib.models.output import SegOutput
+
+if TYPE_CHECKING:
+    from lib.stylize.transfer import Transfer
 
 Batch = dict[str, dict]   # stream name ("source", "target", ...) -> collated batch on the device
 
@@ -75,6 +78,12 @@ class Method:
         """Optimizer name -> its parameter groups; each name needs an ``optim.<name>`` entry."""
         return {"model": [ParamGroup(self.model.backbone_parameters()),
                           ParamGroup(self.model.head_parameters(), head=True)]}
+
+    def stream_stylization(self) -> Transfer | None:
+        """A style transfer pairing the source and target streams (CISS, lib.data.paired): draw k of
+        each then also holds ``image_stylized``, its full image restyled by the other's, cropped and
+        flipped with it.  None (the default): independent plain streams."""
+        return None
 
     def training_step(self, batch: Batch, it: int) -> dict[str, torch.Tensor]:
         raise NotImplementedError

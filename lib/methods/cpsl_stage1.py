@@ -119,12 +119,13 @@ class CpslStage1(Method):
     @classmethod
     def build(cls, model, params, context: StageContext) -> "CpslStage1":
         pseudo = context.pseudo
-        if model.params.head != "cpsl":
-            raise ConfigError("params: cpsl_stage1 clusters the CPSL head's 256-d embedding; set model.head: cpsl "
-                              "(and train the init model with it)")
         if pseudo is None or pseudo.form != "soft" or pseudo.prototypes is None or pseudo.prior is None:
             raise ConfigError("params: cpsl_stage1 needs soft pseudo-labels with prototypes and a class prior "
                               "(a pseudo_label output with form: soft)")
+        width = getattr(model, "embedding_channels", None)
+        if width is not None and pseudo.prototypes.shape[1] != width:
+            raise ConfigError(f"params: the soft pseudo-labels' prototypes are {pseudo.prototypes.shape[1]}-d but "
+                              f"the model's embedding has {width} channels (label with the init model)")
         return cls(model, params, pseudo.prototypes, pseudo.prior, context.normalize)
 
     def modules(self) -> dict[str, nn.Module]:

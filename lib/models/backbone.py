@@ -23,6 +23,9 @@ _RESNETS = {
     101: (torchvision.models.resnet101, torchvision.models.ResNet101_Weights),
 }
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+# Where RobustNet/BlindNet put instance normalisation (blindnet.md §1, ``--wt_layer 0 0 1 1 1 0 0``),
+# as the SegOutput feature names of the normalised, pre-ReLU maps.
+INSTANCE_NORM_FEATURES = ("instance_norm_stem", "instance_norm_layer1", "instance_norm_layer2")
 
 
 class ResNetBackbone(nn.Module):
@@ -41,9 +44,23 @@ class ResNetBackbone(nn.Module):
       updates its running statistics in train mode: ADVENT/AdaptSegNet (globallocal_advent.md §1).
     - ``frozen``: γ and β never train and BN stays in eval mode (running statistics) even after
       ``train()``.
+
+    Instance normalisation (``instance_norm``; RobustNet's IN slots 2-4, blindnet.md §1):
+
+    - ``none``: the plain ResNet.
+    - ``in``: the stem's BN is replaced by InstanceNorm2d(64, affine=False), and the last block of
+      layer1 and of layer2 applies InstanceNorm2d(affine=False) to its residual sum, before its
+      final ReLU (BlindNet; RobustNet IW / IRW / ISW).  No running statistics: the same per-image
+      normalisation in train and eval mode.
+    - ``in_affine``: the same three layers with a learnable affine (RobustNet's "IBN" baseline).
+      The stem IN keeps the name ``bn1``, so ImageNet's stem γ/β load into it, as RobustNet's
+      name-and-shape loader does; the two block INs start at γ = 1, β = 0.
+
+    The three normalised maps (pre-ReLU) are returned as ``INSTANCE_NORM_FEATURES``.
     """
 
-    def __init__(self, depth: int, dilations: tuple[int, int], ceil_pool: bool, bn: str):
+    def __init__(self, depth: int, dilations: tuple[int, int], ceil_pool: bool, bn: str,
+                 instance_norm: str = "none"):
         super().__init__()
         constructor, _ = _RESNETS[depth]
         net = constructor(weights=None)
@@ -59,6 +76,13 @@ class ResNetBackbone(nn.Module):
         width = 1 if depth == 18 else 4  # BasicBlock vs Bottleneck expansion
         self.channels = {"stem": 64, "layer1": 64 * width, "layer2": 128 * width,
                          "layer3": 256 * width, "layer4": 512 * width}
+        self.instance_norm = instance_norm
+        self.instance_norms = nn.ModuleDict()   # stage -> IN on its last block's residual sum
+        if instance_norm != "none":
+            affine = instance_norm == "in_affine"
+            self.bn1 = nn.InstanceNorm2d(64, affine=affine)
+            for stage in ("layer1", "layer2"):
+                self.instance_norms[stage] = nn.InstanceNorm2d(self.channels[stage], affine=affine)
         self.bn_mode = bn
         if bn != "batch":
             for norm in self._norms():
@@ -77,13 +101,37 @@ class ResNetBackbone(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        stem = self.relu(self.bn1(self.conv1(x)))
-        features = {"stem": stem}
+        if self.instance_norm == "none":
+            stem = self.relu(self.bn1(self.conv1(x)))
+            features = {"stem": stem}
+        else:
+            normed = self.bn1(self.conv1(x))
+            stem = torch.relu(normed)   # not in place: the pre-ReLU map is kept as a feature
+            features = {"instance_norm_stem": normed, "stem": stem}
         x = self.maxpool(stem)
         for name in STAGES:
-            x = getattr(self, name)(x)
+            stage = getattr(self, name)
+            if name in self.instance_norms:
+                normed = self.instance_norms[name](residual_sum(stage[-1], stage[:-1](x)))
+                features[f"instance_norm_{name}"] = normed
+                x = torch.relu(normed)
+            else:
+                x = stage(x)
             features[name] = x
         return features
+
+
+def residual_sum(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision BasicBlock / Bottleneck up to its residual addition (its output before the
+    final ReLU), where RobustNet's blocks apply their instance normalisation."""
+    identity = x if block.downsample is None else block.downsample(x)
+    out = block.relu(block.bn1(block.conv1(x)))
+    if isinstance(block, torchvision.models.resnet.Bottleneck):
+        out = block.relu(block.bn2(block.conv2(out)))
+        out = block.bn3(block.conv3(out))
+    else:
+        out = block.bn2(block.conv2(out))
+    return out + identity
 
 
 def _dilate(stage: nn.Sequential, dilation: int) -> None:
@@ -97,8 +145,8 @@ def _dilate(stage: nn.Sequential, dilation: int) -> None:
 
 
 def build_backbone(depth: int, dilations: tuple[int, int], ceil_pool: bool, bn: str,
-                   weights: str) -> ResNetBackbone:
-    backbone = ResNetBackbone(depth, dilations, ceil_pool, bn)
+                   weights: str, instance_norm: str = "none") -> ResNetBackbone:
+    backbone = ResNetBackbone(depth, dilations, ceil_pool, bn, instance_norm)
     if weights != "none":
         path = imagenet_file(depth) if weights == "imagenet" else Path(weights)
         load_weights(backbone, path, depth)
@@ -120,7 +168,10 @@ def load_weights(backbone: ResNetBackbone, path: Path, depth: int) -> None:
     """Load a backbone state dict strictly; ``fc.*`` (the ImageNet classifier) is ignored.
 
     The file may hold the dict itself or wrap it under ``state_dict`` or ``model``, and keys may
-    carry DataParallel's ``module.`` prefix.
+    carry DataParallel's ``module.`` prefix.  With instance normalisation, the stem BN's entries the
+    stem IN has no place for (running statistics; γ/β without affine) are dropped and the block INs
+    (``instance_norms.*``) keep their initialisation (blindnet.md §1: "pretrained bn1 affine params
+    are dropped").
     """
     if not path.is_file():
         raise ConfigError(f"model weights: {path} not found")
@@ -138,8 +189,11 @@ def load_weights(backbone: ResNetBackbone, path: Path, depth: int) -> None:
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
 
     expected = backbone.state_dict()
+    if backbone.instance_norm != "none":
+        state = {k: v for k, v in state.items() if k in expected or not k.startswith("bn1.")}
     # Old torchvision files predate BN's num_batches_tracked; BN fills it in itself.
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")
+               and not k.startswith("instance_norms.")]
     unexpected = [k for k in state if k not in expected]
     mismatched = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     problems = [f"{what} {_first(keys)}" for what, keys in

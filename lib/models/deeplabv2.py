@@ -88,7 +88,10 @@ class CpslHead(nn.Module):
 class DeepLabV2(SegModel):
     """DeepLabV2 (globallocal_advent.md §1, cpsl.md §1): output stride 8, layer3/layer4 dilated 2/4,
     ceil-mode max-pool; the main head on layer4, the optional aux head (ASPP sum) on layer3, both
-    at stride 8.  ``features["embedding"]`` is the CPSL head's ``feat``; ASPP sum has none.
+    at stride 8.  ``features["embedding"]`` is the last map before the classifier: the CPSL head's
+    ``feat`` (256-d in the paper), or layer4 itself under ASPP sum, whose atrous convolutions are the
+    classifier.  The latter is OUR CHOICE for running CPSL's prototype clustering on an ADVENT model
+    (the synthetic default does: from scratch the ASPP model learns faster than the CPSL head).
     """
 
     def __init__(self, params: ModelParams, num_classes: int):
@@ -104,6 +107,13 @@ class DeepLabV2(SegModel):
         self.aux_head = AsppSum(channels["layer3"], num_classes, compat) if params.aux else None
         self.extra_bn = nn.BatchNorm2d(channels["layer4"]) if params.extra_bn else None
 
+    @property
+    def embedding_channels(self) -> int:
+        """Channels of ``features["embedding"]``."""
+        if isinstance(self.head, CpslHead):
+            return self.head.classifier.in_channels
+        return self.backbone.channels["layer4"]
+
     def forward(self, x: torch.Tensor) -> SegOutput:
         features = self.backbone(x)
         if self.extra_bn is not None:
@@ -112,5 +122,6 @@ class DeepLabV2(SegModel):
             logits, features["embedding"] = self.head(features["layer4"])
         else:
             logits = self.head(features["layer4"])
+            features["embedding"] = features["layer4"]
         aux = self.aux_head(features["layer3"]) if self.aux_head is not None else None
         return SegOutput(logits=logits, aux_logits=aux, features=features)

@@ -50,12 +50,14 @@ class DeepLabV3Plus(SegModel):
     (304 channels, ``features["decoder_input"]``); two 3×3 conv+BN+ReLU give ``dec1`` (256,
     ``features["embedding"]``); a 1×1 conv gives the logits.  The optional ``dsn`` aux head sits on
     layer3 (stride 16).  Heads are initialised Kaiming-normal (ReLU gain) with zero biases, BN γ=1
-    β=0, as RobustNet's ``initialize_weights``.
+    β=0, as RobustNet's ``initialize_weights``.  ``params.instance_norm`` adds RobustNet's
+    instance-normalisation layers to the backbone; their maps come back as the features
+    ``instance_norm_stem``, ``instance_norm_layer1`` and ``instance_norm_layer2``.
     """
 
     def __init__(self, params: ModelParams, num_classes: int):
         backbone = build_backbone(params.depth, dilations=(1, 2), ceil_pool=False, bn=params.bn,
-                                  weights=params.weights)
+                                  weights=params.weights, instance_norm=params.instance_norm)
         super().__init__(params, num_classes, backbone)
         channels = backbone.channels
         self.aspp = ASPP(channels["layer4"])

@@ -17,7 +17,10 @@ class SegOutput:
     - ``features``: intermediate maps by name: ``stem`` (after the stem's ReLU, before max-pool),
       ``layer1`` .. ``layer4`` (encoder stages), ``embedding`` (the last feature map before the
       classifier: DeepLabV3+'s decoder output ``dec1``, the CPSL head's 256-d ``feat``) and, for
-      DeepLabV3+, ``decoder_input`` (``dec0``, the 304-channel concatenation).
+      DeepLabV3+, ``decoder_input`` (``dec0``, the 304-channel concatenation).  With
+      ``model.instance_norm`` (DeepLabV3+), also ``instance_norm_stem`` (64 ch, stride 2),
+      ``instance_norm_layer1`` and ``instance_norm_layer2`` (strides 4 and 8): the instance-normalised
+      maps before their ReLU, BlindNet's encoder features F^i and RobustNet's whitening inputs.
     """
 
     logits: torch.Tensor

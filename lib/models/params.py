@@ -25,6 +25,10 @@ class ModelParams:
     - ``aspp_two_branch_compat``: sum only the rate-6 and rate-12 branches, AdaptSegNet's bug.
     - ``extra_bn``: CPSL's ``bn_pretrain``, a BatchNorm over layer4's output before the heads, used
       to renormalise SimCLR backbone features (cpsl.md §1, §7); it trains with the heads.
+    - ``instance_norm``: ``none``, ``in`` (instance normalisation without affine after the stem and
+      at the end of layer1 and layer2: BlindNet and RobustNet IW/IRW/ISW) or ``in_affine`` (the same
+      with a learnable affine: RobustNet's "IBN" baseline); DeepLabV3+ only (blindnet.md §1,
+      :class:`lib.models.backbone.ResNetBackbone`).
     - ``head_width``: channels of the CPSL head's branches and embedding (256 in CPSL; a multiple
       of 32 for its GroupNorm).  Our synthetic default narrows it, which is our choice: at 256 the
       head costs more than the ResNet-18 backbone on a CPU.
@@ -39,8 +43,12 @@ class ModelParams:
     aspp_two_branch_compat: bool = False
     extra_bn: bool = False
     head_width: int = 256
+    instance_norm: Literal["none", "in", "in_affine"] = "none"
 
     def validate(self, where: str) -> None:
+        if self.instance_norm != "none" and self.arch != "deeplabv3plus":
+            raise ConfigError(f"params: {where}.instance_norm = {self.instance_norm!r} exists for arch "
+                              f"'deeplabv3plus' only (got arch {self.arch!r})")
         if self.head == "cpsl" and self.arch != "deeplabv2":
             raise ConfigError(f"params: {where}.head = 'cpsl' exists for arch 'deeplabv2' only "
                               f"(got arch {self.arch!r})")
