@@ -629,11 +629,20 @@ def test_isw_measures_then_whitens_through_the_engine(tmp_path):
 @pytest.mark.parametrize("factory", [blindnet, isw], ids=["blindnet", "isw"])
 def test_resume_equals_uninterrupted(tmp_path, factory):
     """The views and samplers draw from the global RNG and ISW's statistics are checkpointed, so a
-    run killed at iteration 3 (checkpoint at 2) and resumed ends with the same state."""
-    straight = run(tmp_path / "straight", factory, 4)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "resumed", factory, 4, crash_at=3)
-    resumed = run(tmp_path / "resumed", factory, 4)
+    run killed at iteration 3 (checkpoint at 2) and resumed ends with the same state.
+
+    On one intra-op thread: with two, even two uninterrupted BlindNet runs differ bitwise (measured;
+    some multi-threaded CPU kernel on its path is not deterministic, cause not yet found), so
+    exactness could not be asserted there."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        straight = run(tmp_path / "straight", factory, 4)
+        with pytest.raises(KeyboardInterrupt):
+            run(tmp_path / "resumed", factory, 4, crash_at=3)
+        resumed = run(tmp_path / "resumed", factory, 4)
+    finally:
+        torch.set_num_threads(threads)
     for module in straight:
         for key, value in straight[module].items():
             assert torch.equal(value, resumed[module][key]), (module, key)

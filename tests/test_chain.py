@@ -41,7 +41,7 @@ def test_pseudo_label_artifacts_of_the_chain(chain):
     meta = json.loads((soft / "meta.json").read_text())
     assert meta["form"] == "soft" and meta["dataset"] == "synth_cityscapes"
     prototypes, prior = np.load(soft / "prototypes.npy"), np.load(soft / "prior.npy")
-    assert prototypes.shape == (19, 64) and prior.shape == (19,)
+    assert prototypes.shape == (19, 512) and prior.shape == (19,)   # ASPP model: layer4 of a ResNet-18
     assert prior.sum() == pytest.approx(1.0, abs=1e-5)
     for name in ("hard_selftrain", "hard_distill_1"):
         hard = json.loads((chain / "data/pseudo" / name / "meta.json").read_text())

@@ -55,6 +55,9 @@ def test_output_shapes_and_strides(arch, depth):
         assert model.output_stride == 8
         assert out.logits.shape == (1, C, 9, 9) and out.aux_logits.shape == (1, C, 9, 9)
         assert "decoder_input" not in out.features
+        assert out.features["embedding"] is out.features["layer4"]     # ASPP sum: layer4 is the embedding
+        channels.update(embedding=channels["layer4"])
+        sizes.update(embedding=9)
     else:
         sizes.update(layer3=5, layer4=5)
         channels.update(decoder_input=304, embedding=256)
