@@ -86,9 +86,13 @@ def test_an_iteration_matched_control_is_one_more_run(chain):
 
 
 def test_bafft_preset_runs_step1_class_median_labels_and_step2(chain):
+    tiny_iters = yaml.safe_load((chain / "params.yaml").read_text())["warmup"]["train"]["iters"]
     apply_preset([str(ROOT / "presets/synthetic_bafft.yaml"), "--params", str(chain / "params.yaml")])
     params = yaml.safe_load((chain / "params.yaml").read_text())
     assert params["selftrain"]["method"] == "bafft_step2" and params["distill"]["rounds"] == {}
+    assert params["warmup"]["train"]["iters"] == 1000      # the preset's step-1 budget; the test keeps its tiny one
+    params["warmup"]["train"]["iters"] = tiny_iters
+    (chain / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh(chain, "dvc", "exp", "run")
     for stage in ("warmup", "pseudo_label@median_warmup", "selftrain@selftrain"):
         assert f"Running stage '{stage}'" in out, stage
