@@ -224,3 +224,20 @@ def make_mapillary(root: Path, rng, n: int = 3, release: str = "v1.2",
         expected[stem] = spec_map(ids, SPEC_MAPILLARY)
     (root / "config.json").write_text("{}")
     return expected
+
+
+def prepare_gta_and_cityscapes(root: Path, gta5_split_mat: dict | None = None) -> Path:
+    """Under ``root``: raw GTA5 (6 frames, optional split.mat) and Cityscapes (train 3) written with
+    seed 0, prepared as data/prepared/gta and data/prepared/cs."""
+    import contextlib
+
+    from lib.data.convert import PrepareParams, parse_dataset_spec, prepare_dataset
+    rng = np.random.default_rng(0)
+    with contextlib.chdir(root):
+        make_gta5(Path("raw/gta5"), rng, n=6, split_mat=gta5_split_mat)
+        make_cityscapes(Path("raw/cs"), rng, {"train": 3})
+        params = PrepareParams(workers=1, centroid_tile=1024)
+        for name, spec in {"gta": {"layout": "gta5", "root": "raw/gta5"},
+                           "cs": {"layout": "cityscapes", "root": "raw/cs", "splits": ["train"]}}.items():
+            prepare_dataset(parse_dataset_spec(name, spec), Path("data/prepared") / name, params)
+    return root

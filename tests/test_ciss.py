@@ -2,7 +2,6 @@
 mixed-image augmentation, feature distance), paired stylized loading, and training through the engine."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -20,7 +19,6 @@ from lib.config import parse
 from lib.data.classes import IGNORE
 from lib.data.classmix import (Augmentation, augment, blur_kernel_size, choose_classes, class_masks,
                                draw_augmentation, mix)
-from lib.data.convert import PrepareParams, parse_dataset_spec, prepare_dataset
 from lib.data.dataset import PreparedDataset
 from lib.data.paired import STYLIZED, StylizedPairs, stylize
 from lib.data.sampling import Draw, uniform_stream
@@ -350,16 +348,7 @@ def test_params_defaults_are_the_papers_and_classes_are_checked():
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A project root with prepared datasets gta (train 6, labelled, 12x16) and cs (train 3)."""
-    root = tmp_path_factory.mktemp("project")
-    rng = np.random.default_rng(0)
-    with contextlib.chdir(root):
-        L.make_gta5(Path("raw/gta5"), rng, n=6)
-        L.make_cityscapes(Path("raw/cs"), rng, {"train": 3})
-        params = PrepareParams(workers=1, centroid_tile=1024)
-        for name, spec in {"gta": {"layout": "gta5", "root": "raw/gta5"},
-                           "cs": {"layout": "cityscapes", "root": "raw/cs", "splits": ["train"]}}.items():
-            prepare_dataset(parse_dataset_spec(name, spec), Path("data/prepared") / name, params)
-    return root
+    return L.prepare_gta_and_cityscapes(tmp_path_factory.mktemp("project"))
 
 
 def find_window(full: np.ndarray, crop: np.ndarray) -> tuple[int, int, bool]:

@@ -1,7 +1,6 @@
 """Style transfer (FDA, Reinhard, Lab) properties and the stylized prepared-dataset copy."""
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from hypothesis import strategies as st
 from skimage import color
 
 from lib.config import parse
-from lib.data.convert import PrepareParams, parse_dataset_spec, prepare_dataset
 from lib.data.dataset import PreparedDataset
 from lib.data.prepared import INDEX_COLUMNS, load_centroids, load_class_counts, load_index, load_meta
 from lib.data.transforms import Compose, Normalize, RandomCrop
@@ -235,16 +233,8 @@ def test_style_pairing_is_seeded_by_seed_and_output_name():
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A project root with prepared datasets gta (train 4 / val 2, labelled) and cs (train 3)."""
-    root = tmp_path_factory.mktemp("project")
-    rng = np.random.default_rng(0)
-    with contextlib.chdir(root):
-        L.make_gta5(Path("raw/gta5"), rng, n=6, split_mat={"trainIds": [1, 2, 3, 4], "valIds": [5, 6]})
-        L.make_cityscapes(Path("raw/cs"), rng, {"train": 3})
-        params = PrepareParams(workers=1, centroid_tile=1024)
-        for name, spec in {"gta": {"layout": "gta5", "root": "raw/gta5"},
-                           "cs": {"layout": "cityscapes", "root": "raw/cs", "splits": ["train"]}}.items():
-            prepare_dataset(parse_dataset_spec(name, spec), Path("data/prepared") / name, params)
-    return root
+    return L.prepare_gta_and_cityscapes(tmp_path_factory.mktemp("project"),
+                                        {"trainIds": [1, 2, 3, 4], "valIds": [5, 6]})
 
 
 def double_minus_100(images: torch.Tensor, ids: list[str]) -> torch.Tensor:
