@@ -21,8 +21,9 @@ from lib.engine import pseudo as pseudo_module
 from lib.engine.checkpoint import load_model, save_model
 from lib.engine.evaluation import InferenceParams
 from lib.engine.pseudo import (PseudoLabelledDataset, PseudoLabels, PseudoParams, apply_class_thresholds,
-                               check_ids, class_feature_means, class_median_thresholds, class_prior,
-                               confidence_histogram, generate_pseudo_labels, median_index, output_params,
+                               check_ids, class_balanced_thresholds, class_feature_means,
+                               class_median_thresholds, class_prior, confidence_histogram,
+                               generate_pseudo_labels, kept_by_class_threshold, median_index, output_params,
                                pseudo_stream, replay_prototypes)
 from lib.engine.training import DataParams
 from lib.errors import ConfigError, DataError
@@ -71,6 +72,7 @@ def save_tiny_model(root: Path, name: str, head: str) -> None:
 SOFT = PseudoParams(batch_size=2, workers=0, min_pixels=3, passes=3, count_cap=4)
 HARD = PseudoParams(batch_size=1, workers=0, threshold=0.5)
 MEDIAN = PseudoParams(batch_size=1, workers=0, median_cap=0.9)
+BALANCED = PseudoParams(batch_size=1, workers=0, threshold=0.6, class_portion=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,8 @@ def project(tmp_path_factory):
         save_tiny_model(root, "cpsl", "cpsl")
         save_tiny_model(root, "aspp", "aspp_sum")
         for name, form, params in (("soft", "soft", SOFT), ("hard", "hard_threshold", HARD),
-                                   ("median", "class_median", MEDIAN)):
+                                   ("median", "class_median", MEDIAN),
+                                   ("balanced", "class_balanced", BALANCED)):
             generate_pseudo_labels(Path("data/models/cpsl"), DATASET, "train", form, params,
                                    Path("data/pseudo") / name, metrics=Path("metrics/pseudo") / name,
                                    progress=False)
@@ -311,6 +314,73 @@ def test_class_median_artifact(project):
     assert art.meta["predicted_pixels"] == predicted.tolist() and art.meta["kept_pixels"] == kept.tolist()
     np.testing.assert_allclose(art.meta["kept_fraction"],
                                np.divide(kept, predicted, out=np.zeros(C), where=predicted > 0))
+
+
+# class_balanced (CBST selection on CPSL's flip-averaged labels; our addition)
+
+
+def reference_balanced(labels: np.ndarray, conf16: np.ndarray, num_classes: int, portion: float,
+                       cap: float) -> list[float]:
+    """Written out: sort the class's confidences, take index round((1 - p) N) (at most N - 1), cap."""
+    taus = []
+    for c in range(num_classes):
+        values = np.sort(conf16[labels == c].astype(np.float64))
+        n = len(values)
+        taus.append(0.0 if n == 0 else min(values[min(int(np.round((1 - portion) * n)), n - 1)], cap))
+    return taus
+
+
+def test_class_balanced_thresholds_on_a_constructed_distribution():
+    values = {0: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.99],   # top 20 %: index 8 -> 0.9, capped 0.8
+              1: [0.25, 0.5, 0.125, 0.375, 0.0625],                       # index round(4) = 4 -> 0.5
+              2: [0.3]}                                                     # one pixel: index 0 -> kept
+    labels = np.concatenate([np.full(len(v), c) for c, v in values.items()])
+    conf = np.concatenate([v for v in values.values()]).astype(np.float16)
+    taus = class_balanced_thresholds(confidence_histogram(labels, conf, 4), portion=0.2, cap=0.8)
+    assert taus.tolist() == [0.8, 0.5, float(np.float16(0.3)), 0.0]
+    kept = kept_by_class_threshold(labels, conf, taus)
+    assert [int(kept[labels == c].sum()) for c in range(3)] == [2, 1, 1]   # float16(0.8) = 0.7998 < the cap 0.8
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2), st.floats(0.0, 1.0, width=16)), min_size=1, max_size=60),
+       st.floats(0.05, 1.0), st.floats(0.05, 1.0))
+def test_class_balanced_thresholds_equal_the_sorted_reference(pixels, portion, cap):
+    labels = np.array([c for c, _ in pixels])
+    conf = np.array([v for _, v in pixels], np.float16)
+    taus = class_balanced_thresholds(confidence_histogram(labels, conf, 3), portion, cap)
+    assert taus.tolist() == reference_balanced(labels, conf, 3, portion, cap)
+    assert class_balanced_thresholds(confidence_histogram(labels, conf, 3), 0.5, cap).tolist() == \
+        class_median_thresholds(confidence_histogram(labels, conf, 3), cap).tolist()   # p 0.5 = SIM's median
+
+
+def test_class_balanced_artifact_keeps_every_predicted_class(project):
+    model, _ = load_model(project / "data/models/cpsl")
+    labels, confs = [], []
+    for x in normalised_images(project):
+        conf, label = manual_softmax(model, x, flip=True)[0].max(0)    # flip-averaged, as CPSL P2/P3
+        labels.append(label.numpy())
+        confs.append(conf.half().numpy())
+    labels, confs = np.stack(labels), np.stack(confs)
+    taus = reference_balanced(labels, confs, C, BALANCED.class_portion, BALANCED.threshold)
+    art = PseudoLabels.load(project / "data/pseudo/balanced")
+    assert art.meta["flip"] is True and art.default_threshold is None
+    assert art.meta["thresholds"] == taus
+    predicted = np.bincount(labels.ravel(), minlength=C)
+    kept = np.zeros(C)
+    for i in range(N_IMAGES):
+        keep = confs[i].astype(np.float64) >= np.asarray(taus)[labels[i]]
+        np.testing.assert_array_equal(art.sample(f"img{i}")["pseudo"], np.where(keep, labels[i], IGNORE))
+        kept += np.bincount(labels[i][keep], minlength=C)
+    assert art.meta["kept_pixels"] == kept.tolist()
+    assert all(kept[c] > 0 for c in range(C) if predicted[c] > 0)     # no predicted class is dropped
+    global_kept = np.bincount(labels[confs.astype(np.float64) > BALANCED.threshold], minlength=C)
+    assert (kept >= global_kept).all()                                 # the cap: never fewer than the global rule
+
+
+def test_a_load_time_threshold_on_class_thresholded_labels_is_refused(project):
+    with pytest.raises(ConfigError, match="thresholded per class when written"):
+        pseudo_stream(DATASET, PseudoLabels.load(project / "data/pseudo/balanced"), 0.95, DataParams(), "imagenet", 0)
 
 
 def test_class_thresholds_pass_reads_one_file_at_a_time(tmp_path, monkeypatch):

@@ -16,7 +16,12 @@ without augmentation, and the result is written atomically to ``data/pseudo/<nam
   (flip-averaged) softmax at the image size, ``conf/<id>.npy`` float16 (H, W) its maximum; the
   threshold is applied when the labels are loaded (conf <= t -> 255, t = 0.95 by default);
 - ``class_median`` (BAFFT/SIM, bafft.md §6): the same two files, without flip by default, the
-  labels already set to 255 where conf < tau_c, tau_c the class's median confidence capped at 0.9.
+  labels already set to 255 where conf < tau_c, tau_c the class's median confidence capped at 0.9;
+- ``class_balanced`` (OUR ADDITION, CBST's class-balanced selection, Zou et al. ECCV 2018, on CPSL's
+  flip-averaged hard labels): the same two files, labels set to 255 where conf < tau_c, tau_c the
+  confidence that keeps the top ``class_portion`` of class c's pixels, capped at ``threshold``
+  (0.95): a class the model is sure of keeps what CPSL's global threshold keeps, a class it is
+  unsure of still keeps its most confident share instead of vanishing from the labels.
 
 ``metrics/pseudo/<name>/classes.csv`` (class, predicted, kept) holds the same per-class
 fractions for a DVC bar plot.  Nothing here holds the split's maps in memory: every pass streams
@@ -31,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -58,10 +63,11 @@ from lib.errors import ConfigError, DataError
 from lib.io import atomic_dir, read_label_png, read_rgb, write_json_atomic, write_label_png
 from lib.models.output import upsample
 
-Form = Literal["soft", "hard_threshold", "class_median"]
-FORMS = ("soft", "hard_threshold", "class_median")
+Form = Literal["soft", "hard_threshold", "class_median", "class_balanced"]
+FORMS = ("soft", "hard_threshold", "class_median", "class_balanced")
 # CPSL P2/P3 average the softmax of the image and of its mirror image; CPSL P1 and SIM do not flip
-FLIP_DEFAULT = {"soft": False, "hard_threshold": True, "class_median": False}
+FLIP_DEFAULT = {"soft": False, "hard_threshold": True, "class_median": False, "class_balanced": True}
+CLASS_THRESHOLD_FORMS = ("class_median", "class_balanced")     # tau_c from the confidence histogram
 PSEUDO_ROOT = Path("data/pseudo")
 META, INDEX, PROTOTYPES, PRIOR, CLASSES_CSV = "meta.json", "index.csv", "prototypes.npy", "prior.npy", "classes.csv"
 FLOAT16_PATTERNS = 1 << 16    # every uint16 bit pattern of a float16
@@ -78,6 +84,7 @@ class PseudoParams:
     - ``threshold``: hard_threshold's load-time threshold (cpsl.md §6: 0.95), recorded in the meta
       as the default of the loader and used for the kept fractions.
     - ``median_cap``: class_median's cap on the class thresholds (bafft.md §6: 0.9).
+    - ``class_portion``: class_balanced's share of each class's pixels kept (capped by ``threshold``).
     - ``min_pixels``, ``count_cap``, ``passes``: the soft form's prototypes (cpsl.md §4.2).
     """
 
@@ -87,6 +94,7 @@ class PseudoParams:
     inference: InferenceParams = InferenceParams()
     threshold: float = 0.95
     median_cap: float = 0.9
+    class_portion: float = 0.2
     min_pixels: int = 10
     count_cap: int = 3000
     passes: int = 4
@@ -104,6 +112,8 @@ class PseudoParams:
             raise ConfigError(f"params: {where}.threshold must be in [0, 1), got {self.threshold}")
         if not 0.0 < self.median_cap <= 1.0:
             raise ConfigError(f"params: {where}.median_cap must be in (0, 1], got {self.median_cap}")
+        if not 0.0 < self.class_portion <= 1.0:
+            raise ConfigError(f"params: {where}.class_portion must be in (0, 1], got {self.class_portion}")
 
     def flip_for(self, form: str) -> bool:
         return FLIP_DEFAULT[form] if self.flip is None else self.flip
@@ -228,20 +238,36 @@ def median_index(count: int) -> int:
     return int(np.round(0.5 * count))
 
 
-def class_median_thresholds(histogram: np.ndarray, cap: float) -> np.ndarray:
-    """tau_c (bafft.md §6): the confidence at ``median_index(N_c)`` of class c's ascending
-    confidences, min(tau_c, cap); 0 for a class never predicted.  Exact for the stored float16
-    values (``histogram`` from :func:`confidence_histogram`)."""
+def portion_index(count: int, portion: float) -> int:
+    """Index into a class's N ascending confidences that keeps (about) the top ``portion``:
+    round((1 - portion) N), clipped to N - 1 (portion 0.5 is SIM's :func:`median_index`)."""
+    return min(int(np.round((1.0 - portion) * count)), count - 1)
+
+
+def class_quantile_thresholds(histogram: np.ndarray, index: Callable[[int], int], cap: float) -> np.ndarray:
+    """tau_c: the confidence at ``index(N_c)`` of class c's ascending confidences, min(tau_c, cap);
+    0 for a class never predicted.  Exact for the stored float16 values (``histogram`` from
+    :func:`confidence_histogram`)."""
     taus = np.zeros(histogram.shape[0], np.float64)
     for c, row in enumerate(histogram):
         total = int(row.sum())
         if total == 0:
             continue
         cumulative = np.cumsum(row)
-        bits = int(np.searchsorted(cumulative, median_index(total), side="right"))
+        bits = int(np.searchsorted(cumulative, index(total), side="right"))
         value = float(np.array([bits], np.uint16).view(np.float16)[0])
         taus[c] = min(value, cap)
     return taus
+
+
+def class_median_thresholds(histogram: np.ndarray, cap: float) -> np.ndarray:
+    """tau_c of SIM (bafft.md §6): the class's confidence at ``median_index(N_c)``, capped."""
+    return class_quantile_thresholds(histogram, median_index, cap)
+
+
+def class_balanced_thresholds(histogram: np.ndarray, portion: float, cap: float) -> np.ndarray:
+    """tau_c keeping the top ``portion`` of each class's pixels (CBST), capped at ``cap``."""
+    return class_quantile_thresholds(histogram, functools.partial(portion_index, portion=portion), cap)
 
 
 def kept_by_class_threshold(label: np.ndarray, conf: np.ndarray, taus: np.ndarray) -> np.ndarray:
@@ -416,7 +442,7 @@ def _write_hard(model, loader, tmp: Path, form: str, params: PseudoParams, num_c
     flip = params.flip_for(form)
     pred_counts = np.zeros(num_classes, np.int64)
     kept_counts = np.zeros(num_classes, np.int64)
-    histogram = np.zeros((num_classes, FLOAT16_PATTERNS), np.int64) if form == "class_median" else None
+    histogram = np.zeros((num_classes, FLOAT16_PATTERNS), np.int64) if form in CLASS_THRESHOLD_FORMS else None
     index = []
     for batch in loader:
         ids = list(batch["id"])
@@ -444,10 +470,15 @@ def _write_hard(model, loader, tmp: Path, form: str, params: PseudoParams, num_c
                                "rule": "at load time, conf <= threshold becomes 255 (cpsl.md §6)"}
         result["thresholds"] = None
     else:
-        taus = class_median_thresholds(histogram, params.median_cap)
+        if form == "class_median":
+            taus = class_median_thresholds(histogram, params.median_cap)
+            rule = "conf < thresholds[label] (class median, capped) was set to 255 when written (bafft.md §6)"
+        else:
+            taus = class_balanced_thresholds(histogram, params.class_portion, params.threshold)
+            rule = (f"conf < thresholds[label] (top {params.class_portion:g} of the class, capped at "
+                    f"{params.threshold:g}) was set to 255 when written (CBST, our addition)")
         kept_counts = apply_class_thresholds(tmp, [row["id"] for row in index], taus, num_classes)
-        result["threshold"] = {"load_time": None,
-                               "rule": "conf < thresholds[label] was set to 255 when written (bafft.md §6)"}
+        result["threshold"] = {"load_time": None, "rule": rule}
         result["thresholds"] = taus.tolist()
     predicted, kept = class_fractions(pred_counts, kept_counts)
     result.update(predicted_pixels=pred_counts.tolist(), kept_pixels=kept_counts.tolist(),
@@ -465,7 +496,7 @@ def read_confidence(path: Path) -> np.ndarray:
 
 
 def apply_class_thresholds(folder: Path, ids: Sequence[str], taus: np.ndarray, num_classes: int) -> np.ndarray:
-    """Second class_median pass: per id, read ``labels/<id>.png`` and ``conf/<id>.npy`` back, set
+    """Second pass of the class-threshold forms: per id, read ``labels/<id>.png`` and ``conf/<id>.npy`` back, set
     pixels with conf < tau_label to 255, rewrite the label.  Returns the kept pixels per class."""
     kept_counts = np.zeros(num_classes, np.int64)
     for sample_id in ids:
@@ -626,6 +657,9 @@ def pseudo_stream(dataset_name: str, pseudo: PseudoLabels, threshold: float | No
     if pseudo.meta.get("dataset") != dataset_name:
         raise ConfigError(f"{pseudo.path}: pseudo-labels of dataset '{pseudo.meta.get('dataset')}' "
                           f"cannot label '{dataset_name}'")
+    if threshold is not None and pseudo.form in CLASS_THRESHOLD_FORMS:
+        raise ConfigError(f"{pseudo.path}: {pseudo.form} pseudo-labels were thresholded per class when written; "
+                          f"a load-time pseudo_threshold ({threshold}) would undo that (set it to null)")
     training.require_prepared(dataset_name)
     dataset = PseudoLabelledDataset(PREPARED_ROOT / dataset_name, data.split,
                                     training.train_transforms(data, normalize), seed, pseudo, threshold)
