@@ -1,6 +1,6 @@
 """Time our evaluation path against the official Cityscapes evaluator on the same PNGs.
 
-    python bench/eval_speed.py [--images N] [--size HxW] [--device cpu|cuda] [--repeat R]
+    python bench/eval_speed.py [--images N] [--size HxW] [--device cpu|cuda] [--repeat R] [--out results.json]
 
 Writes N ground-truth ``*_gtFine_labelIds.png`` (synthetic scenes from
 ``lib.data.synthetic.render_scene``, rendered at a quarter of the size and upscaled nearest) and
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import tempfile
 import time
@@ -109,6 +110,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the official evaluator is single-threaded, "
                              "and OpenMP threads on a loaded 2-core machine slow small ops down a lot)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
     height, width = opts.size
@@ -138,6 +140,10 @@ def main() -> int:
           f"counting {ours_s - decode_s:.2f} s)")
     print(f"ratio ours/official: {ours_s / official_s:.3f}  (speed-up x{official_s / ours_s:.1f})")
     print(f"mIoU and confusion matrix agree: {agree}")
+    if opts.out:
+        opts.out.write_text(json.dumps({"images": n, "size": [height, width], "device": opts.device,
+                                        "official_s": official_s, "ours_s": ours_s, "decode_s": decode_s,
+                                        "ratio": ours_s / official_s, "agree": bool(agree)}, indent=2))
     return 0 if agree else 1
 
 

@@ -1,6 +1,7 @@
 """Training-loop overhead: the engine against a bare forward/backward loop, same model, same batch.
 
     python bench/train_overhead.py [--iters 40] [--batch 8] [--crop 96 192] [--arch deeplabv2] [--depth 18]
+                                   [--out results.json]
 
 Both loops train the source-only objective (CE + 0.1 aux CE) with SGD and the poly schedule on one
 fixed in-memory batch, so the data loader is out of the picture and the difference is what the
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import statistics
 import sys
 import tempfile
@@ -78,6 +80,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=18)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.randn(args.batch, 3, *args.crop, generator=g),
@@ -93,6 +96,11 @@ def main() -> None:
     print(f"bare loop  {b:.4f} s/iter   (runs: {', '.join(f'{t:.4f}' for t in times['bare'])})")
     print(f"engine     {e:.4f} s/iter   (runs: {', '.join(f'{t:.4f}' for t in times['engine'])})")
     print(f"ratio engine/bare = {e / b:.3f}  (target <= 1.05)")
+    if args.out:
+        args.out.write_text(json.dumps({"device": str(select_device()), "threads": torch.get_num_threads(),
+                                        "bare_s_per_iter": b, "engine_s_per_iter": e, "ratio": e / b,
+                                        "runs": times, "iters": args.iters, "batch": args.batch,
+                                        "crop": list(args.crop)}, indent=2))
 
 
 if __name__ == "__main__":

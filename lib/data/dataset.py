@@ -97,17 +97,26 @@ def _seed_worker(seed: int, worker_id: int) -> None:
 
 
 def infinite_batches(dataset: PreparedDataset, sampler_stream: Callable[[int], Iterator[Draw]],
-                     batch_size: int, num_workers: int, start_draw: int = 0) -> Iterator[dict]:
+                     batch_size: int, num_workers: int, start_draw: int = 0, rank: int = 0,
+                     world: int = 1) -> Iterator[dict]:
     """Collated batches forever: batch t holds draws start_draw + t*batch_size ... + batch_size-1.
 
     ``sampler_stream(start)`` is a stream from ``lib.data.sampling`` bound to its data and seed
     (e.g. ``functools.partial(uniform_stream, len(dataset), seed)``); resume at iteration t with
     ``start_draw = t * batch_size``.  Batches are dicts of stacked tensors, ``id`` a list of str.
+
+    With ``world`` processes (torch.distributed), global batch t holds ``world * batch_size`` draws
+    from ``start_draw + t * world * batch_size`` on (resume with ``start_draw = t * world *
+    batch_size``) and process ``rank`` takes its slice [rank * batch_size, (rank + 1) * batch_size):
+    together the processes read exactly what one process with the global batch reads.
     """
+    draws = sampler_stream(start_draw)
+    if world > 1:
+        draws = _slice_of_every_batch(draws, batch_size, rank, world)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=sampler_stream(start_draw),
+        sampler=draws,
         num_workers=num_workers,
         worker_init_fn=functools.partial(_seed_worker, dataset.seed) if num_workers > 0 else None,
         persistent_workers=num_workers > 0,
@@ -117,6 +126,13 @@ def infinite_batches(dataset: PreparedDataset, sampler_stream: Callable[[int], I
         generator=torch.Generator().manual_seed(dataset.seed),
     )
     return iter(loader)
+
+
+def _slice_of_every_batch(draws: Iterator[Draw], batch_size: int, rank: int, world: int) -> Iterator[Draw]:
+    """Of every ``world * batch_size`` consecutive draws, the ``rank``-th run of ``batch_size``."""
+    for position, draw in enumerate(draws):
+        if (position // batch_size) % world == rank:
+            yield draw
 
 
 def inference_loader(dataset: PreparedDataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:

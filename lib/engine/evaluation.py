@@ -22,6 +22,7 @@ from lib.data.classes import CITYSCAPES19, CLASS_SETS, subset_lut
 from lib.data.dataset import PreparedDataset, inference_loader
 from lib.data.prepared import PREPARED_ROOT, load_class_set
 from lib.data.transforms import Normalize
+from lib.engine import provenance
 from lib.engine.loop import select_device
 from lib.engine.metrics import protocol_subsets
 from lib.engine.report import evaluate_split, write_report
@@ -85,7 +86,11 @@ def label_mapping(model_classes: str, target_classes: str, target: str) -> torch
 
 def run_evaluation(models: list[tuple[str, float]], target: str, params: EvaluateParams,
                    out_json: Path, out_dir: Path) -> dict:
-    """Evaluate the weighted ensemble of ``data/models/<name>`` on ``target``; write the report."""
+    """Evaluate the weighted ensemble of ``data/models/<name>`` on ``target``; write the report.
+
+    The report folder's ``provenance.json`` holds this evaluation's provenance (lib.engine.provenance)
+    and each model's training provenance from its meta (null for a model trained before it was kept).
+    """
     device = select_device()
     loaded = [(load_model(Path("data/models") / name, device), weight) for name, weight in models]
     metas = [meta for (_, meta), _ in loaded]
@@ -106,7 +111,9 @@ def run_evaluation(models: list[tuple[str, float]], target: str, params: Evaluat
         inference_kwargs=_inference_kwargs(params.inference), panel_ids=params.panels,
         mean=mean, std=std, desc=f"evaluate {'+'.join(n for n, _ in models)} on {target}")
     subsets = protocol_subsets(class_set.name, synthia_source=meta["source_protocol"].startswith("synthia"))
-    return write_report(out_json, out_dir, matrix, class_set, subsets, panels)
+    made_with = {"evaluation": provenance.collect(device, "fp32"),   # inference runs without autocast
+                 "models": {name: m.get("provenance") for (name, _), m in zip(models, metas)}}
+    return write_report(out_json, out_dir, matrix, class_set, subsets, panels, provenance=made_with)
 
 
 def _inference_kwargs(inference: InferenceParams) -> dict:

@@ -9,6 +9,13 @@ Resume is exact on CPU: a batch depends only on (dataset seed, draw number) (lib
 the stream restarts at draw ``it * batch_size``, and the checkpoint carries every module,
 optimizer, scheduler and global RNG state.  A resumed run therefore ends with the same weights as
 an uninterrupted one.
+
+With ``processes`` > 1 the same loop runs in every torchrun worker (lib.engine.distributed): each
+reads its slice of the global batch, gradients are averaged before the optimizers step, buffers
+follow rank 0's, and rank 0 alone logs and writes checkpoints.  The stream restarts at global draw
+``it * processes * batch_size``; the checkpoint's fingerprint counts the global batch, not the
+number of processes, so a run can be resumed by another number of processes with the same global
+batch (lib.engine.training.across_world_sizes).
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from dvclive import Live
 from tqdm import tqdm
 
 from lib.config import positive
+from lib.engine import distributed
 from lib.engine.checkpoint import STATE_FILE, load_checked, rng_state, save_atomic, set_rng_state
 from lib.engine.optim import OptimizerParams, ScheduleParams, build_optimizer, build_scheduler
 from lib.errors import ConfigError, UserError
@@ -51,9 +59,13 @@ class TrainParams:
     precision: Literal["fp32", "bf16"] = "bf16"   # bf16 autocast is applied on CUDA only
     channels_last: bool = True                      # CUDA only
     cudnn_benchmark: bool = False                   # faster, but not bit-reproducible
+    processes: int = 1                              # > 1: the stage runs itself under torchrun (README)
+    backend: Literal["auto", "nccl", "gloo"] = "auto"   # auto: nccl on CUDA, gloo on CPU
+    sync_bn: bool = False                           # SyncBatchNorm across the processes (CUDA only)
 
     def validate(self, where: str) -> None:
         positive(self.iters, f"{where}.iters")
+        positive(self.processes, f"{where}.processes")
         positive(self.checkpoint_every, f"{where}.checkpoint_every")
         positive(self.log_every, f"{where}.log_every")
 
@@ -99,6 +111,11 @@ def train(method: Method, streams: dict[str, StreamFactory], params: TrainParams
             module.to(memory_format=torch.channels_last)
     for module in frozen.values():
         module.eval().requires_grad_(False)
+    main, world = distributed.is_main(), distributed.world_size()
+    if params.sync_bn and world > 1:
+        distributed.sync_batchnorm(modules.values())
+    if not main:
+        seed_everything(distributed.rank_seed(params.seed, distributed.rank()))
 
     groups = method.param_groups()
     missing = sorted(set(groups) - set(optim))
@@ -110,7 +127,9 @@ def train(method: Method, streams: dict[str, StreamFactory], params: TrainParams
 
     checkpoint_path = Path(checkpoint_dir) / STATE_FILE
     start = _resume(checkpoint_path, fingerprint, modules, optimizers, schedulers)
-    live = _open_live(Path(live_dir), start)
+    distributed.broadcast_from_main([t for m in modules.values() for t in (*m.parameters(), *m.buffers())])
+    synchronised = distributed.trained_parameters(optimizers.values())
+    live = _open_live(Path(live_dir), start) if main else None
     iterators = {name: streams[name](start) for name in method.streams}
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and params.precision == "bf16"
@@ -120,7 +139,7 @@ def train(method: Method, streams: dict[str, StreamFactory], params: TrainParams
     window: dict[str, list[float]] = {}
     tick, images = time.perf_counter(), 0
     progress = tqdm(range(start, params.iters), initial=start, total=params.iters, desc=desc,
-                    dynamic_ncols=True, mininterval=2.0)
+                    dynamic_ncols=True, mininterval=2.0, disable=not main)
     for it in progress:
         batch = {name: to_device(next(iterators[name]), device, channels_last) for name in method.streams}
         for opt in optimizers.values():
@@ -128,11 +147,13 @@ def train(method: Method, streams: dict[str, StreamFactory], params: TrainParams
         with autocast:
             losses = method.training_step(batch, it)
         values = _check_finite(losses, it, checkpoint_path)
+        distributed.average_gradients(synchronised)
         for opt in optimizers.values():
             opt.step()
         for sched in schedulers.values():
             sched.step()
         method.after_step(it)
+        distributed.broadcast_from_main([b for m in modules.values() for b in m.buffers()])
 
         images += sum(len(b["image"]) for b in batch.values())
         for name, value in values.items():
@@ -141,29 +162,38 @@ def train(method: Method, streams: dict[str, StreamFactory], params: TrainParams
         if done % params.log_every == 0 or done == params.iters:
             elapsed = time.perf_counter() - tick
             means = {name: float(np.mean(v)) for name, v in window.items()}
-            _log(live, done, means, optimizers, images / max(elapsed, 1e-9))
+            if main:
+                _log(live, done, means, optimizers, world * images / max(elapsed, 1e-9))
             progress.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
             window, tick, images = {}, time.perf_counter(), 0
         if done % params.checkpoint_every == 0 or done == params.iters:
             _save(checkpoint_path, fingerprint, done, modules, optimizers, schedulers)
     progress.close()
-    live.end()
+    if live is not None:
+        live.end()
 
 
 def _check_finite(losses: dict[str, torch.Tensor], it: int, checkpoint_path: Path) -> dict[str, float]:
-    """One device sync per iteration: every loss must be finite before any optimizer steps."""
+    """One device sync per iteration: every loss must be finite before any optimizer steps.
+
+    The values are averaged over the processes, so every rank stops at the same iteration."""
     names = list(losses)
     values = torch.stack([losses[n].detach().float().reshape(()) for n in names]).tolist()
-    for name, value in zip(names, values):
+    averaged = distributed.average_losses(dict(zip(names, values)))
+    for name, value in averaged.items():
         if not math.isfinite(value):
             kept = (f"the last good checkpoint is kept in {checkpoint_path}" if checkpoint_path.is_file()
                     else "no checkpoint had been written yet")
             raise TrainingDiverged(f"iteration {it}: loss '{name}' is {value}; training stopped before the "
                                    f"update and {kept} (lower the learning rate or check the data)")
-    return dict(zip(names, values))
+    return averaged
 
 
 def _save(path: Path, fingerprint: str, done: int, modules, optimizers, schedulers) -> None:
+    """Rank 0 writes; every rank hands it its RNG state (``rng`` is rank 0's, ``rng_ranks`` the others')."""
+    states = distributed.gather_to_main(rng_state())
+    if not distributed.is_main():
+        return
     save_atomic({
         "format": CHECKPOINT_FORMAT,
         "fingerprint": fingerprint,
@@ -171,26 +201,36 @@ def _save(path: Path, fingerprint: str, done: int, modules, optimizers, schedule
         "modules": {n: m.state_dict() for n, m in modules.items()},
         "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
         "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
-        "rng": rng_state(),
+        "rng": states[0],
+        "rng_ranks": states[1:],
+        "world_size": len(states),
     }, path)
 
 
 def _resume(path: Path, fingerprint: str, modules, optimizers, schedulers) -> int:
-    """Load the checkpoint if it belongs to this configuration; return the iteration to start at."""
+    """Load the checkpoint if it belongs to this configuration; return the iteration to start at.
+
+    Every rank reads the same file.  Rank r > 0 takes its own RNG state if the checkpoint has one
+    (it was written by at least r + 1 processes), else it keeps its fresh per-rank seed."""
     if not path.is_file():
         return 0
     state = load_checked(path, "training checkpoint")
     if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
         print(f"note: {path} was written by another configuration; training from scratch")
-        path.unlink()
+        distributed.barrier()   # every rank has read it before it goes
+        if distributed.is_main():
+            path.unlink()
         return 0
     for kind, targets in (("modules", modules), ("optimizers", optimizers), ("schedulers", schedulers)):
         if set(state[kind]) != set(targets):
             raise UserError(f"{path}: holds {kind} {sorted(state[kind])}, this method has {sorted(targets)}")
         for name, target in targets.items():
             target.load_state_dict(state[kind][name])
-    set_rng_state(state["rng"])
-    print(f"resuming from {path} at iteration {state['iteration']}")
+    rank, others = distributed.rank(), state.get("rng_ranks", [])
+    if rank == 0 or rank <= len(others):
+        set_rng_state(state["rng"] if rank == 0 else others[rank - 1])
+    print(f"resuming from {path} at iteration {state['iteration']} "
+          f"(written by {state.get('world_size', 1)} process(es), resumed by {distributed.world_size()})")
     return int(state["iteration"])
 
 

@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from lib.config import merged, parse, positive
 from lib.data.classes import CLASS_SETS, IGNORE
-from lib.data.dataset import PreparedDataset, infinite_batches, inference_loader
+from lib.data.dataset import PreparedDataset, inference_loader
 from lib.data.prepared import PREPARED_ROOT, resolve
 from lib.data.sampling import uniform_stream
 from lib.data.transforms import Normalize, Transform
@@ -664,5 +664,4 @@ def pseudo_stream(dataset_name: str, pseudo: PseudoLabels, threshold: float | No
     dataset = PseudoLabelledDataset(PREPARED_ROOT / dataset_name, data.split,
                                     training.train_transforms(data, normalize), seed, pseudo, threshold)
     draws = functools.partial(uniform_stream, len(dataset), seed)
-    return lambda start_it: infinite_batches(dataset, draws, data.batch_size, data.workers,
-                                             start_draw=start_it * data.batch_size)
+    return training.batches_from(dataset, draws, data)

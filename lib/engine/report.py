@@ -29,6 +29,7 @@ from lib.io import atomic_dir, write_json_atomic, write_label_png, write_rgb
 
 CLASSES_CSV = "classes.csv"
 CONFUSION_PNG = "confusion.png"
+PROVENANCE_JSON = "provenance.json"
 PANELS_DIR = "panels"
 PANEL_GAP = 4  # white pixels between the three tiles of a panel
 
@@ -160,14 +161,17 @@ def _safe_name(sample_id: str) -> str:
 
 def write_report(out_json: str | os.PathLike, out_dir: str | os.PathLike, matrix: ConfusionMatrix,
                  class_set: ClassSet, subsets: Mapping[str, Sequence[int]] | None,
-                 panels: Sequence[dict], extra: Mapping | None = None) -> dict:
+                 panels: Sequence[dict], extra: Mapping | None = None,
+                 provenance: Mapping | None = None) -> dict:
     """Write the evaluation outputs; returns the JSON written.
 
     ``out_json``: ``{"mIoU", "mAcc", "pixel_acc", <subset mIoUs>, "images"}`` (percent, 2
     decimals, null where undefined) followed by ``extra`` (a key clash is a ValueError).
     ``out_dir`` (replaced as a whole): ``classes.csv`` (class, iou, acc in percent with 4
-    decimals, empty where undefined, gt_pixels, pred_pixels), ``confusion.png`` and
-    ``panels/<id>.png``.  The folder is written before the JSON, so a JSON implies its folder.
+    decimals, empty where undefined, gt_pixels, pred_pixels), ``confusion.png``,
+    ``panels/<id>.png`` and ``provenance.json`` when ``provenance`` is given (kept out of the
+    metrics JSON, whose numbers ``dvc metrics diff`` compares).  The folder is written before the
+    JSON, so a JSON implies its folder.
     """
     counts = matrix.numpy()
     if counts.shape[0] != class_set.num_classes:
@@ -186,6 +190,8 @@ def write_report(out_json: str | os.PathLike, out_dir: str | os.PathLike, matrix
             (tmp / PANELS_DIR).mkdir()
         for panel in panels:
             write_rgb(tmp / PANELS_DIR / f"{_safe_name(panel['id'])}.png", panel_image(panel, class_set))
+        if provenance is not None:
+            write_json_atomic(tmp / PROVENANCE_JSON, provenance)
     write_json_atomic(out_json, result)
     return result
 

@@ -37,6 +37,8 @@ from lib.data.prepared import PREPARED_ROOT, load_centroids, load_class_counts, 
 from lib.data.sampling import Draw, centroid_entries, class_uniform_stream, rare_class_stream, uniform_stream
 from lib.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, Compose, HorizontalFlip, Normalize,
                                  RandomCrop, RandomScale, Resize, ScaleWidth)
+from lib.engine import distributed
+from lib.engine import provenance
 from lib.engine.checkpoint import MODEL_FILE, STATE_FILE, load_model, load_weights, save_model
 from lib.engine.loop import StreamFactory, TrainParams, seed_everything, train
 from lib.engine.optim import OptimizerParams, ScheduleParams
@@ -214,8 +216,13 @@ def sampler(prepared: Path, ids: list[str], data: DataParams, seed: int) -> Call
 
 
 def batches_from(dataset: Dataset, draws: Callable[[int], Iterator[Draw]], data: DataParams) -> StreamFactory:
-    return lambda start_it: infinite_batches(dataset, draws, data.batch_size, data.workers,
-                                             start_draw=start_it * data.batch_size)
+    """The factory of a stream; called in the training loop, it gives this process its slice of
+    every global batch (lib.engine.distributed)."""
+    def from_iteration(start_it: int) -> Iterator[dict]:
+        rank, world = distributed.rank(), distributed.world_size()
+        return infinite_batches(dataset, draws, data.batch_size, data.workers,
+                                start_draw=start_it * world * data.batch_size, rank=rank, world=world)
+    return from_iteration
 
 
 def training_stream(name: str, data: DataParams, normalize: str, seed: int, labelled: bool) -> StreamFactory:
@@ -256,6 +263,18 @@ def stylized_pair_streams(stage: TrainingStageParams, stage_name: str, transfer:
 def stream_seed(seed: int, stream: str) -> int:
     """Distinct data seeds per stream, so draw k of source and target never share a crop."""
     return int(np.random.SeedSequence([seed, *stream.encode()]).generate_state(1)[0])
+
+
+def across_world_sizes(raw: dict, data: DataParams, train: TrainParams) -> dict:
+    """``raw`` as a checkpoint's fingerprint sees it: without the launch keys (processes, backend)
+    and with the global batch (processes x per-process batch) in place of each per-process one.  A
+    run can so be resumed by another number of processes with the same global batch; a run whose
+    global batch changed is another configuration and trains from scratch."""
+    out = dict(raw, train={k: v for k, v in (raw.get("train") or {}).items() if k not in ("processes", "backend")},
+               data=dict(raw.get("data") or {}, batch_size=data.batch_size * train.processes))
+    if isinstance(raw.get("target_data"), dict) and "batch_size" in raw["target_data"]:
+        out["target_data"] = dict(raw["target_data"], batch_size=raw["target_data"]["batch_size"] * train.processes)
+    return out
 
 
 def fingerprint(raw_params: Any, datasets: list[str], files: list[Path] = ()) -> str:
@@ -356,6 +375,8 @@ def run_training_stage(stage_name: str, raw: dict) -> Path:
         raise ConfigError(f"params: {stage_name}.data.batch_size must be >= 2 for deeplabv3plus "
                           "(BatchNorm on its image-pooling branch needs two samples)")
 
+    distributed.start(stage.train, stage_name)   # under torchrun from here on when processes > 1
+
     seed_everything(stage.train.seed)
     model = build_model(model_params, class_set.num_classes)
     inputs.initialise(model, model_params)
@@ -379,7 +400,8 @@ def run_training_stage(stage_name: str, raw: dict) -> Path:
     checkpoint_dir = Path("data/checkpoints") / stage_name
     train(method, streams, stage.train, stage.optim, stage.schedule, checkpoint_dir=checkpoint_dir,
           live_dir=Path("metrics") / stage_name / "train",
-          fingerprint=fingerprint(raw, list(needed.values()), inputs.files()), desc=stage_name)
+          fingerprint=fingerprint(across_world_sizes(raw, stage.data, stage.train), list(needed.values()),
+                                  inputs.files()), desc=stage_name)
 
     meta = {
         "stage": stage_name,
@@ -391,9 +413,12 @@ def run_training_stage(stage_name: str, raw: dict) -> Path:
         "source_protocol": load_meta(PREPARED_ROOT / stage.source)["class_protocol"],
         "normalize": {"mean": list(mean), "std": list(std)},
         "params": raw,
+        "world_size": distributed.world_size(),
     }
+    meta["provenance"] = provenance.training(stage.train, world=meta.get("world_size"))
     out = Path("data/models") / stage_name
-    publish_model(out, model, meta, checkpoint_dir, stage.train.iters)
+    if distributed.is_main():
+        publish_model(out, model, meta, checkpoint_dir, stage.train.iters)
     return out
 
 

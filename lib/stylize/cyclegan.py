@@ -31,11 +31,12 @@ from torch import nn
 from lib.config import parse, positive
 from lib.data.dataset import PreparedDataset
 from lib.data.prepared import PREPARED_ROOT
+from lib.engine import distributed
 from lib.engine.checkpoint import MODEL_FILE, load_checked, load_model, load_weights
 from lib.engine.loop import TrainParams, seed_everything, select_device, train
 from lib.engine.optim import OptimizerParams, ParamGroup, ScheduleParams
-from lib.engine.training import (NORMALIZATION, DataParams, fingerprint, publish_model, require_prepared,
-                                 stream_seed, training_stream)
+from lib.engine.training import (NORMALIZATION, DataParams, across_world_sizes, fingerprint, publish_model,
+                                 require_prepared, stream_seed, training_stream)
 from lib.errors import ConfigError, DataError
 from lib.io import atomic_dir, write_json_atomic, write_rgb
 from lib.losses.adversarial import frozen, gan_loss
@@ -337,7 +338,8 @@ def run_cyclegan_training(name: str, raw: Any) -> Path:
         require_prepared(dataset)
     stage = f"cyclegan_{name}"
     training_raw = {k: v for k, v in raw.items() if k not in NOT_TRAINING_KEYS}
-    identity: dict = {"params": training_raw}
+    identity: dict = {"params": across_world_sizes(training_raw, params.data, params.train)}
+    distributed.start(params.train, "cyclegan")   # under torchrun from here on when processes > 1
     segmenter = None
     if params.cyclegan.semantic is not None:
         segmenter, identity["segmenter"] = load_segmenter(params.cyclegan.semantic.model)
@@ -351,13 +353,15 @@ def run_cyclegan_training(name: str, raw: Any) -> Path:
           live_dir=metrics_dir(name) / "train", fingerprint=fingerprint(identity, [params.source, params.target]),
           desc=stage)
 
+    out = model_dir(name)
+    if not distributed.is_main():
+        return out
     write_samples(method, params, metrics_dir(name))
     mean, std = NORMALIZATION["symmetric"]
     meta = {"kind": GENERATOR_KIND, "stage": f"cyclegan_train@{name}", "direction": "source -> target",
             "source": params.source, "target": params.target, "model": dataclasses.asdict(params.model),
             "normalize": {"mean": list(mean), "std": list(std)}, "scale_width": params.data.scale_width,
-            "params": training_raw}
-    out = model_dir(name)
+            "params": training_raw, "world_size": distributed.world_size()}
     publish_model(out, method.G, meta, checkpoint_dir, params.train.iters)
     return out
 

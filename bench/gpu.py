@@ -1,0 +1,271 @@
+"""GPU measurements at the published sizes: step speed and memory, CPSL stage 1's footprint, a tiny repro.
+
+    python bench/gpu.py [--out bench-gpu.json] [--steps 10] [--measure deeplabv2 cpsl repro]
+    python bench/gpu.py --dry-run          # the same code on CPU at tiny sizes (also: --device cpu)
+
+(a) ``deeplabv2``: one training iteration of the GTA5 -> Cityscapes DeepLabV2-ResNet-101 recipes at the
+    sizes and batches their presets give (presets/gta5_cityscapes_deeplabv2.yaml: source 720x1280,
+    batch 1, with its params.yaml method, source-only; presets/gta5_cityscapes_advent.yaml: the same
+    plus the 512x1024 target and AdvEnt's discriminators), in fp32 and in bf16 autocast with
+    channels_last: images/s, peak ``torch.cuda.max_memory_allocated`` and the ratios bf16/fp32;
+(b) ``cpsl``: CPSL stage 1 at the paper's batch on one GPU (presets/gta5_cityscapes_cpsl.yaml:
+    4 source + 4 target crops of 512x896, ResNet-101 with the 256-d CPSL head, a 65536-pixel memory,
+    soft pseudo-labels of 19 classes at crop size): peak memory and speed of its training step,
+    both precisions;
+(c) ``repro``: the whole default pipeline (the CPSL chain) on the tiny params of the end-to-end tests
+    (tests/test_pipeline.py), copied to a temporary git repository and run by ``dvc repro``: wall time.
+
+Models and methods are built as the training stage builds them (``parse_stage``, ``build_model``,
+the method's ``build`` with a stage context), from params.yaml with the preset laid over it, with
+random weights (``weights: none``, nothing is downloaded) and random tensors of the stage's shapes;
+an init model's architecture is the warm-up's, as ``with_init_model`` would copy it.  The steps are
+the engine's (bench/stepper.py) after ``--warmup-steps`` untimed ones; an out-of-memory step is
+reported as such.  Without a CUDA device the script says so in one line and exits 2, unless
+``--dry-run`` (``--device cpu``) runs everything on CPU at tiny sizes (ResNet-18, 32x64 crops, a short
+memory, CPU bf16 autocast, the tiny repro without the chain) to exercise the code paths.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.stepper import FixedBatchTrainer  # noqa: E402
+from lib.config import PARAMS_FILE, merged  # noqa: E402
+from lib.engine import training  # noqa: E402
+from lib.engine.pseudo import PseudoLabels  # noqa: E402
+from lib.methods.base import StageContext, method_class  # noqa: E402
+from lib.models import build_model  # noqa: E402
+from lib.preset import chain, overlay  # noqa: E402
+
+NUM_CLASSES = 19
+GIB = 2**30
+PRECISIONS = {"fp32": (None, False), "bf16+channels_last": (torch.bfloat16, True)}
+DEEPLABV2_PRESETS = ("gta5_cityscapes_deeplabv2.yaml", "gta5_cityscapes_advent.yaml")
+CPSL_PRESET = "gta5_cityscapes_cpsl.yaml"
+# --dry-run: every size shrunk so the whole script runs in seconds on a CPU
+TINY_STAGE = {"model": {"depth": 18, "head_width": 32}, "data": {"crop": [32, 64], "resize": None, "scale": None},
+              "cpsl_stage1": {"queue_length": 64, "samples_per_image": 16}}
+
+
+def preset_params(name: str) -> dict:
+    """params.yaml with presets/<name> (and its bases) laid over it, as ``python -m lib.preset`` writes it."""
+    params = yaml.safe_load((ROOT / PARAMS_FILE).read_text())
+    for layer in chain(ROOT / "presets" / name):
+        overlay(params, json.loads(json.dumps(layer)))   # plain types: ruamel's scalars fail type checks
+    return params
+
+
+def tiny(raw: dict) -> dict:
+    raw = merged(raw, TINY_STAGE)
+    if isinstance(raw.get("target_data"), dict):
+        raw = merged(raw, {"target_data": TINY_STAGE["data"]})
+    return raw
+
+
+def warmup_section(preset: str, shrink: bool) -> dict:
+    raw = preset_params(preset)["warmup"]
+    return tiny(raw) if shrink else raw
+
+
+def selftrain_section(preset: str, shrink: bool) -> dict:
+    """The first ``selftrain`` run of the preset, its model the warm-up's with the run's keys replaced."""
+    params = preset_params(preset)
+    name = str(next(iter(params["selftrain"]["runs"])))
+    raw = training.run_params(params, "selftrain", "runs", name)
+    init_model = dict(params["warmup"]["model"], weights="none")
+    raw = dict(raw, model=merged(init_model, raw.get("model") or {}), init=None, pseudo=None)
+    return tiny(raw) if shrink else raw
+
+
+def soft_pseudo_labels(width: int) -> PseudoLabels:
+    """What a ``soft`` pseudo_label output hands CPSL stage 1: random prototypes and a uniform prior."""
+    generator = torch.Generator().manual_seed(0)
+    return PseudoLabels(Path("random"), {"form": "soft", "num_classes": NUM_CLASSES}, pd.DataFrame({"id": []}),
+                        torch.randn(NUM_CLASSES, width, generator=generator),
+                        torch.full((NUM_CLASSES,), 1.0 / NUM_CLASSES))
+
+
+def build_stage(raw: dict, where: str, soft_labels: bool):
+    """(stage params, method) with random weights, as ``run_training_stage`` builds them."""
+    stage, method_params = training.parse_stage(raw, where)
+    model = build_model(dataclasses.replace(stage.model, weights="none"), NUM_CLASSES)
+    pseudo = soft_pseudo_labels(model.embedding_channels) if soft_labels else None
+    context = StageContext(num_classes=NUM_CLASSES, pseudo=pseudo, normalize=training.NORMALIZATION[stage.normalize])
+    return stage, method_class(stage.method).build(model, method_params, context)
+
+
+def random_batch(stage, streams: tuple[str, ...], soft_labels: bool) -> dict[str, dict]:
+    """Tensors of the shapes the stage's streams deliver: labelled source, target with soft labels if asked."""
+    generator = torch.Generator().manual_seed(0)
+    batch = {}
+    for name in streams:
+        data = stage.stream_data(name)
+        n, (h, w) = data.batch_size, data.crop
+        sample = {"image": torch.randn(n, 3, h, w, generator=generator)}
+        if name == "source":
+            label = torch.randint(0, NUM_CLASSES, (n, h, w), generator=generator)
+            label[:, : h // 8] = 255                       # an ignored band, as real labels have
+            sample["label"] = label
+        elif soft_labels:
+            soft = F.softmax(4 * torch.randn(n, NUM_CLASSES, h, w, generator=generator), dim=1)
+            sample["soft"], sample["pseudo"] = soft, soft.argmax(1)
+        batch[name] = sample
+    return batch
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def time_step(raw: dict, where: str, soft_labels: bool, device: torch.device, precision: str,
+              warmup_steps: int, steps: int) -> dict:
+    """Images/s and peak memory of the stage's training step in one precision (a fresh method each time)."""
+    torch.manual_seed(0)
+    stage, method = build_stage(raw, where, soft_labels)
+    batch = random_batch(stage, method.streams, soft_labels)
+    autocast, channels_last = PRECISIONS[precision]
+    torch.backends.cudnn.benchmark = stage.train.cudnn_benchmark
+    trainer = None
+    try:
+        trainer = FixedBatchTrainer(method, batch, stage.optim, stage.schedule, device, autocast, channels_last,
+                                    horizon=stage.train.iters)
+        for _ in range(warmup_steps):
+            trainer.step()
+        trainer.reset_peak_memory()
+        seconds = trainer.seconds_per_iter(steps)
+        peak = trainer.peak_memory_bytes()
+        return {"images_per_s": trainer.images / seconds, "seconds_per_iter": seconds,
+                "peak_memory_gib": None if peak is None else peak / GIB, "images_per_iter": trainer.images}
+    except torch.cuda.OutOfMemoryError:
+        return {"error": "out of memory"}
+    finally:
+        del trainer, method, batch
+        release(device)
+
+
+def compare_precisions(label: str, raw: dict, where: str, soft_labels: bool, device: torch.device,
+                       warmup_steps: int, steps: int) -> dict:
+    stage, _ = training.parse_stage(raw, where)
+    runs = {p: time_step(raw, where, soft_labels, device, p, warmup_steps, steps) for p in PRECISIONS}
+    fp32, bf16 = runs["fp32"], runs["bf16+channels_last"]
+    ok = "error" not in fp32 and "error" not in bf16
+    return {
+        "name": label, "method": stage.method,
+        "model": f"{stage.model.arch}-{stage.model.depth} ({stage.model.head} head)",
+        "streams": {s: [stage.stream_data(s).batch_size, *stage.stream_data(s).crop]
+                    for s in method_class(stage.method).streams},
+        "runs": runs,
+        "ratio_images_per_s_bf16_over_fp32": bf16["images_per_s"] / fp32["images_per_s"] if ok else None,
+        "ratio_peak_memory_bf16_over_fp32": (bf16["peak_memory_gib"] / fp32["peak_memory_gib"]
+                                             if ok and fp32["peak_memory_gib"] else None),
+    }
+
+
+def tiny_repro(with_chain: bool, targets: list[str], device: torch.device) -> dict:
+    """Wall time of ``dvc repro`` on the end-to-end tests' tiny params in a fresh temporary project."""
+    from tests.test_pipeline import ENV, make_project, tiny_params
+    env = dict(ENV, CUDA_VISIBLE_DEVICES="") if device.type == "cpu" else ENV
+    with tempfile.TemporaryDirectory(prefix="bench_repro_") as tmp:
+        project = make_project(Path(tmp), tiny_params(chain=with_chain))
+        start = time.perf_counter()
+        done = subprocess.run(["dvc", "repro", *targets], cwd=project, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"dvc repro failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return {"wall_s": wall, "chain": with_chain, "targets": targets,
+            "stages_run": done.stdout.count("Running stage")}
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def print_table(result: dict) -> None:
+    print(f"device {result['device']}, torch {result['torch']}{', DRY RUN (tiny sizes)' if result['dry_run'] else ''}")
+    entries = result.get("deeplabv2", []) + ([result["cpsl"]] if "cpsl" in result else [])
+    for entry in entries:
+        streams = " + ".join(f"{s} {b}x{h}x{w}" for s, (b, h, w) in entry["streams"].items())
+        print(f"  {entry['name']}: {entry['method']}, {entry['model']}, {streams}")
+    if entries:
+        print(f"{'measurement':<28} {'precision':<19} {'images/s':>9} {'s/iter':>8} {'peak GiB':>9}")
+    for entry in entries:
+        for precision, run in entry["runs"].items():
+            if "error" in run:
+                print(f"{entry['name']:<28} {precision:<19} {run['error']:>28}")
+                continue
+            peak = "-" if run["peak_memory_gib"] is None else f"{run['peak_memory_gib']:.2f}"
+            print(f"{entry['name']:<28} {precision:<19} {run['images_per_s']:>9.2f} {run['seconds_per_iter']:>8.3f} "
+                  f"{peak:>9}")
+    for entry in entries:
+        speed, memory = entry["ratio_images_per_s_bf16_over_fp32"], entry["ratio_peak_memory_bf16_over_fp32"]
+        print(f"ratio bf16/fp32 {entry['name']}: images/s {'-' if speed is None else f'{speed:.2f}'}, "
+              f"peak memory {'-' if memory is None else f'{memory:.2f}'}")
+    if "repro" in result:
+        r = result["repro"]
+        print(f"tiny dvc repro ({'CPSL chain' if r['chain'] else 'warm-up only'}"
+              f"{', targets ' + ' '.join(r['targets']) if r['targets'] else ''}): {r['stages_run']} stages "
+              f"in {r['wall_s']:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: the dry run (tiny sizes), for checking the code without a GPU")
+    parser.add_argument("--dry-run", action="store_true", help="same as --device cpu")
+    parser.add_argument("--measure", nargs="+", choices=("deeplabv2", "cpsl", "repro"),
+                        default=["deeplabv2", "cpsl", "repro"])
+    parser.add_argument("--steps", type=int, help="timed steps per measurement (default 10; dry run 2)")
+    parser.add_argument("--warmup-steps", type=int, help="untimed steps first (default 3; dry run 1)")
+    parser.add_argument("--repro-target", nargs="*", default=[],
+                        help="stages for `dvc repro` (default: the whole pipeline)")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    dry = args.dry_run or args.device == "cpu"
+    if not dry and not torch.cuda.is_available():
+        print("bench/gpu.py: no CUDA device (torch.cuda.is_available() is False); "
+              "--dry-run runs the same measurements on CPU at tiny sizes", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if dry else "cuda")
+    steps = args.steps or (2 if dry else 10)
+    warmup_steps = args.warmup_steps if args.warmup_steps is not None else (1 if dry else 3)
+
+    result = {"device": describe(device), "torch": torch.__version__, "dry_run": dry, "steps": steps,
+              "warmup_steps": warmup_steps}
+    if "deeplabv2" in args.measure:
+        result["deeplabv2"] = [
+            compare_precisions(preset.removesuffix(".yaml"), warmup_section(preset, dry), "warmup", False, device,
+                               warmup_steps, steps) for preset in DEEPLABV2_PRESETS]
+    if "cpsl" in args.measure:
+        result["cpsl"] = compare_precisions("cpsl_stage1", selftrain_section(CPSL_PRESET, dry), "selftrain", True,
+                                            device, warmup_steps, steps)
+    if "repro" in args.measure:
+        release(device)
+        result["repro"] = tiny_repro(with_chain=not dry, targets=args.repro_target, device=device)
+    print_table(result)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Data loader against model throughput of one training section: the loader must never be the bottleneck.
+
+    python bench/loader_throughput.py [--section warmup] [--workers 0 1 2] [--batches 30] [--steps 5]
+                                      [--repeats 3] [--out results.json]
+
+``--section`` is a training stage of params.yaml: ``warmup``, ``variants.NAME``, ``selftrain[.RUN]``
+or ``distill[.ROUND]`` (the first run / round when none is named).  The script builds nothing
+itself: it runs the stage's own set-up (``lib.engine.training.run_training_stage``: params,
+prepared data, init model, pseudo-labels, method, streams) and stops it at the hand-off to the
+engine, keeping the method and the stream factories the engine would have received.  So the
+streams are the stage's real ones: its datasets, transforms, sampler, batch size and workers.
+
+It then measures, interleaved ``--repeats`` times (loader, model, loader, model, ...; medians count):
+
+(a) loader images/s: batches drawn from every stream of the method, one of each per iteration as
+    the engine draws them, with no model; once with the configured ``workers`` and once with each
+    of ``--workers``.  The prefetched batches are drained first, untimed, so a block times what the
+    workers produce rather than what they buffered while the model ran;
+(b) model images/s: ``--steps`` training steps of the configured method (model forward, backward,
+    optimizer steps) on one fixed batch already on the device (bench/stepper.py), with the stage's
+    precision on CUDA and fp32 on CPU, as the engine runs it;
+(c) their ratio loader/model, which must stay above 1.
+
+Both rates count the images of all streams per iteration.  On a CPU-only machine the loader
+workers and the model share the cores during training, so the ratio measured here (each side alone)
+is an upper bound there; on a GPU the model's side runs on the device and the ratio is what it says.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.stepper import FixedBatchTrainer, images_in  # noqa: E402
+from lib.config import load_params, merged  # noqa: E402
+from lib.engine import loop, training  # noqa: E402
+from lib.errors import ConfigError, exit_on_user_error  # noqa: E402
+
+PREFETCH_FACTOR = 2   # torch DataLoader's default, which lib.data.dataset.infinite_batches keeps
+
+
+class _HandOff(Exception):
+    """Raised in place of the engine's ``train`` once the stage has built everything it hands over."""
+
+
+def stage_section(params: dict, section: str) -> tuple[str, dict]:
+    """(stage name, raw section) of ``warmup``, ``variants.NAME``, ``selftrain[.RUN]``, ``distill[.ROUND]``,
+    resolved as stages/warmup.py, stages/selftrain.py and stages/distill.py resolve them."""
+    kind, _, name = section.partition(".")
+    if kind == "warmup" and not name:
+        return "warmup", params.get("warmup")
+    if kind == "variants" and name:
+        return name, training.variant_params(params, name)
+    chains = {"selftrain": "runs", "distill": "rounds"}
+    if kind in chains:
+        runs = (params.get(kind) or {}).get(chains[kind]) or {}
+        if not name:
+            if not runs:
+                raise ConfigError(f"params: {kind}.{chains[kind]} is empty; name a run as --section {kind}.NAME")
+            name = str(next(iter(runs)))
+        return training.run_model_name(kind, name), training.run_params(params, kind, chains[kind], name)
+    raise ConfigError(f"--section {section!r}: expected warmup, variants.NAME, selftrain[.RUN] or distill[.ROUND]")
+
+
+def with_workers(raw: dict, workers: int) -> dict:
+    """``raw`` with every stream's loader workers set to ``workers``."""
+    raw = merged(raw, {"data": {"workers": workers}})
+    if isinstance(raw.get("target_data"), dict):
+        raw = merged(raw, {"target_data": {"workers": workers}})
+    return raw
+
+
+def configured_workers(raw: dict) -> int:
+    """The loader workers the section asks for (the larger of its two streams' when they differ)."""
+    data = raw.get("data") or {}
+    target = {**data, **raw["target_data"]} if isinstance(raw.get("target_data"), dict) else data
+    return max(int(d.get("workers", training.DataParams.workers)) for d in (data, target))
+
+
+def stage_handoff(stage_name: str, raw: dict) -> dict:
+    """What ``run_training_stage(stage_name, raw)`` hands the engine: ``train``'s arguments by name
+    (``method``, ``streams``, ``params``, ``optim``, ``schedule``, ...).  No training runs and
+    nothing is written."""
+    handed: dict = {}
+    signature = inspect.signature(loop.train)
+
+    def capture(*args, **kwargs):
+        handed.update(signature.bind(*args, **kwargs).arguments)
+        raise _HandOff
+
+    # both names: the stage calls the engine through its own import; never let a set-up train for real
+    with mock.patch.object(training, "train", capture), mock.patch.object(loop, "train", capture):
+        try:
+            training.run_training_stage(stage_name, raw)
+        except _HandOff:
+            pass
+    if not handed:
+        raise RuntimeError("run_training_stage finished without handing anything to the engine's train")
+    return handed
+
+
+def open_streams(handed: dict) -> dict:
+    """One live iterator per stream the method reads, from iteration 0."""
+    return {name: handed["streams"][name](0) for name in handed["method"].streams}
+
+
+def draw(iterators: dict) -> dict:
+    return {name: next(it) for name, it in iterators.items()}
+
+
+def loader_seconds(iterators: dict, workers: int, batches: int) -> tuple[float, int]:
+    """(seconds, images) to draw ``batches`` iterations, after draining what the workers buffered."""
+    for _ in range(PREFETCH_FACTOR * workers):
+        draw(iterators)
+    images = 0
+    start = time.perf_counter()
+    for _ in range(batches):
+        images += images_in(draw(iterators))
+    return time.perf_counter() - start, images
+
+
+def measure(section: str, worker_counts: list[int], batches: int, steps: int, repeats: int) -> dict:
+    params = load_params()
+    stage_name, raw = stage_section(params, section)
+    if (raw.get("train") or {}).get("processes", 1) != 1:
+        # one process's loader against one process's model: the ratio each torchrun worker sees
+        raw = merged(raw, {"train": {"processes": 1}})
+    configured = configured_workers(raw)
+    handed = stage_handoff(stage_name, raw)
+    iterators = {configured: open_streams(handed)}
+    for w in sorted(set(worker_counts) - {configured}):
+        iterators[w] = open_streams(stage_handoff(stage_name, with_workers(raw, w)))
+    settings = sorted(iterators)
+
+    train_params = handed["params"]
+    device = loop.select_device()
+    cuda = device.type == "cuda"
+    torch.backends.cudnn.benchmark = train_params.cudnn_benchmark
+    trainer = FixedBatchTrainer(
+        handed["method"], draw(iterators[configured]), handed["optim"], handed["schedule"], device,
+        autocast=torch.bfloat16 if cuda and train_params.precision == "bf16" else None,
+        channels_last=cuda and train_params.channels_last, horizon=train_params.iters)
+
+    for w in settings:   # worker start-up and first decodes stay out of the timings
+        loader_seconds(iterators[w], w, 1)
+    trainer.step()
+    loader_runs: dict[int, list[float]] = {w: [] for w in settings}
+    model_runs: list[float] = []
+    for _ in range(repeats):
+        for w in settings:
+            seconds, images = loader_seconds(iterators[w], w, batches)
+            loader_runs[w].append(images / seconds)
+        model_runs.append(trainer.images / trainer.seconds_per_iter(steps))
+
+    model_rate = statistics.median(model_runs)
+    loader = [{"workers": w, "configured": w == configured, "images_per_s": statistics.median(loader_runs[w]),
+               "runs": loader_runs[w], "ratio": statistics.median(loader_runs[w]) / model_rate} for w in settings]
+    return {
+        "section": section, "stage": stage_name, "method": raw["method"],
+        "streams": {name: list(b["image"].shape) for name, b in trainer.batch.items()},
+        "images_per_iter": trainer.images, "device": str(device), "threads": torch.get_num_threads(),
+        "precision": "bf16" if trainer.autocast is not None else "fp32",
+        "model": {"images_per_s": model_rate, "runs": model_runs, "steps": steps},
+        "loader": loader, "batches": batches, "repeats": repeats,
+        "ratio": next(row["ratio"] for row in loader if row["configured"]),
+    }
+
+
+def print_table(result: dict) -> None:
+    shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in result["streams"].items())
+    print(f"section {result['section']} ({result['method']}), {shapes}, device {result['device']}, "
+          f"{result['precision']}, threads {result['threads']}")
+    print(f"model: {result['model']['images_per_s']:8.1f} images/s  (forward + backward + step, "
+          f"{result['model']['steps']} steps x {result['repeats']})")
+    print(f"{'workers':>10} {'loader images/s':>16} {'loader/model':>13}")
+    for row in result["loader"]:
+        mark = " (configured)" if row["configured"] else ""
+        print(f"{row['workers']:>10} {row['images_per_s']:>16.1f} {row['ratio']:>13.2f}{mark}")
+    verdict = "the loader keeps up" if result["ratio"] > 1 else "THE LOADER IS THE BOTTLENECK"
+    print(f"ratio loader/model at the configured workers = {result['ratio']:.2f}  (must be > 1: {verdict})")
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--section", default="warmup")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
+                        help="worker counts measured besides the configured one")
+    parser.add_argument("--batches", type=int, default=30, help="iterations drawn per loader block")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per model block")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if min(args.workers) < 0 or min(args.batches, args.steps, args.repeats) < 1:
+        parser.error("--workers must be >= 0 and --batches, --steps, --repeats >= 1")
+    result = measure(args.section, args.workers, args.batches, args.steps, args.repeats)
+    print_table(result)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

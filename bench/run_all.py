@@ -1,0 +1,85 @@
+"""Every CPU benchmark with small defaults, then all their ratios in one table.
+
+    python bench/run_all.py [--sections warmup selftrain] [--out bench-results.json]
+
+Runs, one after the other and each in its own process (their thread settings differ), from the
+project root:
+
+- bench/train_overhead.py: the engine against a bare forward/backward loop (target <= 1.05);
+- bench/eval_speed.py: our evaluator against ``cityscapesscripts`` on the same PNGs (< 1: faster);
+- bench/loader_throughput.py for each of ``--sections``: the stage's data loader against its model
+  (> 1: the loader is not the bottleneck), at the configured workers and at 0, 1 and 2.
+
+Each ratio's two sides are measured in the same process, interleaved or back to back, so the ratios
+hold on a busy machine better than the absolute times do.  Their outputs are shown as they run; the
+table at the end collects the ratios, and ``--out`` writes every script's JSON in one file.
+bench/gpu.py is not part of this: it needs a CUDA device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {
+    "train_overhead": ["--iters", "12", "--repeats", "3", "--batch", "4"],
+    "eval_speed": ["--images", "10", "--size", "1024x2048"],
+    "loader_throughput": ["--batches", "20", "--steps", "3", "--repeats", "3"],
+}
+
+
+def run(script: str, args: list[str], out: Path) -> dict:
+    print(f"\n$ python bench/{script}.py {' '.join(args)}", flush=True)
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / f"{script}.py"), *args, "--out", str(out)], cwd=ROOT)
+    if done.returncode != 0 or not out.is_file():
+        raise SystemExit(f"bench/{script}.py failed (exit {done.returncode})")
+    return json.loads(out.read_text())
+
+
+def rows(results: dict) -> list[tuple[str, str, float, str, bool]]:
+    """(benchmark, what the ratio compares, ratio, target, target met)."""
+    table = []
+    overhead = results["train_overhead"]
+    table.append(("trainer overhead", "engine / bare loop, s per iteration", overhead["ratio"], "<= 1.05",
+                  overhead["ratio"] <= 1.05))
+    evaluation = results["eval_speed"]
+    table.append(("evaluation", f"ours / cityscapesscripts, seconds ({evaluation['images']} images)",
+                  evaluation["ratio"], "< 1", evaluation["ratio"] < 1 and evaluation["agree"]))
+    for section, loader in results["loader_throughput"].items():
+        for row in loader["loader"]:
+            mark = ", configured" if row["configured"] else ""
+            table.append((f"loader vs model: {section}", f"loader / model images/s, workers {row['workers']}{mark}",
+                          row["ratio"], "> 1", row["ratio"] > 1))
+    return table
+
+
+def print_table(table) -> None:
+    print(f"\n{'benchmark':<28} {'ratio of':<50} {'ratio':>8}  {'target':<8} met")
+    for name, what, ratio, target, met in table:
+        print(f"{name:<28} {what:<50} {ratio:>8.3f}  {target:<8} {'yes' if met else 'NO'}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", default=["warmup"],
+                        help="training sections for loader_throughput (warmup, selftrain, distill, variants.NAME)")
+    parser.add_argument("--out", type=Path, help="write every script's results as one JSON file")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
+        tmp = Path(tmp)
+        results = {name: run(name, SMALL[name], tmp / f"{name}.json") for name in ("train_overhead", "eval_speed")}
+        results["loader_throughput"] = {
+            section: run("loader_throughput", [*SMALL["loader_throughput"], "--section", section],
+                         tmp / f"loader_{section}.json") for section in args.sections}
+    print_table(rows(results))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

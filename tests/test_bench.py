@@ -1,0 +1,112 @@
+"""The benchmark scripts run and report consistent numbers (never absolute timings): the loader
+against model throughput on a tiny prepared project, and bench/gpu.py's CPU dry run.  The scripts'
+``main`` run in this process: a fresh interpreter per script would double the time on 2 cores."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+import torch
+import yaml
+
+from bench import gpu, loader_throughput
+from bench.loader_throughput import configured_workers, stage_section
+from lib.errors import ConfigError
+from tests.layouts import prepare_gta_and_cityscapes
+from tests.test_pipeline import tiny_params
+
+
+def test_sections_resolve_as_their_stages_do():
+    params = tiny_params(chain=True)
+    params["variants"] = {"minent": {"method": "minent"}}
+    assert stage_section(params, "warmup") == ("warmup", params["warmup"])
+    name, raw = stage_section(params, "selftrain")               # the first run
+    assert name == "selftrain" and raw["init"] == "warmup" and "runs" not in raw
+    name, raw = stage_section(params, "distill.2")
+    assert name == "distill_2" and raw["teacher"] == "distill_1"
+    name, raw = stage_section(params, "variants.minent")
+    assert name == "minent" and raw["method"] == "minent" and raw["data"] == params["warmup"]["data"]
+    with pytest.raises(ConfigError, match="expected warmup"):
+        stage_section(params, "evaluate")
+    with pytest.raises(ConfigError, match="selftrain.runs.nope"):
+        stage_section(params, "selftrain.nope")
+    assert configured_workers({"data": {"workers": 1}, "target_data": {"workers": 3}}) == 3
+    assert configured_workers({"data": {"workers": 1}, "target_data": {"crop": [8, 8]}}) == 1
+
+
+@pytest.fixture(scope="module")
+def loader_project(tmp_path_factory):
+    return prepare_gta_and_cityscapes(tmp_path_factory.mktemp("bench"))
+
+
+@pytest.fixture(scope="module")
+def loader_result(loader_project) -> dict:
+    project = loader_project
+    warmup = tiny_params()["warmup"]
+    warmup.update(method="advent", source="gta", target="cs")     # two streams: source and target
+    warmup["data"].update(batch_size=2, crop=[32, 64], workers=1)
+    (project / "params.yaml").write_text(yaml.safe_dump({"warmup": warmup}))
+    out = project / "loader.json"
+    printed = io.StringIO()
+    with contextlib.chdir(project), contextlib.redirect_stdout(printed):
+        loader_throughput.main(["--workers", "0", "2", "--batches", "3", "--steps", "1", "--repeats", "2",
+                                "--out", str(out)])
+    assert "ratio loader/model at the configured workers" in printed.getvalue()
+    return json.loads(out.read_text())
+
+
+def test_loader_throughput_measures_the_stage_streams(loader_result):
+    r = loader_result
+    assert r["method"] == "advent" and r["stage"] == "warmup"
+    assert r["streams"] == {"source": [2, 3, 32, 64], "target": [2, 3, 32, 64]}
+    assert r["images_per_iter"] == 4
+    assert [row["workers"] for row in r["loader"]] == [0, 1, 2]
+    assert [row["workers"] for row in r["loader"] if row["configured"]] == [1]
+
+
+def test_loader_throughput_stops_the_stage_before_training(loader_result, loader_project):
+    assert not (loader_project / "data/models").exists() and not (loader_project / "data/checkpoints").exists()
+    assert not (loader_project / "metrics").exists()
+
+
+def test_loader_throughput_ratios_are_loader_over_model(loader_result):
+    r = loader_result
+    model = r["model"]["images_per_s"]
+    assert model > 0 and len(r["model"]["runs"]) == 2
+    for row in r["loader"]:
+        assert row["images_per_s"] > 0 and len(row["runs"]) == 2
+        assert row["ratio"] == pytest.approx(row["images_per_s"] / model)
+    assert r["ratio"] == next(row["ratio"] for row in r["loader"] if row["configured"])
+
+
+def test_gpu_bench_refuses_without_cuda_in_one_line(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu.main([]) == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.strip().count("\n") == 0 and "no CUDA device" in printed.err
+
+
+def test_gpu_bench_dry_run_exercises_every_measurement(tmp_path, capsys):
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--dry-run", "--steps", "1", "--warmup-steps", "0", "--repro-target", "synthesize",
+                     "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["dry_run"] and r["device"].startswith("CPU")
+    entries = {e["name"]: e for e in [*r["deeplabv2"], r["cpsl"]]}
+    assert entries["gta5_cityscapes_deeplabv2"]["streams"] == {"source": [1, 32, 64]}
+    assert entries["gta5_cityscapes_advent"]["streams"] == {"source": [1, 32, 64], "target": [1, 32, 64]}
+    assert entries["cpsl_stage1"]["streams"] == {"source": [4, 32, 64], "target": [4, 32, 64]}
+    assert entries["cpsl_stage1"]["method"] == "cpsl_stage1" and "cpsl head" in entries["cpsl_stage1"]["model"]
+    for entry in entries.values():
+        runs = entry["runs"]
+        assert set(runs) == {"fp32", "bf16+channels_last"}
+        for run in runs.values():
+            assert run["images_per_s"] > 0 and run["peak_memory_gib"] is None     # no CUDA memory on CPU
+            assert run["images_per_s"] == pytest.approx(run["images_per_iter"] / run["seconds_per_iter"])
+        assert entry["ratio_images_per_s_bf16_over_fp32"] == pytest.approx(
+            runs["bf16+channels_last"]["images_per_s"] / runs["fp32"]["images_per_s"])
+        assert entry["ratio_peak_memory_bf16_over_fp32"] is None
+    assert r["repro"]["stages_run"] == 1 and r["repro"]["wall_s"] > 0 and not r["repro"]["chain"]
+    assert "tiny dvc repro" in capsys.readouterr().out
