@@ -5,9 +5,9 @@
 
 ``--section`` is a training stage of params.yaml: ``warmup``, ``variants.NAME``, ``selftrain[.RUN]``
 or ``distill[.ROUND]`` (the first run / round when none is named).  The script builds nothing
-itself: it runs the stage's own set-up (``lib.engine.training.run_training_stage``: params,
-prepared data, init model, pseudo-labels, method, streams) and stops it at the hand-off to the
-engine, keeping the method and the stream factories the engine would have received.  So the
+itself: it runs the stage's own set-up (``lib.engine.training.build_training_stage``: params,
+prepared data, init model, pseudo-labels, method, streams), everything the stage hands the
+engine, and never trains.  So the
 streams are the stage's real ones: its datasets, transforms, sampler, batch size and workers.
 
 It then measures, interleaved ``--repeats`` times (loader, model, loader, model, ...; medians count):
@@ -28,13 +28,11 @@ is an upper bound there; on a GPU the model's side runs on the device and the ra
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import statistics
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 
@@ -46,10 +44,6 @@ from lib.engine import loop, training  # noqa: E402
 from lib.errors import ConfigError, exit_on_user_error  # noqa: E402
 
 PREFETCH_FACTOR = 2   # torch DataLoader's default, which lib.data.dataset.infinite_batches keeps
-
-
-class _HandOff(Exception):
-    """Raised in place of the engine's ``train`` once the stage has built everything it hands over."""
 
 
 def stage_section(params: dict, section: str) -> tuple[str, dict]:
@@ -86,31 +80,9 @@ def configured_workers(raw: dict) -> int:
     return max(int(d.get("workers", training.DataParams.workers)) for d in (data, target))
 
 
-def stage_handoff(stage_name: str, raw: dict) -> dict:
-    """What ``run_training_stage(stage_name, raw)`` hands the engine: ``train``'s arguments by name
-    (``method``, ``streams``, ``params``, ``optim``, ``schedule``, ...).  No training runs and
-    nothing is written."""
-    handed: dict = {}
-    signature = inspect.signature(loop.train)
-
-    def capture(*args, **kwargs):
-        handed.update(signature.bind(*args, **kwargs).arguments)
-        raise _HandOff
-
-    # both names: the stage calls the engine through its own import; never let a set-up train for real
-    with mock.patch.object(training, "train", capture), mock.patch.object(loop, "train", capture):
-        try:
-            training.run_training_stage(stage_name, raw)
-        except _HandOff:
-            pass
-    if not handed:
-        raise RuntimeError("run_training_stage finished without handing anything to the engine's train")
-    return handed
-
-
-def open_streams(handed: dict) -> dict:
+def open_streams(built: training.BuiltStage) -> dict:
     """One live iterator per stream the method reads, from iteration 0."""
-    return {name: handed["streams"][name](0) for name in handed["method"].streams}
+    return {name: built.streams[name](0) for name in built.method.streams}
 
 
 def draw(iterators: dict) -> dict:
@@ -135,18 +107,18 @@ def measure(section: str, worker_counts: list[int], batches: int, steps: int, re
         # one process's loader against one process's model: the ratio each torchrun worker sees
         raw = merged(raw, {"train": {"processes": 1}})
     configured = configured_workers(raw)
-    handed = stage_handoff(stage_name, raw)
-    iterators = {configured: open_streams(handed)}
+    built = training.build_training_stage(stage_name, raw)
+    iterators = {configured: open_streams(built)}
     for w in sorted(set(worker_counts) - {configured}):
-        iterators[w] = open_streams(stage_handoff(stage_name, with_workers(raw, w)))
+        iterators[w] = open_streams(training.build_training_stage(stage_name, with_workers(raw, w)))
     settings = sorted(iterators)
 
-    train_params = handed["params"]
+    train_params = built.stage.train
     device = loop.select_device()
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = train_params.cudnn_benchmark
     trainer = FixedBatchTrainer(
-        handed["method"], draw(iterators[configured]), handed["optim"], handed["schedule"], device,
+        built.method, draw(iterators[configured]), built.stage.optim, built.stage.schedule, device,
         autocast=torch.bfloat16 if cuda and train_params.precision == "bf16" else None,
         channels_last=cuda and train_params.channels_last, horizon=train_params.iters)
 

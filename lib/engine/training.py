@@ -354,8 +354,24 @@ class StageInputs:
         return list(self.paths)
 
 
-def run_training_stage(stage_name: str, raw: dict) -> Path:
-    """Train the configured method and write ``data/models/<stage_name>/`` atomically."""
+@dataclass
+class BuiltStage:
+    """A training stage set up and ready for the engine: what :func:`run_training_stage` hands ``train``."""
+
+    name: str
+    stage: TrainingStageParams
+    model: Any
+    method: Any
+    streams: dict[str, StreamFactory]
+    fingerprint: str
+    meta: dict                 # the model artifact's meta, less what only the finished run knows
+
+
+def build_training_stage(stage_name: str, raw: dict) -> BuiltStage:
+    """Check the stage's params and inputs, then build its model, method and data streams (no training).
+
+    Joins the process group first when the stage runs under torchrun (``train.processes`` > 1); a
+    plain process asking for several is relaunched under torchrun here (lib.engine.distributed)."""
     stage, method_params = parse_stage(with_init_model(raw, stage_name), stage_name)
     method_type = method_class(stage.method)
     datasets = {"source": stage.source, "target": stage.target}
@@ -397,12 +413,6 @@ def run_training_stage(stage_name: str, raw: dict) -> Path:
             else:
                 streams[s] = training_stream(name, stage.stream_data(s), stage.normalize, seeds[s],
                                              labelled=(s == "source"))
-    checkpoint_dir = Path("data/checkpoints") / stage_name
-    train(method, streams, stage.train, stage.optim, stage.schedule, checkpoint_dir=checkpoint_dir,
-          live_dir=Path("metrics") / stage_name / "train",
-          fingerprint=fingerprint(across_world_sizes(raw, stage.data, stage.train), list(needed.values()),
-                                  inputs.files()), desc=stage_name)
-
     meta = {
         "stage": stage_name,
         "method": stage.method,
@@ -413,12 +423,24 @@ def run_training_stage(stage_name: str, raw: dict) -> Path:
         "source_protocol": load_meta(PREPARED_ROOT / stage.source)["class_protocol"],
         "normalize": {"mean": list(mean), "std": list(std)},
         "params": raw,
-        "world_size": distributed.world_size(),
     }
-    meta["provenance"] = provenance.training(stage.train, world=meta.get("world_size"))
+    return BuiltStage(stage_name, stage, model, method, streams,
+                      fingerprint(across_world_sizes(raw, stage.data, stage.train), list(needed.values()),
+                                  inputs.files()), meta)
+
+
+def run_training_stage(stage_name: str, raw: dict) -> Path:
+    """Train the configured method and write ``data/models/<stage_name>/`` atomically."""
+    built = build_training_stage(stage_name, raw)
+    stage = built.stage
+    checkpoint_dir = Path("data/checkpoints") / stage_name
+    train(built.method, built.streams, stage.train, stage.optim, stage.schedule, checkpoint_dir=checkpoint_dir,
+          live_dir=Path("metrics") / stage_name / "train", fingerprint=built.fingerprint, desc=stage_name)
+    meta = {**built.meta, "world_size": distributed.world_size()}
+    meta["provenance"] = provenance.training(stage.train, world=meta["world_size"])
     out = Path("data/models") / stage_name
     if distributed.is_main():
-        publish_model(out, model, meta, checkpoint_dir, stage.train.iters)
+        publish_model(out, built.model, meta, checkpoint_dir, stage.train.iters)
     return out
 
 
