@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import json
 import os
 import shutil
@@ -12,9 +14,32 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from lib.errors import DataError
+from lib.errors import WRITE_ERRNOS, DataError, OutputError
 
 cv2.setNumThreads(1)  # we parallelise across images; OpenCV's own threads would oversubscribe
+
+
+def output_error(path: str | os.PathLike, err: OSError) -> OutputError:
+    """One line naming the output that could not be written, and why (disk full, not a folder, ...)."""
+    blocker = None
+    if err.errno in (errno.EEXIST, errno.ENOTDIR):
+        blocker = next((p for p in Path(path).parents if p.is_file()), None)
+    reason = f"{blocker} is a file, not a folder" if blocker else err.strerror or str(err)
+    return OutputError(f"{path}: could not be written ({reason}); any earlier version is left as it was")
+
+
+def temporary_sibling(path: Path, kind: str = "tmp") -> Path:
+    return path.parent / f".{path.name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete what a killed write of ``path`` left beside it (its temporary and retired copies)."""
+    for stale in [*path.parent.glob(f".{glob.escape(path.name)}.tmp-*"),
+                  *path.parent.glob(f".{glob.escape(path.name)}.old-*")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -22,32 +47,52 @@ def atomic_dir(final: str | os.PathLike):
     """Yield a temporary sibling folder; on success it replaces ``final`` in one rename.
 
     On any exception the temporary folder is removed and ``final`` is left untouched, so a killed
-    or failed stage never leaves a half-written output that looks finished.
+    or failed stage never leaves a half-written output that looks finished.  A write that fails for
+    want of space (or a folder that cannot be made) is a one-line OutputError naming the file as it
+    would be named in ``final``.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(final)
+        tmp = temporary_sibling(final)
+        tmp.mkdir()
+    except OSError as err:
+        raise output_error(final, err) from None
     try:
         yield tmp
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno in WRITE_ERRNOS:
+            err = output_error(err.filename or final, err)
+        if isinstance(err, OutputError):   # name the file where it was going, not its temporary folder
+            raise OutputError(str(err).replace(str(tmp), str(final))) from None
         raise
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
+    old = temporary_sibling(final, "old")
+    try:
+        if final.exists():
+            final.rename(old)
         tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
+    except OSError as err:
+        if old.exists() and not final.exists():
+            old.rename(final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise output_error(final, err) from None
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json_atomic(path: str | os.PathLike, data) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    tmp = temporary_sibling(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        raise output_error(path, err) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -62,7 +107,7 @@ def read_rgb(path: str | os.PathLike) -> np.ndarray:
 def write_rgb(path: str | os.PathLike, rgb: np.ndarray, jpeg_quality: int = 95) -> None:
     params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if str(path).endswith(".jpg") else []
     if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params):
-        raise DataError(f"{path}: could not write image")
+        raise OutputError(f"{path}: could not be written (OpenCV failed to encode or write the image)")
 
 
 def read_label_png(path: str | os.PathLike) -> np.ndarray:
@@ -75,7 +120,7 @@ def read_label_png(path: str | os.PathLike) -> np.ndarray:
 
 def write_label_png(path: str | os.PathLike, label: np.ndarray) -> None:
     if not cv2.imwrite(str(path), np.ascontiguousarray(label, dtype=np.uint8)):
-        raise DataError(f"{path}: could not write label PNG")
+        raise OutputError(f"{path}: could not be written (OpenCV failed to encode or write the label PNG)")
 
 
 def write_id_png(path: str | os.PathLike, ids: np.ndarray, palette: np.ndarray | None = None) -> None:

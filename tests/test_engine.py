@@ -16,7 +16,7 @@ from lib.config import parse
 from lib.engine.checkpoint import STATE_FILE, load_checked, save_atomic
 from lib.engine.loop import TrainingDiverged, TrainParams, train
 from lib.engine.optim import OptimizerParams, ParamGroup, ScheduleParams, build_optimizer, build_scheduler, lr_factor
-from lib.errors import ConfigError, DataError
+from lib.errors import ConfigError, DataError, OutputError
 from lib.methods.base import Method, available_methods, method_class
 from lib.methods.source_only import SourceOnly, SourceOnlyParams
 from lib.models.output import SegOutput
@@ -233,7 +233,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match=r"x.pt: could not be written \(No space left on device\)"):
         save_atomic({"a": torch.zeros(1)}, path)
     assert torch.equal(load_checked(path, "x")["a"], torch.ones(1))
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]

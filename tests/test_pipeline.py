@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -18,9 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+# One torch thread per stage: a resumed run is bit-identical to an uninterrupted one by construction
+# (the SIGKILL tests), and stages never oversubscribe the cores.
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
        "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
-       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+       "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "OMP_NUM_THREADS": "1"}
 TARGETS = ("synth_gta5", "synth_cityscapes", "synth_acdc_night")
 
 
@@ -213,20 +216,28 @@ def lock_hash(project: Path, stage: str, path: str) -> str:
     return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == path)
 
 
-def test_killed_warmup_resumes_to_the_same_model(project):
-    """SIGKILL the whole `dvc repro` mid-training; the next repro resumes and ends bit-identical."""
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["warmup"]["train"].update(iters=40, checkpoint_every=4, seed=7)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    checkpoint = project / "data/checkpoints/warmup/last.pt"
-    proc = subprocess.Popen(["dvc", "repro", "warmup"], cwd=project, env=ENV, start_new_session=True,
+def sigkill_while_training(project: Path, dvc_args: tuple[str, ...], checkpoint: Path, seed: str) -> None:
+    """Run ``dvc <dvc_args>`` in its own process group and SIGKILL the whole group (DVC and the stage)
+    at a random moment, seeded by ``seed``, in the second after ``checkpoint`` first appears."""
+    proc = subprocess.Popen(["dvc", *dvc_args], cwd=project, env=ENV, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not checkpoint.is_file() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert checkpoint.is_file() and proc.poll() is None, "training ended before a checkpoint appeared"
+    time.sleep(random.Random(seed).uniform(0.0, 1.0))
+    assert proc.poll() is None, "training ended before the kill"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def test_killed_warmup_resumes_to_the_same_model(project):
+    """SIGKILL the whole `dvc repro` mid-training; the next repro resumes and ends bit-identical.
+    tests/test_faults.py does the same to the other training stages."""
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["warmup"]["train"].update(iters=40, checkpoint_every=4, seed=7)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sigkill_while_training(project, ("repro", "warmup"), project / "data/checkpoints/warmup/last.pt", "warmup")
     assert not (project / "data/models/warmup").exists()     # no output that looks finished
 
     out = sh(project, "dvc", "repro")

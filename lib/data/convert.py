@@ -110,7 +110,8 @@ def image_size(path: Path) -> tuple[int, int]:
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except Exception as err:
-        raise DataError(f"{path}: unreadable image ({type(err).__name__})") from None
+        raise DataError(f"{path}: unreadable image ({type(err).__name__}; expected an image file, "
+                        "e.g. PNG or JPEG)") from None
 
 
 def label_header(path: Path) -> tuple[tuple[int, int], str]:

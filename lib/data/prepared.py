@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,7 @@ def load_index(prepared: str | Path, split: str | None = None, labelled: bool = 
     df = pd.read_csv(_require(Path(prepared) / INDEX, "prepared index"),
                      dtype={"id": str, "split": str, "image": str, "label": str},
                      keep_default_na=False)
+    _check_inside_dataset(df, Path(prepared))
     if split is not None:
         if split not in set(df["split"]):
             raise DataError(f"{Path(prepared) / INDEX}: no samples in split '{split}' "
@@ -53,6 +55,23 @@ def load_index(prepared: str | Path, split: str | None = None, labelled: bool = 
     if labelled and (df["label"] == "").any():
         raise DataError(f"{Path(prepared) / INDEX}: split '{split}' has unlabelled rows, but labels are needed")
     return df
+
+
+def _check_inside_dataset(df: pd.DataFrame, prepared: Path) -> None:
+    """Every path of the index lies under the raw dataset root its meta names or among the prepared
+    datasets (converted labels, stylized copies), so a tampered row cannot feed training any file."""
+    meta = prepared / META
+    root = json.loads(meta.read_text()).get("root") if meta.is_file() else None
+    if root is None:
+        return      # a hand-made index without a prepare stage's meta: no root to hold it to
+    allowed = [os.path.abspath(root), os.path.abspath(prepared.parent)]
+    for line, row in enumerate(df.itertuples(index=False), start=2):   # line 1 is the header
+        for column in ("image", "label"):
+            path = getattr(row, column)
+            where = os.path.abspath(path) if path else None
+            if where and not any(where == a or where.startswith(a + os.sep) for a in allowed):
+                raise DataError(f"{prepared / INDEX} line {line} (id {row.id}): {column} {path} is outside the "
+                                f"dataset (expected a path under {root} or {prepared.parent})")
 
 
 def load_meta(prepared: str | Path) -> dict:

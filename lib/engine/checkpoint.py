@@ -6,9 +6,9 @@ pickled object smuggled into a checkpoint) is refused with a clear error instead
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ from torch import nn
 from lib.config import parse
 from lib.data.classes import CLASS_SETS
 from lib.errors import DataError
-from lib.io import write_json_atomic
+from lib.io import output_error, remove_stale_temporaries, temporary_sibling, write_json_atomic
 from lib.models import ModelParams, build_model
 
 MODEL_FILE = "model.pt"
@@ -26,14 +26,25 @@ STATE_FILE = "last.pt"
 
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary sibling renamed over ``path``; a failed write (disk full, a file
+    where the folder should be) is a one-line OutputError and leaves ``path`` as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = temporary_sibling(path)
     try:
-        torch.save(obj, tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)     # a SIGKILLed run's half-written copy
+        # through a Python file object: torch's own file writer hides the OS error behind a RuntimeError
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        cause = err if isinstance(err, OSError) else err.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise output_error(path, cause) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 def load_checked(path: str | os.PathLike, what: str) -> dict:
@@ -99,7 +110,22 @@ def load_model(directory: str | Path, device="cpu"):
 
 
 def load_weights(module: nn.Module, state_dict: dict, path: Path, described_as: str) -> None:
-    """Strict ``load_state_dict``; a mismatch is a DataError naming the file and what it should fit."""
+    """Strict ``load_state_dict``; a mismatch is a DataError naming the file, what it should fit and
+    the first differing tensor of each kind (torch's own message spans many lines)."""
+    own = {k: list(v.shape) for k, v in module.state_dict().items()}
+    given = {k: list(getattr(v, "shape", [])) for k, v in state_dict.items()}
+    missing, unexpected = [k for k in own if k not in given], [k for k in given if k not in own]
+    resized = [k for k in own if k in given and own[k] != given[k]]
+    found = []
+    if missing:
+        found.append(f"{len(missing)} missing, e.g. {missing[0]}")
+    if unexpected:
+        found.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+    if resized:
+        found.append(f"{len(resized)} of another shape, e.g. {resized[0]} {given[resized[0]]} "
+                     f"instead of {own[resized[0]]}")
+    if found:
+        raise DataError(f"{path}: weights do not fit {described_as} (tensors: {'; '.join(found)})")
     try:
         module.load_state_dict(state_dict)
     except RuntimeError as err:
