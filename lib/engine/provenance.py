@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lib.engine import distributed
 from lib.engine.loop import TrainParams, select_device
 
 LIBRARIES = ("torch", "torchvision", "numpy", "dvc", "dvclive", "cityscapesscripts")
@@ -63,9 +64,10 @@ def device_info(device: torch.device | str) -> dict:
 
 
 def world_size() -> int:
-    """Processes of the run: the initialised process group's size, else torchrun's WORLD_SIZE, else 1."""
+    """Processes of the run: the process group's size (lib.engine.distributed), else torchrun's
+    WORLD_SIZE (a process of a torchrun job that has not joined the group), else 1."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
+        return distributed.world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
