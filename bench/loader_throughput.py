@@ -17,8 +17,8 @@ It then measures, interleaved ``--repeats`` times (loader, model, loader, model,
     of ``--workers``.  The prefetched batches are drained first, untimed, so a block times what the
     workers produce rather than what they buffered while the model ran;
 (b) model images/s: ``--steps`` training steps of the configured method (model forward, backward,
-    optimizer steps) on one fixed batch already on the device (bench/stepper.py), with the stage's
-    precision on CUDA and fp32 on CPU, as the engine runs it;
+    optimizer steps) on one fixed batch already on the device (bench/stepper.py), in the
+    arithmetic the engine would use for the stage's precision (lib.engine.precision);
 (c) their ratio loader/model, which must stay above 1.
 
 Both rates count the images of all streams per iteration.  On a CPU-only machine the loader
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.stepper import FixedBatchTrainer, images_in  # noqa: E402
 from lib.config import load_params, merged  # noqa: E402
-from lib.engine import loop, training  # noqa: E402
+from lib.engine import loop, precision, training  # noqa: E402
 from lib.errors import ConfigError, exit_on_user_error  # noqa: E402
 
 PREFETCH_FACTOR = 2   # torch DataLoader's default, which lib.data.dataset.infinite_batches keeps
@@ -119,7 +119,7 @@ def measure(section: str, worker_counts: list[int], batches: int, steps: int, re
     torch.backends.cudnn.benchmark = train_params.cudnn_benchmark
     trainer = FixedBatchTrainer(
         built.method, draw(iterators[configured]), built.stage.optim, built.stage.schedule, device,
-        autocast=torch.bfloat16 if cuda and train_params.precision == "bf16" else None,
+        autocast=torch.bfloat16 if precision.effective(train_params.precision, device) == "bf16" else None,
         channels_last=cuda and train_params.channels_last, horizon=train_params.iters)
 
     for w in settings:   # worker start-up and first decodes stay out of the timings

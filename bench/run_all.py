@@ -7,6 +7,8 @@ project root:
 
 - bench/train_overhead.py: the engine against a bare forward/backward loop (target <= 1.05);
 - bench/eval_speed.py: our evaluator against ``cityscapesscripts`` on the same PNGs (< 1: faster);
+- bench/precision.py: bf16 autocast against fp32, a training step and an inference pass of the
+  warm-up's model (< 1: bf16 is faster; the engine uses bf16 only where the hardware has it);
 - bench/loader_throughput.py for each of ``--sections``: the stage's data loader against its model
   (> 1: the loader is not the bottleneck), at the configured workers and at 0, 1 and 2.
 
@@ -29,6 +31,7 @@ SMALL = {
     "train_overhead": ["--iters", "12", "--repeats", "3", "--batch", "4"],
     "eval_speed": ["--images", "10", "--size", "1024x2048"],
     "loader_throughput": ["--batches", "20", "--steps", "3", "--repeats", "3"],
+    "precision": ["--steps", "2", "--repeats", "3", "--images", "8"],
 }
 
 
@@ -49,6 +52,12 @@ def rows(results: dict) -> list[tuple[str, str, float, str, bool]]:
     evaluation = results["eval_speed"]
     table.append(("evaluation", f"ours / cityscapesscripts, seconds ({evaluation['images']} images)",
                   evaluation["ratio"], "< 1", evaluation["ratio"] < 1 and evaluation["agree"]))
+    arithmetic = results["precision"]
+    native = arithmetic["native_bf16"]
+    for side, what in (("train", "training step"), ("inference", "inference")):
+        ratio = arithmetic[side]["ratio"]
+        table.append((f"bf16 vs fp32: {side}", f"bf16 / fp32 seconds, {what}" + ("" if native else " (emulated)"),
+                      ratio, "< 1" if native else "unused", ratio < 1 if native else True))
     for section, loader in results["loader_throughput"].items():
         for row in loader["loader"]:
             mark = ", configured" if row["configured"] else ""
@@ -71,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         tmp = Path(tmp)
-        results = {name: run(name, SMALL[name], tmp / f"{name}.json") for name in ("train_overhead", "eval_speed")}
+        results = {name: run(name, SMALL[name], tmp / f"{name}.json") for name in ("train_overhead", "eval_speed", "precision")}
         results["loader_throughput"] = {
             section: run("loader_throughput", [*SMALL["loader_throughput"], "--section", section],
                          tmp / f"loader_{section}.json") for section in args.sections}

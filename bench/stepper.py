@@ -27,8 +27,8 @@ class FixedBatchTrainer:
     """``method`` set up as the engine sets it up (device, memory format, frozen modules, one
     optimizer and schedule per parameter group) and stepped on ``batch`` again and again.
 
-    ``autocast``: the dtype of ``torch.autocast`` on ``device`` (None: fp32).  The engine autocasts
-    on CUDA only; a benchmark may ask for CPU autocast to exercise the same path at tiny sizes.
+    ``autocast``: the dtype of ``torch.autocast`` on ``device`` (None: fp32); the engine's rule for
+    when it autocasts is lib.engine.precision.
     """
 
     def __init__(self, method: Method, batch: dict[str, dict], optim: dict[str, OptimizerParams],

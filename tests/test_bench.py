@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from bench import gpu, loader_throughput
+from bench import precision as precision_bench
 from bench.loader_throughput import configured_workers, stage_section
 from lib.errors import ConfigError
 from tests.layouts import prepare_gta_and_cityscapes
@@ -79,6 +80,30 @@ def test_loader_throughput_ratios_are_loader_over_model(loader_result):
         assert row["images_per_s"] > 0 and len(row["runs"]) == 2
         assert row["ratio"] == pytest.approx(row["images_per_s"] / model)
     assert r["ratio"] == next(row["ratio"] for row in r["loader"] if row["configured"])
+
+
+def test_precision_bench_compares_the_same_model_in_both_precisions(loader_project):
+    project = loader_project
+    warmup = tiny_params()["warmup"]
+    warmup.update(source="gta")
+    warmup["data"].update(batch_size=2, crop=[32, 64], workers=0)
+    (project / "params.yaml").write_text(yaml.safe_dump({"warmup": warmup}))
+    out = project / "precision.json"
+    printed = io.StringIO()
+    with contextlib.chdir(project), contextlib.redirect_stdout(printed):
+        precision_bench.main(["--steps", "1", "--repeats", "2", "--images", "2", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert "bf16/fp32" in printed.getvalue()
+    assert r["train"]["images_per_iter"] == 2 and r["inference"]["images"] == 2
+    assert r["inference"]["size"] == [12, 16]                        # the prepared images' size (tests.layouts)
+    for side in ("train", "inference"):
+        runs = r[side]["runs"]
+        assert set(runs) == {"fp32", "bf16"} and all(len(v) == 2 and min(v) > 0 for v in runs.values())
+        medians = r[side]["seconds_per_iter" if side == "train" else "seconds"]
+        assert r[side]["ratio"] == pytest.approx(medians["bf16"] / medians["fp32"])
+    assert 0.9 <= r["inference"]["argmax_agreement"] <= 1.0
+    assert r["engine_precision"] == ("bf16" if r["native_bf16"] else "fp32")
+    assert not (project / "data/models").exists() and not (project / "metrics").exists()
 
 
 def test_gpu_bench_refuses_without_cuda_in_one_line(monkeypatch, capsys):

@@ -25,6 +25,7 @@ from lib.data.transforms import Normalize
 from lib.engine import provenance
 from lib.engine.loop import select_device
 from lib.engine.metrics import protocol_subsets
+from lib.engine.precision import PRECISIONS, effective as effective_precision
 from lib.engine.report import evaluate_split, write_report
 from lib.engine.checkpoint import load_model
 from lib.errors import ConfigError
@@ -37,8 +38,12 @@ class InferenceParams:
     window: tuple[int, int] | None = None         # slide only: (h, w) window
     stride: tuple[int, int] | None = None         # slide only: (h, w) step
     flip: bool = False                            # average with the mirrored prediction
+    precision: Literal["fp32", "bf16"] = "fp32"   # bf16: autocast where native (lib.engine.precision)
 
     def validate(self, where: str) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"params: {where}.precision must be one of {', '.join(PRECISIONS)}, "
+                              f"got '{self.precision}'")
         if self.mode == "slide" and (self.window is None or self.stride is None):
             raise ConfigError(f"params: {where}.mode 'slide' needs {where}.window and {where}.stride")
         for name in ("input_size", "window", "stride"):
@@ -111,13 +116,14 @@ def run_evaluation(models: list[tuple[str, float]], target: str, params: Evaluat
         inference_kwargs=_inference_kwargs(params.inference), panel_ids=params.panels,
         mean=mean, std=std, desc=f"evaluate {'+'.join(n for n, _ in models)} on {target}")
     subsets = protocol_subsets(class_set.name, synthia_source=meta["source_protocol"].startswith("synthia"))
-    made_with = {"evaluation": provenance.collect(device, "fp32"),   # inference runs without autocast
+    made_with = {"evaluation": provenance.collect(device, effective_precision(params.inference.precision, device)),
                  "models": {name: m.get("provenance") for (name, _), m in zip(models, metas)}}
     return write_report(out_json, out_dir, matrix, class_set, subsets, panels, provenance=made_with)
 
 
 def _inference_kwargs(inference: InferenceParams) -> dict:
-    kwargs = {"mode": inference.mode, "input_size": inference.input_size, "flip": inference.flip}
+    kwargs = {"mode": inference.mode, "input_size": inference.input_size, "flip": inference.flip,
+              "precision": inference.precision}
     if inference.mode == "slide":
         kwargs.update(window=inference.window, stride=inference.stride)
     return kwargs

@@ -17,6 +17,9 @@
   larger than the (resized) image is shrunk to the image (mmseg crops it the same way; no
   padding).  When a single window covers the whole image this is exactly the whole-image path
   (logits upsampled straight to ``out_size``, no intermediate resampling).
+- **Precision**: ``precision="bf16"`` runs the forward passes under bf16 autocast where the device
+  computes bf16 natively (lib.engine.precision), fp32 otherwise; logits are upsampled, summed and
+  returned in float32 either way.
 - **Flip**: the mean of the logits of the image and of its mirror image (mirrored back); in slide
   mode the whole image is mirrored before sliding, as mmseg's flip TTA does.
 """
@@ -28,6 +31,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from lib.engine import precision as arithmetic
 from lib.models.output import SegOutput, upsample
 
 MODES = ("whole", "slide")
@@ -58,11 +62,12 @@ def _pairs(models) -> list[tuple[torch.nn.Module, float]]:
     return pairs
 
 
-def _forward(pairs, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def _forward(pairs, x: torch.Tensor, size: tuple[int, int], precision: str) -> torch.Tensor:
     """Weighted sum of each model's main logits, upsampled to ``size`` (float32)."""
     total = None
     for model, weight in pairs:
-        out = model(x)
+        with arithmetic.autocast(precision, x.device):
+            out = model(x)
         logits = out.logits if isinstance(out, SegOutput) else out
         logits = upsample(logits.float(), size) * weight
         if total is not None and logits.shape != total.shape:
@@ -73,18 +78,18 @@ def _forward(pairs, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _slide(pairs, x: torch.Tensor, out_size: tuple[int, int], window: tuple[int, int],
-           stride: tuple[int, int]) -> torch.Tensor:
+           stride: tuple[int, int], precision: str) -> torch.Tensor:
     height, width = x.shape[-2:]
     win_h, win_w = min(window[0], height), min(window[1], width)
     rows = window_starts(height, win_h, stride[0])
     cols = window_starts(width, win_w, stride[1])
     if len(rows) == 1 and len(cols) == 1 and (win_h, win_w) == (height, width):
-        return _forward(pairs, x, out_size)
+        return _forward(pairs, x, out_size, precision)
     canvas = None
     visits = torch.zeros(1, 1, height, width, device=x.device)
     for top in rows:
         for left in cols:
-            logits = _forward(pairs, x[..., top:top + win_h, left:left + win_w], (win_h, win_w))
+            logits = _forward(pairs, x[..., top:top + win_h, left:left + win_w], (win_h, win_w), precision)
             if canvas is None:
                 canvas = logits.new_zeros(logits.shape[0], logits.shape[1], height, width)
             canvas[..., top:top + win_h, left:left + win_w] += logits
@@ -107,7 +112,7 @@ def _pair_arg(value, name: str) -> tuple[int, int]:
 def predict_logits(models, image: torch.Tensor, out_size: Sequence[int], *, mode: str = "whole",
                    input_size: Sequence[int] | None = None, window: Sequence[int] | None = None,
                    stride: Sequence[int] | None = None, flip: bool = False,
-                   resize_mode: str = "bilinear") -> torch.Tensor:
+                   resize_mode: str = "bilinear", precision: str = "fp32") -> torch.Tensor:
     """(N, C, out_h, out_w) float32 logits of the weighted ensemble ``models`` for ``image``.
 
     ``models``: a list of (model, weight) pairs (a bare module means [(module, 1.0)]), all in eval
@@ -115,6 +120,7 @@ def predict_logits(models, image: torch.Tensor, out_size: Sequence[int], *, mode
     batch on the models' device.  ``input_size`` (h, w) resizes the image before inference (see the
     module docstring).  ``mode="slide"`` needs ``window`` and ``stride`` as (h, w) in the pixels of
     the (resized) input.  ``flip`` averages with the horizontally mirrored prediction.
+    ``precision``: ``fp32`` or ``bf16`` (autocast where native, see the module docstring).
     """
     if mode not in MODES:
         raise ValueError(f"inference mode must be one of {MODES}, got '{mode}'")
@@ -123,6 +129,7 @@ def predict_logits(models, image: torch.Tensor, out_size: Sequence[int], *, mode
     if image.dim() != 4:
         raise ValueError(f"image must be a (N, 3, H, W) batch, got shape {tuple(image.shape)}")
     pairs = _pairs(models)
+    arithmetic.effective(precision, image.device)      # an unknown precision fails here
     out_size = (int(out_size[0]), int(out_size[1]))
     if mode == "slide":
         window, stride = _pair_arg(window, "window"), _pair_arg(stride, "stride")
@@ -133,8 +140,8 @@ def predict_logits(models, image: torch.Tensor, out_size: Sequence[int], *, mode
 
     def run(batch: torch.Tensor) -> torch.Tensor:
         if mode == "whole":
-            return _forward(pairs, batch, out_size)
-        return _slide(pairs, batch, out_size, window, stride)
+            return _forward(pairs, batch, out_size, precision)
+        return _slide(pairs, batch, out_size, window, stride, precision)
 
     logits = run(x)
     if flip:

@@ -19,7 +19,6 @@ batch (lib.engine.training.across_world_sizes).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -35,7 +34,7 @@ from dvclive import Live
 from tqdm import tqdm
 
 from lib.config import positive
-from lib.engine import distributed
+from lib.engine import distributed, precision
 from lib.engine.checkpoint import STATE_FILE, load_checked, rng_state, save_atomic, set_rng_state
 from lib.engine.optim import OptimizerParams, ScheduleParams, build_optimizer, build_scheduler
 from lib.errors import ConfigError, UserError
@@ -56,7 +55,7 @@ class TrainParams:
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
-    precision: Literal["fp32", "bf16"] = "bf16"   # bf16 autocast is applied on CUDA only
+    precision: Literal["fp32", "bf16"] = "bf16"   # bf16 autocast where native (lib.engine.precision)
     channels_last: bool = True                      # CUDA only
     cudnn_benchmark: bool = False                   # faster, but not bit-reproducible
     processes: int = 1                              # > 1: the stage runs itself under torchrun (README)
@@ -132,8 +131,7 @@ def train(method: Method, streams: dict[str, StreamFactory], params: TrainParams
     live = _open_live(Path(live_dir), start) if main else None
     iterators = {name: streams[name](start) for name in method.streams}
 
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and params.precision == "bf16"
-                else contextlib.nullcontext())
+    autocast = precision.autocast(params.precision, device)
     for module in modules.values():
         module.train()
     window: dict[str, list[float]] = {}

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from lib.engine import distributed
+from lib.engine.precision import effective as effective_precision
 from lib.engine.loop import TrainParams, select_device
 
 LIBRARIES = ("torch", "torchvision", "numpy", "dvc", "dvclive", "cityscapesscripts")
@@ -71,9 +72,6 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def effective_precision(requested: str, device: torch.device | str) -> str:
-    """The arithmetic a training ran in: the loop applies bf16 autocast on CUDA only (lib.engine.loop)."""
-    return requested if torch.device(device).type == "cuda" else "fp32"
 
 
 def determinism() -> dict:

@@ -58,6 +58,7 @@ from lib.engine import training
 from lib.engine.checkpoint import MODEL_FILE, load_model
 from lib.engine.evaluation import InferenceParams
 from lib.engine.inference import predict_logits
+from lib.engine.precision import autocast
 from lib.engine.loop import StreamFactory, select_device
 from lib.errors import ConfigError, DataError
 from lib.io import atomic_dir, read_label_png, read_rgb, write_json_atomic, write_label_png
@@ -386,7 +387,8 @@ def _write_soft(model, loader, tmp: Path, form: str, params: PseudoParams, num_c
             if params.inference.input_size is not None:     # our option: a cheaper forward (synthetic default)
                 image = F.interpolate(image, size=tuple(params.inference.input_size), mode="bilinear",
                                       align_corners=False, antialias=True)
-            out = model(image)
+            with autocast(params.inference.precision, device):
+                out = model(image)
             embedding = out.features.get("embedding")
             if embedding is None:
                 raise ConfigError(f"{model_dir}: the model returns no 'embedding' feature; the soft "
@@ -420,7 +422,8 @@ def predict_probabilities(model, image: torch.Tensor, size: tuple[int, int], inf
                           flip: bool) -> torch.Tensor:
     """(N, C, H, W) float32 softmax at ``size``: softmax(up(logits)), flip-averaged if ``flip``
     (cpsl.md §6, ``softmax_average``).  Whole image or sliding window per ``inference``."""
-    kwargs = {"mode": inference.mode, "input_size": inference.input_size, "resize_mode": "bilinear"}
+    kwargs = {"mode": inference.mode, "input_size": inference.input_size, "resize_mode": "bilinear",
+              "precision": inference.precision}
     if inference.mode == "slide":
         kwargs.update(window=inference.window, stride=inference.stride)
     probabilities = torch.softmax(predict_logits(model, image, size, **kwargs), 1)

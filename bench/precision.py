@@ -1,0 +1,131 @@
+"""fp32 against bf16 autocast on this machine: a training step and an inference pass of the default model.
+
+    python bench/precision.py [--section warmup] [--steps 3] [--repeats 3] [--images 16] [--out results.json]
+
+The training side is ``--section``'s own step (``lib.engine.training.build_training_stage``: its
+model, method, batch size and crop; bench/stepper.py), once in fp32 and once under bf16 autocast.
+The inference side is ``predict_logits`` (lib.engine.inference) of the same model in eval mode on
+``--images`` images of the section's source val size, as evaluation and pseudo-labelling run it.
+Both are interleaved ``--repeats`` times (fp32, bf16, fp32, bf16, ...; medians count) and reported
+as seconds and as the ratio bf16 / fp32 (< 1: bf16 is faster).  The inference side also reports how
+far the two are apart: the largest logit difference and the share of pixels whose argmax agrees.
+
+Whether the engine uses bf16 for ``precision: bf16`` is ``lib.engine.precision.effective``: on a
+CPU without native bf16 (AVX512-BF16 / AMX) it runs fp32, and the bf16 numbers here show why (the
+emulated path is slower).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.loader_throughput import draw, open_streams, stage_section  # noqa: E402
+from bench.stepper import FixedBatchTrainer  # noqa: E402
+from lib.config import load_params, merged  # noqa: E402
+from lib.data.prepared import PREPARED_ROOT, load_index  # noqa: E402
+from lib.engine import loop, precision, training  # noqa: E402
+from lib.engine.inference import predict_logits  # noqa: E402
+from lib.errors import exit_on_user_error  # noqa: E402
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def stored_size(raw: dict) -> tuple[int, int]:
+    """(h, w) of the first image of the section's source as stored (the size evaluation runs at)."""
+    first = load_index(PREPARED_ROOT / raw["source"]).iloc[0]
+    return int(first["height"]), int(first["width"])
+
+
+def measure(section: str, steps: int, repeats: int, images: int) -> dict:
+    params = load_params()
+    stage_name, raw = stage_section(params, section)
+    raw = merged(raw, {"train": {"processes": 1}, "data": {"workers": 0}})
+    device = loop.select_device()
+    trainers, models = {}, {}
+    for name, dtype in PRECISIONS.items():
+        built = training.build_training_stage(stage_name, raw)     # the same seed: the same initial weights
+        torch.manual_seed(0)
+        trainers[name] = FixedBatchTrainer(built.method, draw(open_streams(built)), built.stage.optim,
+                                           built.stage.schedule, device, dtype, channels_last=False,
+                                           horizon=built.stage.train.iters)
+        models[name] = built.method.model
+    height, width = stored_size(raw)
+    batch = torch.randn(images, 3, height, width, generator=torch.Generator().manual_seed(0)).to(device)
+    inference_model = models["fp32"]
+
+    def infer(name: str) -> tuple[float, torch.Tensor]:
+        inference_model.eval()
+        start = time.perf_counter()
+        logits = predict_logits(inference_model, batch, (height, width), precision=name)
+        seconds = time.perf_counter() - start
+        inference_model.train()
+        return seconds, logits
+
+    for name in PRECISIONS:       # first calls (oneDNN primitive creation) stay out of the timings
+        trainers[name].step()
+        infer(name)
+    train_runs = {name: [] for name in PRECISIONS}
+    infer_runs = {name: [] for name in PRECISIONS}
+    for _ in range(repeats):
+        for name in PRECISIONS:
+            train_runs[name].append(trainers[name].seconds_per_iter(steps))
+            infer_runs[name].append(infer(name)[0])
+    _, full = infer("fp32")
+    _, half = infer("bf16")
+    train_median = {name: statistics.median(v) for name, v in train_runs.items()}
+    infer_median = {name: statistics.median(v) for name, v in infer_runs.items()}
+    return {
+        "section": section, "method": raw["method"], "device": str(device), "threads": torch.get_num_threads(),
+        "native_bf16": precision.native_bf16(device),
+        "engine_precision": precision.effective((raw.get("train") or {}).get("precision", "bf16"), device),
+        "train": {"seconds_per_iter": train_median, "runs": train_runs, "steps": steps,
+                  "images_per_iter": trainers["fp32"].images,
+                  "ratio": train_median["bf16"] / train_median["fp32"]},
+        "inference": {"seconds": infer_median, "runs": infer_runs, "images": images, "size": [height, width],
+                      "ratio": infer_median["bf16"] / infer_median["fp32"],
+                      "max_abs_logit_difference": float((half - full).abs().max()),
+                      "argmax_agreement": float((half.argmax(1) == full.argmax(1)).float().mean())},
+        "repeats": repeats,
+    }
+
+
+def print_table(result: dict) -> None:
+    native = "native" if result["native_bf16"] else "NOT native: the engine runs fp32 for precision bf16"
+    print(f"section {result['section']} ({result['method']}), device {result['device']}, "
+          f"threads {result['threads']}, bf16 {native}")
+    train, infer = result["train"], result["inference"]
+    print(f"{'':<34} {'fp32 s':>9} {'bf16 s':>9} {'bf16/fp32':>10}")
+    print(f"{'training step (' + str(train['images_per_iter']) + ' images)':<34} "
+          f"{train['seconds_per_iter']['fp32']:>9.3f} {train['seconds_per_iter']['bf16']:>9.3f} {train['ratio']:>10.3f}")
+    print(f"{'inference (' + str(infer['images']) + ' x ' + 'x'.join(map(str, infer['size'])) + ')':<34} "
+          f"{infer['seconds']['fp32']:>9.3f} {infer['seconds']['bf16']:>9.3f} {infer['ratio']:>10.3f}")
+    print(f"inference agreement: argmax {100 * infer['argmax_agreement']:.2f} % of pixels, "
+          f"largest logit difference {infer['max_abs_logit_difference']:.4f}")
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--section", default="warmup")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    result = measure(args.section, args.steps, args.repeats, args.images)
+    print_table(result)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
