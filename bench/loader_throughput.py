@@ -3,7 +3,7 @@
     python bench/loader_throughput.py [--section warmup] [--workers 0 1 2] [--batches 30] [--steps 5]
                                       [--repeats 3] [--out results.json]
 
-``--section`` is a training stage of params.yaml: ``warmup``, ``variants.NAME``, ``selftrain[.RUN]``
+``--section`` is a training stage of params.yaml: ``warmup``, ``variants.NAME``, ``finetune.NAME``, ``selftrain[.RUN]``
 or ``distill[.ROUND]`` (the first run / round when none is named).  The script builds nothing
 itself: it runs the stage's own set-up (``lib.engine.training.build_training_stage``: params,
 prepared data, init model, pseudo-labels, method, streams), everything the stage hands the
@@ -47,13 +47,15 @@ PREFETCH_FACTOR = 2   # torch DataLoader's default, which lib.data.dataset.infin
 
 
 def stage_section(params: dict, section: str) -> tuple[str, dict]:
-    """(stage name, raw section) of ``warmup``, ``variants.NAME``, ``selftrain[.RUN]``, ``distill[.ROUND]``,
-    resolved as stages/warmup.py, stages/selftrain.py and stages/distill.py resolve them."""
+    """(stage name, raw section) of ``warmup``, ``variants.NAME``, ``finetune.NAME``, ``selftrain[.RUN]``,
+    ``distill[.ROUND]``, resolved as stages/warmup.py, stages/selftrain.py and stages/distill.py resolve them."""
     kind, _, name = section.partition(".")
     if kind == "warmup" and not name:
         return "warmup", params.get("warmup")
     if kind == "variants" and name:
         return name, training.variant_params(params, name)
+    if kind == "finetune" and name:
+        return name, training.finetune_params(params, name)
     chains = {"selftrain": "runs", "distill": "rounds"}
     if kind in chains:
         runs = (params.get(kind) or {}).get(chains[kind]) or {}
@@ -62,7 +64,8 @@ def stage_section(params: dict, section: str) -> tuple[str, dict]:
                 raise ConfigError(f"params: {kind}.{chains[kind]} is empty; name a run as --section {kind}.NAME")
             name = str(next(iter(runs)))
         return training.run_model_name(kind, name), training.run_params(params, kind, chains[kind], name)
-    raise ConfigError(f"--section {section!r}: expected warmup, variants.NAME, selftrain[.RUN] or distill[.ROUND]")
+    raise ConfigError(f"--section {section!r}: expected warmup, variants.NAME, finetune.NAME, selftrain[.RUN] "
+                      "or distill[.ROUND]")
 
 
 def with_workers(raw: dict, workers: int) -> dict:

@@ -27,6 +27,9 @@ def test_sections_resolve_as_their_stages_do():
     assert name == "selftrain" and raw["init"] == "warmup" and "runs" not in raw
     name, raw = stage_section(params, "distill.2")
     assert name == "distill_2" and raw["teacher"] == "distill_1"
+    params["finetune"] = {"dacs": {"init": "warmup", "method": "ciss"}}
+    name, raw = stage_section(params, "finetune.dacs")
+    assert name == "dacs" and raw["init"] == "warmup" and raw["method"] == "ciss" and "model" not in raw
     name, raw = stage_section(params, "variants.minent")
     assert name == "minent" and raw["method"] == "minent" and raw["data"] == params["warmup"]["data"]
     with pytest.raises(ConfigError, match="expected warmup"):

@@ -16,7 +16,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 UNTRACKED = {"lib/errors.py"}
-TRAINING = ("warmup", "variant", "selftrain", "distill", "cyclegan_train")
+TRAINING = ("warmup", "variant", "finetune", "selftrain", "distill", "cyclegan_train")
 PREDICTING = ("pseudo_label", "evaluate", "ensemble")
 
 

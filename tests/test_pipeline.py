@@ -76,6 +76,10 @@ def project(tmp_path_factory) -> Path:
     """A copy of the committed project (git-tracked files) in a fresh git repository."""
     dest = make_project(tmp_path_factory.mktemp("project"), tiny_params())
     sh(dest, "dvc", "repro")
+    # committed, so that every test can return to this state on its own (the copied dvc.lock is the
+    # real pipeline's, whose outputs are not in this project's cache)
+    sh(dest, "git", "add", "-A")
+    sh(dest, "git", "commit", "-qm", "reproduced")
     return dest
 
 
@@ -143,8 +147,6 @@ def test_repro_trains_and_evaluates(project):
 
 
 def test_evaluate_param_reruns_only_evaluation(project):
-    sh(project, "git", "add", "-A")
-    sh(project, "git", "commit", "-qm", "baseline")
     out = sh(project, "dvc", "exp", "run", "-S", "evaluate.inference.flip=true",
              "-S", "+evaluate.averages.unseen=[synth_cityscapes, synth_acdc_night]")
     for target in TARGETS:
@@ -196,6 +198,27 @@ def test_adversarial_warmup_with_an_ensembled_variant(project):
     assert (curves / "adv_main.tsv").is_file() and (curves / "d_main.tsv").is_file()
     ensemble = json.loads((project / "metrics/advent_minent/synth_cityscapes.json").read_text())
     assert ensemble["images"] == 2 and 0 <= ensemble["mIoU"] <= 100
+    sh(project, "git", "checkout", "params.yaml", "dvc.lock")
+    sh(project, "dvc", "checkout", "-f")
+
+
+def test_finetune_trains_on_from_its_init_model(project):
+    """finetune@<name>: the warm-up's weights and architecture, trained on with another method; only
+    the new run and its evaluations execute, and a new warm-up re-runs it."""
+    warmup = project / "data/models/warmup"
+    sh(project, "dvc", "repro")          # whatever earlier tests left: an up-to-date workspace
+    out = sh(project, "dvc", "exp", "run", "-S", "+finetune.dacs={init: warmup, method: ciss, train: {iters: 2}, "
+             "ciss: {source_weight: 0.0, target_weight: 0.0}, source: synth_gta5}",
+             "-S", "evaluate.models=[warmup, dacs]")
+    assert "Running stage 'finetune@dacs'" in out and "Running stage 'warmup'" not in out
+    assert "Running stage 'evaluate@warmup-" not in out and "Running stage 'evaluate@dacs-synth_cityscapes'" in out
+    meta = json.loads((project / "data/models/dacs/meta.json").read_text())
+    assert meta["method"] == "ciss" and meta["params"]["init"] == "warmup"
+    assert meta["model"] == {**json.loads((warmup / "meta.json").read_text())["model"], "weights": "none"}
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["finetune@dacs"]
+    assert "data/models/warmup" in [d["path"] for d in lock["deps"]]
+    status = sh(project, "dvc", "status", "finetune@dacs")
+    assert "up to date" in status or "Data and pipelines are up to date" in status
     sh(project, "git", "checkout", "params.yaml", "dvc.lock")
     sh(project, "dvc", "checkout", "-f")
 

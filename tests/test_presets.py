@@ -47,7 +47,7 @@ def check_chain(tmp_path, params: dict) -> None:
     """Every pseudo-label output, self-training run and distillation round parses; models named
     by the chain are produced by an earlier stage, pseudo-labels by a pseudo_label output."""
     from lib.engine.pseudo import output_params
-    from lib.engine.training import run_params
+    from lib.engine.training import finetune_params, run_params
     (tmp_path / "data/pretrained").mkdir(parents=True, exist_ok=True)
     (tmp_path / "data/pretrained/r101_1x_sk0.pth").write_bytes(b"")     # the SimCLR file a preset names
     cwd = os.getcwd()
@@ -55,7 +55,12 @@ def check_chain(tmp_path, params: dict) -> None:
     try:
         runs = params["selftrain"].get("runs") or {}
         rounds = params["distill"].get("rounds") or {}
-        models = {"warmup", *(params.get("variants") or {}), *runs, *(f"distill_{k}" for k in rounds)}
+        finetune = params.get("finetune") or {}
+        models = {"warmup", *(params.get("variants") or {}), *finetune, *runs, *(f"distill_{k}" for k in rounds)}
+        for name in finetune:
+            raw = finetune_params(params, name)
+            parse_stage(raw, f"finetune.{name}")
+            assert raw["init"] in models and raw["init"] != name
         outputs = params["pseudo_label"].get("outputs") or {}
         for name in outputs:
             job, _ = output_params(params["pseudo_label"], name)
@@ -121,6 +126,26 @@ def test_variant_params_lay_the_entry_over_warmup():
         variant_params(params, "both")
 
 
+def test_finetune_params_lay_the_entry_over_warmup_without_its_model():
+    from lib.engine.training import finetune_params
+    params = {"warmup": {"method": "source_only", "model": {"depth": 18}, "train": {"iters": 4, "seed": 0}},
+              "finetune": {"dacs": {"init": "warmup", "method": "ciss", "model": {"bn": "batch"},
+                                    "train": {"iters": 2}},
+                           "bare": {"method": "minent"}, "taught": {"init": "warmup", "teacher": "warmup"}},
+              "variants": {"minent": {}}}
+    assert finetune_params(params, "dacs") == {"method": "ciss", "init": "warmup", "model": {"bn": "batch"},
+                                               "train": {"iters": 2, "seed": 0}}
+    with pytest.raises(ConfigError, match="finetune.nope is not a mapping"):
+        finetune_params(params, "nope")
+    with pytest.raises(ConfigError, match="finetune.bare.init must name"):
+        finetune_params(params, "bare")
+    with pytest.raises(ConfigError, match="finetune.taught.teacher: a finetune run reads no teacher"):
+        finetune_params(params, "taught")
+    params["finetune"]["minent"] = {"init": "warmup"}
+    with pytest.raises(ConfigError, match="finetune.minent: the model name 'minent' is taken by variants.minent"):
+        finetune_params(params, "minent")
+
+
 def test_chain_runs_cannot_reuse_a_model_name():
     from lib.engine.training import model_owners, run_params
     params = {"warmup": {}, "variants": {"minent": {}},
@@ -183,6 +208,7 @@ def test_published_ciss_recipes(tmp_path, preset, target, weights):
 
 
 def test_synthetic_generalisation_and_condition_presets(tmp_path):
+    from lib.engine.training import finetune_params
     params, _ = applied(tmp_path, ROOT / "presets" / "synthetic_blindnet.yaml")
     stage, _ = parse_stage(params["warmup"], "warmup")
     control, _ = parse_stage(merged(params["warmup"], params["variants"]["source_only"]), "source_only")
@@ -193,11 +219,17 @@ def test_synthetic_generalisation_and_condition_presets(tmp_path):
     assert not params["stylize"]["outputs"] and not params["pseudo_label"]["outputs"]
 
     params, _ = applied(tmp_path, ROOT / "presets" / "synthetic_ciss.yaml")
-    stage, ciss = parse_stage(params["warmup"], "warmup")
-    _, dacs = parse_stage(merged(params["warmup"], params["variants"]["dacs"]), "dacs")
-    assert (stage.source, stage.target, ciss.invariant, dacs.invariant) == ("synth_cityscapes", "synth_acdc_night", True, False)
-    assert params["evaluate"]["models"] == ["warmup", "source_only", "dacs"]
-    assert not params["selftrain"]["runs"] and not params["distill"]["rounds"]
+    start, _ = parse_stage(params["warmup"], "warmup")
+    runs = {name: parse_stage(finetune_params(params, name), name) for name in ("ciss", "dacs", "source_only")}
+    assert (start.method, start.source, start.target) == ("source_only", "synth_cityscapes", "synth_acdc_night")
+    assert {name: (stage.method, stage.init, stage.train.iters) for name, (stage, _) in runs.items()} == {
+        "ciss": ("ciss", "warmup", 200), "dacs": ("ciss", "warmup", 200), "source_only": ("source_only", "warmup", 200)}
+    assert runs["ciss"][1].invariant and not runs["dacs"][1].invariant
+    assert runs["ciss"][1].source_weight == 50.0 and runs["ciss"][1].target_weight == 20.0
+    assert all(stage.source == "synth_cityscapes" and stage.target == "synth_acdc_night" and stage.model is None
+               for stage, _ in runs.values())
+    assert params["evaluate"]["models"] == ["warmup", "ciss", "dacs", "source_only"]
+    assert not params["variants"] and not params["selftrain"]["runs"] and not params["distill"]["rounds"]
 
 
 def test_small_floats_stay_floats_for_the_stages(tmp_path):

@@ -127,6 +127,7 @@ def model_owners(params: dict) -> dict[str, list[str]]:
     the params entries that produce it."""
     owners: dict[str, list[str]] = {"warmup": ["warmup"]}
     producers = [(params.get("variants"), "variants.{}", "{}"),
+                 (params.get("finetune"), "finetune.{}", "{}"),
                  ((params.get("selftrain") or {}).get("runs"), "selftrain.runs.{}", "{}"),
                  ((params.get("distill") or {}).get("rounds"), "distill.rounds.{}", "distill_{}"),
                  ((params.get("evaluate") or {}).get("ensembles"), "evaluate.ensembles.{}", "{}")]
@@ -151,6 +152,31 @@ def variant_params(params: dict, name: str) -> dict:
                           f"(variants: {', '.join(variants) or 'none'})")
     claim_model_name(params, name, f"variants.{name}")
     return merged(params.get("warmup"), variants[name])
+
+
+def finetune_params(params: dict, name: str) -> dict:
+    """``warmup`` with ``finetune.<name>`` laid over it, trained on from the entry's ``init`` model.
+
+    The architecture is the init model's (its meta), with the entry's own ``model`` keys replacing
+    them; ``warmup.model`` is left out, as is the init's weight source (its weights are copied).
+    A source-trained start for a method that is meant to start from a trained network (DACS/CISS
+    start from ImageNet in their papers), or a control: the same model trained on without the new
+    ingredient.  Any method that reads no pseudo-labels and no teacher (a warm-up method) fits.
+    """
+    entries = params.get("finetune") or {}
+    where = f"finetune.{name}"
+    if name not in entries or not isinstance(entries[name], dict):
+        raise ConfigError(f"params: {where} is not a mapping of warmup keys to replace "
+                          f"(finetune: {', '.join(entries) or 'none'})")
+    if not entries[name].get("init"):
+        raise ConfigError(f"params: {where}.init must name the data/models folder to train on from")
+    for key in ("teacher", "pseudo"):
+        if entries[name].get(key):
+            raise ConfigError(f"params: {where}.{key}: a finetune run reads no {key} (dvc.yaml tracks only "
+                              f"its init model); a run with a {key} is a selftrain.runs or distill.rounds entry")
+    claim_model_name(params, name, where)
+    base = {k: v for k, v in (params.get("warmup") or {}).items() if k != "model"}
+    return merged(base, entries[name])
 
 
 def with_init_model(raw: dict, stage_name: str) -> dict:
