@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    if min(args.steps, args.repeats, args.images) < 1:
+        parser.error("--steps, --repeats and --images must be >= 1")
     result = measure(args.section, args.steps, args.repeats, args.images)
     print_table(result)
     if args.out:

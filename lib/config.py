@@ -7,6 +7,7 @@ key path, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -20,12 +21,21 @@ T = TypeVar("T")
 PARAMS_FILE = "params.yaml"
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader reading exponent floats without a dot (``5e-05``) as floats, as YAML 1.2
+    and DVC do: ``dvc exp run -S lr=5e-5`` writes ``5e-05``, which YAML 1.1 takes for a string."""
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found (run from the project root)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=ParamsLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import pytest
+import yaml
 
 from lib.config import load_params, parse, section
 from lib.errors import ConfigError
@@ -76,3 +77,13 @@ def test_committed_params_parse():
     section(params, "prepare", PrepareParams)
     for name, spec in params["datasets"].items():
         parse_dataset_spec(name, spec)
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    """`dvc exp run -S lr=5e-5` writes `5e-05`; YAML 1.1 (PyYAML) would read a string, DVC a float."""
+    path = tmp_path / "params.yaml"
+    path.write_text("a: 5e-05\nb: 1E3\nc: -2.5e+2\nd: 6.0e-5\ne: 5e\nf: e5\ng: 10\nh: '5e-05'\n")
+    params = load_params(path)
+    assert params == {"a": 5e-05, "b": 1000.0, "c": -250.0, "d": 6e-5, "e": "5e", "f": "e5", "g": 10, "h": "5e-05"}
+    assert all(isinstance(params[k], float) for k in "abcd") and isinstance(params["g"], int)
+    assert yaml.safe_load("a: 5e-05")["a"] == "5e-05"          # the stock loader is left as it is
