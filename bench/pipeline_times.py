@@ -26,8 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 KINDS = (("synthesize", "data"), ("prepare", "data"), ("stylize", "stylize"), ("translate", "stylize"),
-         ("cyclegan", "train"), ("warmup", "train"), ("selftrain", "train"), ("distill", "train"),
-         ("pseudo_label", "pseudo-label"), ("evaluate", "evaluate"), ("average", "evaluate"))
+         ("cyclegan", "train"), ("warmup", "train"), ("variant", "train"), ("finetune", "train"),
+         ("selftrain", "train"), ("distill", "train"), ("pseudo_label", "pseudo-label"), ("evaluate", "evaluate"),
+         ("ensemble", "evaluate"), ("average", "evaluate"))
 
 
 def kind_of(stage: str) -> str:
