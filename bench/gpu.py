@@ -48,6 +48,7 @@ from bench.stepper import FixedBatchTrainer  # noqa: E402
 from lib.config import PARAMS_FILE, merged  # noqa: E402
 from lib.engine import training  # noqa: E402
 from lib.engine.pseudo import PseudoLabels  # noqa: E402
+from lib.io import write_json_atomic  # noqa: E402
 from lib.methods.base import StageContext, method_class  # noqa: E402
 from lib.models import build_model  # noqa: E402
 from lib.preset import chain, overlay  # noqa: E402
@@ -262,8 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         result["repro"] = tiny_repro(with_chain=not dry, targets=args.repro_target, device=device)
     print_table(result)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        write_json_atomic(args.out, result)
     return 0
 
 

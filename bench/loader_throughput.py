@@ -28,7 +28,6 @@ is an upper bound there; on a GPU the model's side runs on the device and the ra
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -41,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.stepper import FixedBatchTrainer, images_in  # noqa: E402
 from lib.config import load_params, merged  # noqa: E402
 from lib.engine import loop, precision, training  # noqa: E402
+from lib.io import write_json_atomic  # noqa: E402
 from lib.errors import ConfigError, exit_on_user_error  # noqa: E402
 
 PREFETCH_FACTOR = 2   # torch DataLoader's default, which lib.data.dataset.infinite_batches keeps
@@ -180,8 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     result = measure(args.section, args.workers, args.batches, args.steps, args.repeats)
     print_table(result)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        write_json_atomic(args.out, result)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ emulated path is slower).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from lib.config import load_params, merged  # noqa: E402
 from lib.data.prepared import PREPARED_ROOT, load_index  # noqa: E402
 from lib.engine import loop, precision, training  # noqa: E402
 from lib.engine.inference import predict_logits  # noqa: E402
+from lib.io import write_json_atomic  # noqa: E402
 from lib.errors import exit_on_user_error  # noqa: E402
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
@@ -49,17 +49,16 @@ def measure(section: str, steps: int, repeats: int, images: int) -> dict:
     stage_name, raw = stage_section(params, section)
     raw = merged(raw, {"train": {"processes": 1}, "data": {"workers": 0}})
     device = loop.select_device()
-    trainers, models = {}, {}
+    trainers = {}
     for name, dtype in PRECISIONS.items():
         built = training.build_training_stage(stage_name, raw)     # the same seed: the same initial weights
         torch.manual_seed(0)
         trainers[name] = FixedBatchTrainer(built.method, draw(open_streams(built)), built.stage.optim,
                                            built.stage.schedule, device, dtype, channels_last=False,
                                            horizon=built.stage.train.iters)
-        models[name] = built.method.model
     height, width = stored_size(raw)
     batch = torch.randn(images, 3, height, width, generator=torch.Generator().manual_seed(0)).to(device)
-    inference_model = models["fp32"]
+    inference_model = trainers["fp32"].method.model
 
     def infer(name: str) -> tuple[float, torch.Tensor]:
         inference_model.eval()
@@ -125,8 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     result = measure(args.section, args.steps, args.repeats, args.images)
     print_table(result)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        write_json_atomic(args.out, result)
 
 
 if __name__ == "__main__":
