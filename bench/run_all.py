@@ -9,6 +9,8 @@ project root:
 - bench/eval_speed.py: our evaluator against ``cityscapesscripts`` on the same PNGs (< 1: faster);
 - bench/precision.py: bf16 autocast against fp32, a training step and an inference pass of the
   warm-up's model (< 1: bf16 is faster; the engine uses bf16 only where the hardware has it);
+- bench/optimizer.py: the fused optimizer update the engine uses against PyTorch's per-tensor loop,
+  the warm-up's model and optimizer (< 1: fused is faster; the parameters must agree);
 - bench/loader_throughput.py for each of ``--sections``: the stage's data loader against its model
   (> 1: the loader is not the bottleneck), at the configured workers and at 0, 1 and 2.
 
@@ -27,12 +29,17 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lib.io import write_json_atomic  # noqa: E402
 SMALL = {
     "train_overhead": ["--iters", "12", "--repeats", "3", "--batch", "4"],
     "eval_speed": ["--images", "10", "--size", "1024x2048"],
     "loader_throughput": ["--batches", "20", "--steps", "3", "--repeats", "3"],
     "precision": ["--steps", "2", "--repeats", "3", "--images", "8"],
+    "optimizer": ["--steps", "5", "--repeats", "3"],
 }
+AGREEMENT = 1e-4     # largest parameter difference between the fused and the per-tensor update
 
 
 def run(script: str, args: list[str], out: Path) -> dict:
@@ -58,6 +65,9 @@ def rows(results: dict) -> list[tuple[str, str, float, str, bool]]:
         ratio = arithmetic[side]["ratio"]
         table.append((f"bf16 vs fp32: {side}", f"bf16 / fp32 seconds, {what}" + ("" if native else " (emulated)"),
                       ratio, "< 1" if native else "unused", ratio < 1 if native else True))
+    update = results["optimizer"]
+    table.append(("optimizer update", "fused / per-tensor seconds per update", update["ratio"], "< 1",
+                  update["ratio"] < 1 and update["max_abs_parameter_difference"] <= AGREEMENT))
     for section, loader in results["loader_throughput"].items():
         for row in loader["loader"]:
             mark = ", configured" if row["configured"] else ""
@@ -80,14 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         tmp = Path(tmp)
-        results = {name: run(name, SMALL[name], tmp / f"{name}.json") for name in ("train_overhead", "eval_speed", "precision")}
+        results = {name: run(name, SMALL[name], tmp / f"{name}.json") for name in ("train_overhead", "eval_speed", "precision", "optimizer")}
         results["loader_throughput"] = {
             section: run("loader_throughput", [*SMALL["loader_throughput"], "--section", section],
                          tmp / f"loader_{section}.json") for section in args.sections}
     print_table(rows(results))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2))
+        write_json_atomic(args.out, results)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ import torch
 import yaml
 
 from bench import gpu, loader_throughput
+from bench import optimizer as optimizer_bench
 from bench import precision as precision_bench
+from bench.run_all import rows as bench_rows
 from bench.loader_throughput import configured_workers, stage_section
 from lib.errors import ConfigError
 from tests.layouts import prepare_gta_and_cityscapes
@@ -106,6 +108,29 @@ def test_precision_bench_compares_the_same_model_in_both_precisions(loader_proje
         assert r[side]["ratio"] == pytest.approx(medians["bf16"] / medians["fp32"])
     assert 0.9 <= r["inference"]["argmax_agreement"] <= 1.0
     assert r["engine_precision"] == ("bf16" if r["native_bf16"] else "fp32")
+    assert not (project / "data/models").exists() and not (project / "metrics").exists()
+
+
+def test_optimizer_bench_times_the_engine_update_against_the_per_tensor_loop(loader_project):
+    project = loader_project
+    warmup = tiny_params()["warmup"]
+    warmup.update(method="advent", source="gta", target="cs")      # two optimizers: model and discriminator
+    warmup["data"].update(batch_size=2, crop=[32, 64], workers=0)
+    (project / "params.yaml").write_text(yaml.safe_dump({"warmup": warmup}))
+    out = project / "optimizer.json"
+    printed = io.StringIO()
+    with contextlib.chdir(project), contextlib.redirect_stdout(printed):
+        optimizer_bench.main(["--steps", "2", "--repeats", "2", "--out", str(out)])
+    r = json.loads(out.read_text())
+    assert "ratio fused/per-tensor" in printed.getvalue()
+    assert r["method"] == "advent" and len(r["optimizers"]) == 2 and r["tensors"] > 0
+    assert set(r["runs"]) == {"fused", "per_tensor"} and all(len(v) == 2 and min(v) > 0 for v in r["runs"].values())
+    assert r["ratio"] == pytest.approx(r["seconds_per_update"]["fused"] / r["seconds_per_update"]["per_tensor"])
+    assert 0 < r["max_abs_parameter_difference"] <= 1e-5 or r["max_abs_parameter_difference"] == 0.0
+    table = bench_rows({"train_overhead": {"ratio": 1.0}, "eval_speed": {"ratio": 0.5, "images": 1, "agree": True},
+                        "precision": {"native_bf16": False, "train": {"ratio": 1.0}, "inference": {"ratio": 1.0}},
+                        "optimizer": r, "loader_throughput": {}})
+    assert [row[2] for row in table if row[0] == "optimizer update"] == [r["ratio"]]
     assert not (project / "data/models").exists() and not (project / "metrics").exists()
 
 

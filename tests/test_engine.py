@@ -15,7 +15,8 @@ from torch import nn
 from lib.config import parse
 from lib.engine.checkpoint import STATE_FILE, load_checked, save_atomic
 from lib.engine.loop import TrainingDiverged, TrainParams, train
-from lib.engine.optim import OptimizerParams, ParamGroup, ScheduleParams, build_optimizer, build_scheduler, lr_factor
+from lib.engine.optim import (OptimizerParams, ParamGroup, ScheduleParams, build_optimizer, build_scheduler,
+                              lr_factor, update_kernel)
 from lib.errors import ConfigError, DataError, OutputError
 from lib.methods.base import Method, available_methods, method_class
 from lib.methods.source_only import SourceOnly, SourceOnlyParams
@@ -125,6 +126,35 @@ def test_frozen_parameters_are_not_given_to_the_optimizer():
     given_ids = {id(p) for g in opt.param_groups for p in g["params"]}
     assert id(model.backbone[1].weight) not in given_ids
     assert isinstance(opt, torch.optim.AdamW)
+
+
+@pytest.mark.parametrize("optim", [OptimizerParams(type="adamw", lr=1e-2, weight_decay=0.01),
+                                   OptimizerParams(type="adam", lr=1e-2),
+                                   OptimizerParams(type="sgd", lr=1e-2, momentum=0.9, nesterov=True,
+                                                   weight_decay=5e-4)])
+def test_fused_update_is_the_per_tensor_update(optim):
+    """The engine's optimizers use PyTorch's fused kernel on CPU; the update is the per-tensor one."""
+    models = [TinySeg(), TinySeg()]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [build_optimizer([ParamGroup(m.backbone_parameters()), ParamGroup(m.head_parameters(), head=True)],
+                            optim, fused=fused) for m, fused in zip(models, (None, False))]
+    assert opts[0].defaults["fused"] is True and not opts[1].defaults.get("fused")
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for p0, p1 in zip(models[0].parameters(), models[1].parameters()):
+            p0.grad = torch.randn(p0.shape, generator=generator)
+            p1.grad = p0.grad.clone()
+        for opt in opts:
+            opt.step()
+    for p0, p1 in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(p0, p1, rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(p, q) for p, q in zip(models[0].parameters(), TinySeg().parameters()))
+
+
+def test_update_kernel_is_fused_only_for_float_parameters_on_supported_devices():
+    assert update_kernel([nn.Parameter(torch.zeros(2))]) == {"fused": True}
+    assert update_kernel([nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2, device="meta"))]) == {}
+    assert update_kernel([]) == {}
 
 
 def test_optimizer_params_validation():

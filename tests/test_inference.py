@@ -16,9 +16,10 @@ from torch.utils.data import DataLoader
 from lib.data.classes import CITYSCAPES19
 from lib.data.dataset import PreparedDataset
 from lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
-from lib.engine.inference import predict_logits, window_starts
+from lib.engine.inference import inference_layout, predict_logits, window_starts
 from lib.engine.report import evaluate_split
 from lib.io import write_label_png, write_rgb
+from lib.models import ModelParams, build_model
 from lib.models.output import SegOutput, upsample
 
 
@@ -173,6 +174,20 @@ def test_input_size_resizes_the_image_before_the_forward(resize_mode):
     torch.testing.assert_close(got, expected)
     same = predict_logits([(model, 1.0)], x, (32, 48), input_size=(32, 48))
     torch.testing.assert_close(same, predict_logits([(model, 1.0)], x, (32, 48)))
+
+
+@pytest.mark.parametrize("arch", ["deeplabv2", "deeplabv3plus"])
+def test_channels_last_layout_predicts_what_the_default_layout_predicts(arch):
+    torch.manual_seed(0)
+    model = build_model(ModelParams(arch=arch, depth=18, weights="none"), 5).eval()
+    image = torch.randn(2, 3, 40, 56)
+    reference = predict_logits(model, image, (40, 56))
+    assert inference_layout(model, False) is model
+    assert model.backbone.conv1.weight.is_contiguous()
+    inference_layout(model, True)
+    assert model.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not model.backbone.conv1.weight.is_contiguous()
+    torch.testing.assert_close(predict_logits(model, image, (40, 56)), reference, rtol=1e-4, atol=1e-4)
 
 
 def test_argument_errors():

@@ -28,6 +28,7 @@ from lib.engine.metrics import protocol_subsets
 from lib.engine.precision import PRECISIONS, effective as effective_precision
 from lib.engine.report import evaluate_split, write_report
 from lib.engine.checkpoint import load_model
+from lib.engine.inference import inference_layout
 from lib.errors import ConfigError
 
 
@@ -39,6 +40,7 @@ class InferenceParams:
     stride: tuple[int, int] | None = None         # slide only: (h, w) step
     flip: bool = False                            # average with the mirrored prediction
     precision: Literal["fp32", "bf16"] = "fp32"   # bf16: autocast where native (lib.engine.precision)
+    channels_last: bool = False                   # the model's memory layout for the forward (speed only)
 
     def validate(self, where: str) -> None:
         if self.precision not in PRECISIONS:
@@ -98,6 +100,8 @@ def run_evaluation(models: list[tuple[str, float]], target: str, params: Evaluat
     """
     device = select_device()
     loaded = [(load_model(Path("data/models") / name, device), weight) for name, weight in models]
+    for (model, _), _ in loaded:
+        inference_layout(model, params.inference.channels_last)
     metas = [meta for (_, meta), _ in loaded]
     for meta in metas[1:]:
         if (meta["class_set"], meta["normalize"]) != (metas[0]["class_set"], metas[0]["normalize"]):

@@ -81,7 +81,10 @@ def lr_factor(t: int, max_iters: int, schedule: ScheduleParams) -> float:
     return factor
 
 
-def build_optimizer(groups: Iterable[ParamGroup], params: OptimizerParams) -> torch.optim.Optimizer:
+def build_optimizer(groups: Iterable[ParamGroup], params: OptimizerParams,
+                    fused: bool | None = None) -> torch.optim.Optimizer:
+    """One torch optimizer over ``groups``.  ``fused``: None picks PyTorch's fused kernel where it
+    exists (``update_kernel``); False forces the per-tensor loop (bench/optimizer.py's baseline)."""
     torch_groups = []
     for group in groups:
         trainable = [p for p in group.params if p.requires_grad]
@@ -90,11 +93,29 @@ def build_optimizer(groups: Iterable[ParamGroup], params: OptimizerParams) -> to
             torch_groups.append({"params": trainable, "lr": lr})
     if not torch_groups:
         raise ConfigError("params: an optimizer was configured for modules without trainable parameters")
+    kernel = update_kernel([p for g in torch_groups for p in g["params"]]) if fused is None else \
+        ({"fused": True} if fused else {"foreach": False})
     if params.type == "sgd":
         return torch.optim.SGD(torch_groups, lr=params.lr, momentum=params.momentum,
-                               nesterov=params.nesterov, weight_decay=params.weight_decay)
+                               nesterov=params.nesterov, weight_decay=params.weight_decay, **kernel)
     adam = torch.optim.AdamW if params.type == "adamw" else torch.optim.Adam
-    return adam(torch_groups, lr=params.lr, betas=tuple(params.betas), weight_decay=params.weight_decay)
+    return adam(torch_groups, lr=params.lr, betas=tuple(params.betas), weight_decay=params.weight_decay, **kernel)
+
+
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def update_kernel(parameters: list[nn.Parameter]) -> dict[str, bool]:
+    """``{"fused": True}`` when every parameter is a float tensor on a device with PyTorch's fused
+    SGD/Adam(W) kernels, else ``{}`` (PyTorch's default: foreach on CUDA, a per-tensor loop on CPU).
+
+    The fused kernel computes the same update in one pass over all parameters.  Measured on the
+    synthetic DeepLabV2-R18 (2 CPU cores): AdamW step 7 ms fused against 40 ms per-tensor, about 8 %
+    of a warm-up iteration (bench/optimizer.py measures the ratio and the agreement).
+    """
+    if parameters and all(p.is_floating_point() and p.device.type in FUSED_DEVICES for p in parameters):
+        return {"fused": True}
+    return {}
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, max_iters: int, schedule: ScheduleParams) -> LambdaLR:

@@ -57,7 +57,7 @@ from lib.data.transforms import Normalize, Transform
 from lib.engine import training
 from lib.engine.checkpoint import MODEL_FILE, load_model
 from lib.engine.evaluation import InferenceParams
-from lib.engine.inference import predict_logits
+from lib.engine.inference import inference_layout, predict_logits
 from lib.engine.precision import autocast
 from lib.engine.loop import StreamFactory, select_device
 from lib.errors import ConfigError, DataError
@@ -331,6 +331,7 @@ def generate_pseudo_labels(model_dir: Path, dataset: str, split: str, form: str,
     training.require_prepared(dataset)
     device = select_device()
     model, model_meta = load_model(model_dir, device)
+    inference_layout(model, params.inference.channels_last)
     normalize = model_meta["normalize"]
     images = ImagesOnly(PREPARED_ROOT / dataset, split, Normalize(normalize["mean"], normalize["std"]), seed=0)
     check_ids(images.ids, str(PREPARED_ROOT / dataset / "index.csv"))
