@@ -47,20 +47,27 @@ def loader_project(tmp_path_factory):
     return prepare_gta_and_cityscapes(tmp_path_factory.mktemp("bench"))
 
 
-@pytest.fixture(scope="module")
-def loader_result(loader_project) -> dict:
-    project = loader_project
+def run_bench(project, script, args: list[str], workers: int = 0, **warmup_keys) -> tuple[dict, str]:
+    """``script.main(args + --out)`` in ``project`` with a tiny warm-up section (``warmup_keys`` replaced):
+    (its JSON, what it printed)."""
     warmup = tiny_params()["warmup"]
-    warmup.update(method="advent", source="gta", target="cs")     # two streams: source and target
-    warmup["data"].update(batch_size=2, crop=[32, 64], workers=1)
+    warmup.update(source="gta", **warmup_keys)
+    warmup["data"].update(batch_size=2, crop=[32, 64], workers=workers)
     (project / "params.yaml").write_text(yaml.safe_dump({"warmup": warmup}))
-    out = project / "loader.json"
+    out = project / f"{script.__name__.rpartition('.')[2]}.json"
     printed = io.StringIO()
     with contextlib.chdir(project), contextlib.redirect_stdout(printed):
-        loader_throughput.main(["--workers", "0", "2", "--batches", "3", "--steps", "1", "--repeats", "2",
-                                "--out", str(out)])
-    assert "ratio loader/model at the configured workers" in printed.getvalue()
-    return json.loads(out.read_text())
+        script.main([*args, "--out", str(out)])
+    return json.loads(out.read_text()), printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def loader_result(loader_project) -> dict:
+    r, printed = run_bench(loader_project, loader_throughput,                      # two streams: source and target
+                           ["--workers", "0", "2", "--batches", "3", "--steps", "1", "--repeats", "2"],
+                           workers=1, method="advent", target="cs")
+    assert "ratio loader/model at the configured workers" in printed
+    return r
 
 
 def test_loader_throughput_measures_the_stage_streams(loader_result):
@@ -89,16 +96,8 @@ def test_loader_throughput_ratios_are_loader_over_model(loader_result):
 
 def test_precision_bench_compares_the_same_model_in_both_precisions(loader_project):
     project = loader_project
-    warmup = tiny_params()["warmup"]
-    warmup.update(source="gta")
-    warmup["data"].update(batch_size=2, crop=[32, 64], workers=0)
-    (project / "params.yaml").write_text(yaml.safe_dump({"warmup": warmup}))
-    out = project / "precision.json"
-    printed = io.StringIO()
-    with contextlib.chdir(project), contextlib.redirect_stdout(printed):
-        precision_bench.main(["--steps", "1", "--repeats", "2", "--images", "2", "--out", str(out)])
-    r = json.loads(out.read_text())
-    assert "bf16/fp32" in printed.getvalue()
+    r, printed = run_bench(project, precision_bench, ["--steps", "1", "--repeats", "2", "--images", "2"])
+    assert "bf16/fp32" in printed
     assert r["train"]["images_per_iter"] == 2 and r["inference"]["images"] == 2
     assert r["inference"]["size"] == [12, 16]                        # the prepared images' size (tests.layouts)
     for side in ("train", "inference"):
@@ -113,16 +112,9 @@ def test_precision_bench_compares_the_same_model_in_both_precisions(loader_proje
 
 def test_optimizer_bench_times_the_engine_update_against_the_per_tensor_loop(loader_project):
     project = loader_project
-    warmup = tiny_params()["warmup"]
-    warmup.update(method="advent", source="gta", target="cs")      # two optimizers: model and discriminator
-    warmup["data"].update(batch_size=2, crop=[32, 64], workers=0)
-    (project / "params.yaml").write_text(yaml.safe_dump({"warmup": warmup}))
-    out = project / "optimizer.json"
-    printed = io.StringIO()
-    with contextlib.chdir(project), contextlib.redirect_stdout(printed):
-        optimizer_bench.main(["--steps", "2", "--repeats", "2", "--out", str(out)])
-    r = json.loads(out.read_text())
-    assert "ratio fused/per-tensor" in printed.getvalue()
+    r, printed = run_bench(project, optimizer_bench, ["--steps", "2", "--repeats", "2"],   # model + discriminator
+                           method="advent", target="cs")
+    assert "ratio fused/per-tensor" in printed
     assert r["method"] == "advent" and len(r["optimizers"]) == 2 and r["tensors"] > 0
     assert set(r["runs"]) == {"fused", "per_tensor"} and all(len(v) == 2 and min(v) > 0 for v in r["runs"].values())
     assert r["ratio"] == pytest.approx(r["seconds_per_update"]["fused"] / r["seconds_per_update"]["per_tensor"])
