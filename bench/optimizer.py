@@ -35,7 +35,8 @@ KERNELS = {"fused": True, "per_tensor": False}
 
 
 def _optimizers(section: str, device: torch.device) -> tuple[dict, str]:
-    """kernel -> list of (optimizer, its parameters), every copy starting from the same weights."""
+    """(kernel -> the section's optimizers over its own copy of the model, method name); every copy
+    starts from the same weights."""
     params = load_params()
     stage_name, raw = stage_section(params, section)
     raw = merged(raw, {"train": {"processes": 1}, "data": {"workers": 0}})
@@ -59,17 +60,19 @@ def _set_gradients(optimizers, step: int) -> None:
         p.grad = torch.randn(p.shape, generator=generator).to(p.device)
 
 
-def _block(optimizers, start: int, steps: int) -> float:
+def _block(optimizers, start: int, steps: int, device: torch.device) -> float:
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     seconds = 0.0
     for step in range(start, start + steps):
         _set_gradients(optimizers, step)
-        if optimizers and _parameters(optimizers)[0].device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize()
         begin = time.perf_counter()
         for opt in optimizers:
             opt.step()
-        if optimizers and _parameters(optimizers)[0].device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize()
         seconds += time.perf_counter() - begin
     return seconds / steps
 
@@ -79,12 +82,12 @@ def measure(section: str, steps: int, repeats: int) -> dict:
     copies, method = _optimizers(section, device)
     runs = {kernel: [] for kernel in KERNELS}
     for kernel, optimizers in copies.items():      # first updates (state allocation) stay out of the timings
-        _block(optimizers, 0, 1)
+        _block(optimizers, 0, 1, device)
     difference = 0.0
     for repeat in range(repeats):
         start = 1 + repeat * steps
         for kernel, optimizers in copies.items():
-            runs[kernel].append(_block(optimizers, start, steps))
+            runs[kernel].append(_block(optimizers, start, steps, device))
         fused, loop_ = (_parameters(copies[k]) for k in KERNELS)
         difference = max(difference, max(float((a - b).detach().abs().max()) for a, b in zip(fused, loop_)))
     median = {kernel: statistics.median(v) for kernel, v in runs.items()}
