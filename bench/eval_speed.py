@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib.data.classes import CITYSCAPES19, LABELID_LUT, TRAIN_TO_LABELID  # noqa: E402
 from lib.data.synthetic import render_scene  # noqa: E402
-from lib.engine.metrics import ConfusionMatrix, summarize  # noqa: E402
-from lib.engine.report import export_label_ids  # noqa: E402
+from lib.infer.metrics import ConfusionMatrix, summarize  # noqa: E402
+from lib.infer.report import export_label_ids  # noqa: E402
 from lib.io import read_label_png, write_label_png  # noqa: E402
 
 CITY = "benchcity"

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from bench.stepper import FixedBatchTrainer  # noqa: E402
 from lib.config import PARAMS_FILE, merged  # noqa: E402
 from lib.engine import training  # noqa: E402
-from lib.engine.pseudo import PseudoLabels  # noqa: E402
+from lib.pseudo.labels import PseudoLabels  # noqa: E402
 from lib.io import write_json_atomic  # noqa: E402
 from lib.methods.base import StageContext, method_class  # noqa: E402
 from lib.models import build_model  # noqa: E402

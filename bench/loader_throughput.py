@@ -5,7 +5,7 @@
 
 ``--section`` is a training stage of params.yaml: ``warmup``, ``variants.NAME``, ``finetune.NAME``, ``selftrain[.RUN]``
 or ``distill[.ROUND]`` (the first run / round when none is named).  The script builds nothing
-itself: it runs the stage's own set-up (``lib.engine.training.build_training_stage``: params,
+itself: it runs the stage's own set-up (``lib.train.stage.build_training_stage``: params,
 prepared data, init model, pseudo-labels, method, streams), everything the stage hands the
 engine, and never trains.  So the
 streams are the stage's real ones: its datasets, transforms, sampler, batch size and workers.
@@ -18,7 +18,7 @@ It then measures, interleaved ``--repeats`` times (loader, model, loader, model,
     workers produce rather than what they buffered while the model ran;
 (b) model images/s: ``--steps`` training steps of the configured method (model forward, backward,
     optimizer steps) on one fixed batch already on the device (bench/stepper.py), in the
-    arithmetic the engine would use for the stage's precision (lib.engine.precision);
+    arithmetic the engine would use for the stage's precision (lib.device);
 (c) their ratio loader/model, which must stay above 1.
 
 Both rates count the images of all streams per iteration.  On a CPU-only machine the loader

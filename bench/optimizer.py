@@ -3,9 +3,9 @@
     python bench/optimizer.py [--section warmup] [--steps 10] [--repeats 3] [--out results.json]
 
 ``--section`` is resolved as bench/loader_throughput.py resolves it; the stage's own set-up
-(``lib.engine.training.build_training_stage``) gives the method, its parameter groups and its
+(``lib.train.stage.build_training_stage``) gives the method, its parameter groups and its
 optimizer params.  Two copies of the same initial weights get the same seeded gradients; one is
-updated by the optimizer the engine builds (``lib.engine.optim.build_optimizer``: PyTorch's fused
+updated by the optimizer the engine builds (``lib.train.optim.build_optimizer``: PyTorch's fused
 kernel on CPU and CUDA), the other by the same optimizer with the per-tensor loop (PyTorch's CPU
 default).  ``--steps`` updates are timed per block, interleaved ``--repeats`` times (medians count),
 and reported as seconds per update and the ratio fused / per-tensor (< 1: fused is faster).  The
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.loader_throughput import stage_section  # noqa: E402
 from lib.config import load_params, merged  # noqa: E402
 from lib.engine import loop, training  # noqa: E402
-from lib.engine.optim import build_optimizer  # noqa: E402
+from lib.train.optim import build_optimizer  # noqa: E402
 from lib.errors import exit_on_user_error  # noqa: E402
 from lib.io import write_json_atomic  # noqa: E402
 

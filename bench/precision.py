@@ -2,15 +2,15 @@
 
     python bench/precision.py [--section warmup] [--steps 3] [--repeats 3] [--images 16] [--out results.json]
 
-The training side is ``--section``'s own step (``lib.engine.training.build_training_stage``: its
+The training side is ``--section``'s own step (``lib.train.stage.build_training_stage``: its
 model, method, batch size and crop; bench/stepper.py), once in fp32 and once under bf16 autocast.
-The inference side is ``predict_logits`` (lib.engine.inference) of the same model in eval mode on
+The inference side is ``predict_logits`` (lib.infer.inference) of the same model in eval mode on
 ``--images`` images of the section's source val size, as evaluation and pseudo-labelling run it.
 Both are interleaved ``--repeats`` times (fp32, bf16, fp32, bf16, ...; medians count) and reported
 as seconds and as the ratio bf16 / fp32 (< 1: bf16 is faster).  The inference side also reports how
 far the two are apart: the largest logit difference and the share of pixels whose argmax agrees.
 
-Whether the engine uses bf16 for ``precision: bf16`` is ``lib.engine.precision.effective``: on a
+Whether the engine uses bf16 for ``precision: bf16`` is ``lib.device.effective``: on a
 CPU without native bf16 (AVX512-BF16 / AMX) it runs fp32, and the bf16 numbers here show why (the
 emulated path is slower).
 """
@@ -31,7 +31,7 @@ from bench.stepper import FixedBatchTrainer  # noqa: E402
 from lib.config import load_params, merged  # noqa: E402
 from lib.data.prepared import PREPARED_ROOT, load_index  # noqa: E402
 from lib.engine import loop, precision, training  # noqa: E402
-from lib.engine.inference import predict_logits  # noqa: E402
+from lib.infer.inference import predict_logits  # noqa: E402
 from lib.io import write_json_atomic  # noqa: E402
 from lib.errors import exit_on_user_error  # noqa: E402
 

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from lib.engine.loop import to_device
-from lib.engine.optim import OptimizerParams, ScheduleParams, build_optimizer, build_scheduler
+from lib.train.loop import to_device
+from lib.train.optim import OptimizerParams, ScheduleParams, build_optimizer, build_scheduler
 from lib.methods.base import Method
 
 
@@ -28,7 +28,7 @@ class FixedBatchTrainer:
     optimizer and schedule per parameter group) and stepped on ``batch`` again and again.
 
     ``autocast``: the dtype of ``torch.autocast`` on ``device`` (None: fp32); the engine's rule for
-    when it autocasts is lib.engine.precision.
+    when it autocasts is lib.device.
     """
 
     def __init__(self, method: Method, batch: dict[str, dict], optim: dict[str, OptimizerParams],

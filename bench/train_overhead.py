@@ -25,8 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.engine.loop import TrainParams, select_device, train  # noqa: E402
-from lib.engine.optim import OptimizerParams, ParamGroup, ScheduleParams, build_optimizer, build_scheduler  # noqa: E402
+from lib.device import select_device  # noqa: E402
+from lib.train.loop import TrainParams, train  # noqa: E402
+from lib.methods.base import ParamGroup  # noqa: E402
+from lib.train.optim import OptimizerParams, ScheduleParams, build_optimizer, build_scheduler  # noqa: E402
 from lib.losses.segmentation import cross_entropy  # noqa: E402
 from lib.methods.source_only import SourceOnly, SourceOnlyParams  # noqa: E402
 from lib.models import ModelParams, build_model  # noqa: E402

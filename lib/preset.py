@@ -1,8 +1,13 @@
 """Apply a preset: ``python -m lib.preset presets/<name>.yaml`` merges its keys into params.yaml.
 
 A preset is a small YAML mapping laid over params.yaml (mappings merge key by key, anything else
-replaces; a ``null`` value deletes the key).  ``base: other.yaml`` lays that preset (same folder)
-first, so the published recipes share one GTA5 -> Cityscapes DeepLabV2 setting.  params.yaml stays the one source of truth: after
+replaces; a ``null`` value deletes the key).  ``replace: [models, selftrained, ...]`` empties those
+mappings first, so a preset states its whole model table instead of deleting the default's rows
+one by one (the mappings are emptied in place: the anchors that ``evaluate.models`` merges stay
+linked).  ``base: other.yaml`` lays that preset (same folder) first, so the published recipes share
+one GTA5 -> Cityscapes DeepLabV2 setting, and ``copy: {recipes.minent: recipes.advent}`` copies a
+node of the params (after ``replace``, before the overlay), so a preset can take a recipe of its
+base and change what differs.  params.yaml stays the one source of truth: after
 applying, ``dvc exp run -n <name>`` (or ``dvc repro``) runs the recipe, ``git diff params.yaml``
 shows what the preset changed and ``git checkout params.yaml`` undoes it.  Comments in params.yaml
 are kept (ruamel round-trip).
@@ -10,6 +15,7 @@ are kept (ruamel round-trip).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -27,13 +33,59 @@ def overlay(base: CommentedMap, preset: dict, where: str = "") -> None:
             base.pop(key, None)
         elif isinstance(value, dict) and isinstance(base.get(key), dict):
             overlay(base[key], value, f"{where}{key}.")
-            if not base[key]:
-                base[key] = {}       # an emptied block mapping with comments would dump as invalid YAML
         else:
             base[key] = value
 
 
-def chain(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
+def tidy(node) -> None:
+    """Write every empty mapping as ``{}``: an emptied block mapping that kept its comments would dump
+    as invalid YAML.  The mapping itself stays (an anchor may point at it)."""
+    if isinstance(node, CommentedMap):
+        if not node:
+            node.ca.comment = None
+            node.fa.set_flow_style()
+        for value in node.values():
+            tidy(value)
+    elif isinstance(node, list):
+        for value in node:
+            tidy(value)
+
+
+def empty(base: CommentedMap, dotted: str, where: Path) -> None:
+    """Empty the mapping at ``dotted`` in place (a missing one is created empty)."""
+    node = base
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, CommentedMap())
+    target = node.get(parts[-1])
+    if target is None:
+        node[parts[-1]] = CommentedMap()
+    elif isinstance(target, dict):
+        target.clear()
+    else:
+        raise ConfigError(f"{where}: replace: {dotted!r} is not a mapping of params.yaml")
+
+
+def node_at(base: CommentedMap, dotted: str, where: Path):
+    node = base
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{where}: copy: {dotted!r} is not in params.yaml")
+        node = node[part]
+    return node
+
+
+def copy_node(base: CommentedMap, dest: str, source: str, where: Path) -> None:
+    """Set ``dest`` to a deep copy of ``source`` (plain values: no anchor travels with it)."""
+    value = json.loads(json.dumps(node_at(base, source, where)))
+    *parents, last = dest.split(".")
+    node = base
+    for part in parents:
+        node = node.setdefault(part, CommentedMap())
+    node[last] = value
+
+
+def chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
     """The preset and its ``base`` presets, base first."""
     if not path.is_file():
         raise ConfigError(f"{path}: preset not found (the presets are in presets/)")
@@ -43,7 +95,7 @@ def chain(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
     if not isinstance(preset, dict):
         raise ConfigError(f"{path}: a preset must be a YAML mapping of params.yaml keys")
     base = preset.pop("base", None)
-    return (chain(path.parent / base, (*seen, path)) if base else []) + [preset]
+    return (chain(path.parent / base, (*seen, path)) if base else []) + [(path, preset)]
 
 
 @exit_on_user_error
@@ -58,8 +110,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.params.is_file():
         raise ConfigError(f"{args.params}: params file not found")
     params = yaml.load(args.params.read_text())
-    for layer in layers:
+    for path, layer in layers:
+        for dotted in layer.pop("replace", None) or []:
+            empty(params, str(dotted), path)
+        for dest, source in (layer.pop("copy", None) or {}).items():
+            copy_node(params, str(dest), str(source), path)
         overlay(params, layer)
+    tidy(params)
     with args.params.open("w") as f:
         yaml.dump(params, f)
     print(f"applied {args.preset} to {args.params}; run `dvc exp run -n {args.preset.stem}`", file=sys.stderr)

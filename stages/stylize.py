@@ -9,7 +9,7 @@ from pathlib import Path
 
 from lib.config import load_params, section
 from lib.data.prepared import PREPARED_ROOT
-from lib.engine.loop import select_device
+from lib.device import select_device
 from lib.errors import exit_on_user_error
 from lib.stylize.paired import StylizeParams, run_stylize
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lib.config import parse
-from lib.engine.optim import ParamGroup
+from lib.methods.base import ParamGroup
 from lib.errors import ConfigError
 from lib.losses.adversarial import SOURCE, TARGET, frozen, gan_loss
 from lib.losses.entropy import entropy_loss, self_information

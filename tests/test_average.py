@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from lib.config import parse
-from lib.engine.evaluation import EvaluateParams
-from lib.engine.report import average_over_targets
+from lib.infer.evaluation import EvaluateParams
+from lib.infer.report import average_over_targets
 from lib.errors import ConfigError
 from stages.average import main as average_stage
 

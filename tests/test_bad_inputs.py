@@ -205,7 +205,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """The tiny project every row copies: prepared gta and cs, a trained and evaluated warm-up."""
-    from lib.engine.training import run_training_stage
+    from lib.train.stage import run_training_stage
     from stages.evaluate import main as evaluate
     root = L.prepare_gta_and_cityscapes(tmp_path_factory.mktemp("base"))
     (root / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))

@@ -22,10 +22,10 @@ from lib.config import parse
 from lib.data.classes import IGNORE
 from lib.data.photometric import ORIGINAL_VIEW, STYLE_VIEW, PhotometricParams, gaussian_blur, photometric_view
 from lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from lib.engine.checkpoint import STATE_FILE, load_checked
-from lib.engine.loop import TrainParams, train
-from lib.engine.optim import OptimizerParams, ScheduleParams
-from lib.engine.training import parse_stage
+from lib.models.artifact import STATE_FILE, load_checked
+from lib.train.loop import TrainParams, train
+from lib.train.optim import OptimizerParams, ScheduleParams
+from lib.train.stage import parse_stage
 from lib.errors import ConfigError
 from lib.losses.contrastive import (DisentangleAnchors, class_wise_anchors, class_wise_nce, disentangle_anchors,
                                     disentangle_nce, vulnerable_pixels)

@@ -23,8 +23,8 @@ from lib.data.dataset import PreparedDataset
 from lib.data.paired import STYLIZED, StylizedPairs, stylize
 from lib.data.sampling import Draw, uniform_stream
 from lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Compose, HorizontalFlip, Normalize, RandomCrop
-from lib.engine.ema import warmup_momentum
-from lib.engine.training import run_training_stage
+from lib.models.ema import warmup_momentum
+from lib.train.stage import run_training_stage
 from lib.errors import ConfigError
 from lib.io import read_rgb
 from lib.losses.feature_distance import downscale_label, feature_distance, thing_cells

@@ -18,8 +18,8 @@ from PIL import Image
 
 from lib.data.classes import CITYSCAPES19, LABELID_LUT, TRAIN_TO_LABELID
 from lib.data.synthetic import render_scene
-from lib.engine.metrics import ConfusionMatrix, summarize
-from lib.engine.report import export_label_ids
+from lib.infer.metrics import ConfusionMatrix, summarize
+from lib.infer.report import export_label_ids
 from tests.layouts import save_gray
 
 cs_eval = pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")

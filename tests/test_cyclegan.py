@@ -15,9 +15,10 @@ from torch import nn
 from lib.config import load_params, parse
 from lib.data.dataset import PreparedDataset
 from lib.data.prepared import load_index
-from lib.engine.checkpoint import STATE_FILE
-from lib.engine.loop import TrainParams, train
-from lib.engine.optim import OptimizerParams, ParamGroup, ScheduleParams, build_optimizer, build_scheduler
+from lib.models.artifact import STATE_FILE
+from lib.train.loop import TrainParams, train
+from lib.methods.base import ParamGroup
+from lib.train.optim import OptimizerParams, ScheduleParams, build_optimizer, build_scheduler
 from lib.errors import ConfigError, DataError
 from lib.io import read_rgb
 from lib.losses.adversarial import frozen

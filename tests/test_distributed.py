@@ -1,4 +1,4 @@
-"""Multi-process training (lib.engine.distributed) on CPU with gloo.
+"""Multi-process training (lib.train.distributed) on CPU with gloo.
 
 Two processes with batch B must train what one process with batch 2B trains: the same draws, the
 same weights (a model without BatchNorm or dropout, a loss that sums over pixels, so the mean of the
@@ -26,11 +26,11 @@ import yaml
 from torch import nn
 
 from lib.config import parse
-from lib.engine import distributed
-from lib.engine.checkpoint import STATE_FILE, load_checked
-from lib.engine.loop import TrainParams, train
-from lib.engine.optim import OptimizerParams, ScheduleParams
-from lib.engine.training import DataParams, across_world_sizes, run_training_stage, training_stream
+from lib.train import distributed
+from lib.models.artifact import STATE_FILE, load_checked
+from lib.train.loop import TrainParams, train
+from lib.train.optim import OptimizerParams, ScheduleParams
+from lib.train.stage import DataParams, across_world_sizes, run_training_stage, training_stream
 from lib.errors import ConfigError
 from lib.methods.base import Method
 from lib.models.output import SegOutput

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lib.config import parse
-from lib.engine.checkpoint import STATE_FILE, load_checked, save_atomic
-from lib.engine.loop import TrainingDiverged, TrainParams, train
-from lib.engine.optim import (OptimizerParams, ParamGroup, ScheduleParams, build_optimizer, build_scheduler,
+from lib.models.artifact import STATE_FILE, load_checked, save_atomic
+from lib.train.loop import TrainingDiverged, TrainParams, train
+from lib.train.optim import (OptimizerParams, ParamGroup, ScheduleParams, build_optimizer, build_scheduler,
                               lr_factor, update_kernel)
 from lib.errors import ConfigError, DataError, OutputError
 from lib.methods.base import Method, available_methods, method_class

@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader
 from lib.data.classes import CITYSCAPES19
 from lib.data.dataset import PreparedDataset
 from lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
-from lib.engine.inference import inference_layout, predict_logits, window_starts
-from lib.engine.report import evaluate_split
+from lib.infer.inference import inference_layout, predict_logits, window_starts
+from lib.infer.report import evaluate_split
 from lib.io import write_label_png, write_rgb
 from lib.models import ModelParams, build_model
 from lib.models.output import SegOutput, upsample

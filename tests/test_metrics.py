@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lib.data.classes import CITYSCAPES19, CLASS_INDEX, SYNTHIA13, SYNTHIA16, ClassSet
-from lib.engine.metrics import (ConfusionMatrix, class_accuracy, iou, pixel_accuracy,
+from lib.infer.metrics import (ConfusionMatrix, class_accuracy, iou, pixel_accuracy,
                                 protocol_subsets, summarize)
-from lib.engine.report import write_report
+from lib.infer.report import write_report
 
 
 def brute_force(pred: np.ndarray, label: np.ndarray, c: int) -> np.ndarray:

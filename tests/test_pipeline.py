@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -34,26 +35,34 @@ def sh(cwd: Path, *cmd: str) -> str:
     return res.stdout + res.stderr
 
 
-def tiny_params(chain: bool = False) -> dict:
-    """The committed params shrunk to seconds; ``chain=False`` leaves out the self-training chain
-    (pseudo-labels, selftrain, distill: tests/test_chain.py runs it)."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+def tiny_params(chain: bool = False):
+    """The committed params shrunk to seconds (their anchors and merges kept, as DVC reads them);
+    ``chain=False`` leaves out the self-training part of the table (tests/test_chain.py runs it)."""
+    params = YAML().load((ROOT / "params.yaml").read_text())
     params["synthesize"].update(height=32, width=64, workers=1,
                                 counts={d: {"train": 4, "val": 2} for d in ("source", "target", "night")})
     params["prepare"]["workers"] = 1
-    warmup = params["warmup"]
-    warmup["data"].update(batch_size=2, crop=[32, 64], workers=0)
-    warmup["train"].update(iters=6, checkpoint_every=2, log_every=2)
-    for section in ("selftrain", "distill"):
-        params[section]["data"].update(batch_size=2, crop=[32, 64], workers=0)
-        params[section]["train"].update(iters=4, checkpoint_every=2, log_every=2)
-    params["selftrain"]["cpsl_stage1"].update(queue_length=64, samples_per_image=16)
-    params["pseudo_label"].update(batch_size=2, workers=0)
+    blocks = params["blocks"]
+    for name in ("data", "chain_data"):
+        blocks[name].update(batch_size=2, crop=[32, 64], workers=0)
+    blocks["train"].update(iters=6, checkpoint_every=2, log_every=2)
+    blocks["chain_train"].update(iters=4, checkpoint_every=2, log_every=2)
+    params["recipes"]["cpsl_stage1"]["method"].update(queue_length=64, samples_per_image=16)
+    for row in params["pseudo_labels"].values():
+        row["options"].update(batch_size=2, workers=0)
     params["evaluate"].update(batch_size=2, workers=0, panels=1)
     if not chain:
-        params["pseudo_label"]["outputs"], params["selftrain"]["runs"], params["distill"]["rounds"] = {}, {}, {}
-        params["evaluate"]["models"] = ["warmup"]
+        params["selftrained"].clear()
+        params["pseudo_labels"].clear()
     return params
+
+
+def write_params(path: Path, params) -> None:
+    """Write params keeping anchors and merges (a round-trip ruamel document or a plain dict)."""
+    yaml_rt = YAML()
+    yaml_rt.width = 120
+    with open(path, "w") as f:
+        yaml_rt.dump(params, f)
 
 
 def make_project(dest: Path, params: dict) -> Path:
@@ -64,7 +73,7 @@ def make_project(dest: Path, params: dict) -> Path:
         if (ROOT / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / rel, dest / rel)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(dest / "params.yaml", params)
     sh(dest, "git", "init", "-q")
     sh(dest, "git", "add", "-A")
     sh(dest, "git", "commit", "-qm", "tiny project")

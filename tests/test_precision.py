@@ -7,10 +7,10 @@ from torch import nn
 
 from lib.config import parse
 from lib.engine import precision
-from lib.engine.evaluation import InferenceParams
-from lib.engine.inference import predict_logits
-from lib.engine.loop import TrainParams, train
-from lib.engine.optim import OptimizerParams, ScheduleParams
+from lib.infer.evaluation import InferenceParams
+from lib.infer.inference import predict_logits
+from lib.train.loop import TrainParams, train
+from lib.train.optim import OptimizerParams, ScheduleParams
 from lib.errors import ConfigError
 from lib.methods.source_only import SourceOnly, SourceOnlyParams
 from lib.models.output import SegOutput

@@ -10,8 +10,8 @@ import yaml
 
 from lib.config import merged, parse
 from lib.data.convert import ResizeCrop, parse_dataset_spec
-from lib.engine.evaluation import EvaluateParams
-from lib.engine.training import parse_stage
+from lib.infer.evaluation import EvaluateParams
+from lib.train.stage import parse_stage
 from lib.errors import ConfigError
 from lib.preset import main as apply_preset
 
@@ -46,8 +46,8 @@ def test_preset_gives_valid_params(tmp_path, preset):
 def check_chain(tmp_path, params: dict) -> None:
     """Every pseudo-label output, self-training run and distillation round parses; models named
     by the chain are produced by an earlier stage, pseudo-labels by a pseudo_label output."""
-    from lib.engine.pseudo import output_params
-    from lib.engine.training import finetune_params, run_params
+    from lib.pseudo.labels import output_params
+    from lib.train.stage import finetune_params, run_params
     (tmp_path / "data/pretrained").mkdir(parents=True, exist_ok=True)
     (tmp_path / "data/pretrained/r101_1x_sk0.pth").write_bytes(b"")     # the SimCLR file a preset names
     cwd = os.getcwd()
@@ -77,7 +77,7 @@ def check_chain(tmp_path, params: dict) -> None:
 
 def test_published_cpsl_recipe(tmp_path, monkeypatch):
     params, _ = applied(tmp_path, ROOT / "presets" / "gta5_cityscapes_cpsl.yaml")
-    from lib.engine.training import run_params
+    from lib.train.stage import run_params
     stage1, cpsl = parse_stage(run_params(params, "selftrain", "runs", "selftrain"), "selftrain")
     assert (cpsl.temperature, cpsl.epsilon, cpsl.queue_length, cpsl.ema) == (0.08, 0.05, 65536, 0.999)
     assert (stage1.optim["model"].lr, stage1.optim["model"].head_lr_mult, stage1.train.iters) == (1e-4, 5.0, 90000)
@@ -114,7 +114,7 @@ def test_missing_and_looping_presets_are_one_line_errors(tmp_path, capsys):
 
 
 def test_variant_params_lay_the_entry_over_warmup():
-    from lib.engine.training import variant_params
+    from lib.train.stage import variant_params
     params = {"warmup": {"method": "advent", "train": {"iters": 4, "seed": 0}},
               "variants": {"minent": {"method": "minent", "train": {"seed": 1}}},
               "evaluate": {"ensembles": {"both": {"warmup": 0.5, "minent": 0.5}}}}
@@ -127,7 +127,7 @@ def test_variant_params_lay_the_entry_over_warmup():
 
 
 def test_finetune_params_lay_the_entry_over_warmup_without_its_model():
-    from lib.engine.training import finetune_params
+    from lib.train.stage import finetune_params
     params = {"warmup": {"method": "source_only", "model": {"depth": 18}, "train": {"iters": 4, "seed": 0}},
               "finetune": {"dacs": {"init": "warmup", "method": "ciss", "model": {"bn": "batch"},
                                     "train": {"iters": 2}},
@@ -147,7 +147,7 @@ def test_finetune_params_lay_the_entry_over_warmup_without_its_model():
 
 
 def test_chain_runs_cannot_reuse_a_model_name():
-    from lib.engine.training import model_owners, run_params
+    from lib.train.stage import model_owners, run_params
     params = {"warmup": {}, "variants": {"minent": {}},
               "selftrain": {"method": "cpsl_stage1", "runs": {"selftrain": {"init": "warmup"},
                                                              "minent": {"init": "warmup"},
@@ -208,7 +208,7 @@ def test_published_ciss_recipes(tmp_path, preset, target, weights):
 
 
 def test_synthetic_generalisation_and_condition_presets(tmp_path):
-    from lib.engine.training import finetune_params
+    from lib.train.stage import finetune_params
     params, _ = applied(tmp_path, ROOT / "presets" / "synthetic_blindnet.yaml")
     stage, _ = parse_stage(params["warmup"], "warmup")
     control, _ = parse_stage(merged(params["warmup"], params["variants"]["source_only"]), "source_only")

@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from lib.engine import precision, provenance
-from lib.engine.metrics import HEADLINE_KEYS
-from lib.engine.training import run_training_stage
+from lib.infer.metrics import HEADLINE_KEYS
+from lib.train.stage import run_training_stage
 from stages.evaluate import main as evaluate_stage
 from tests import layouts as L
 

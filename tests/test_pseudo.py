@@ -18,14 +18,14 @@ from hypothesis import strategies as st
 from lib.data.classes import IGNORE
 from lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
 from lib.engine import pseudo as pseudo_module
-from lib.engine.checkpoint import load_model, save_model
-from lib.engine.evaluation import InferenceParams
-from lib.engine.pseudo import (PseudoLabelledDataset, PseudoLabels, PseudoParams, apply_class_thresholds,
+from lib.models.artifact import load_model, save_model
+from lib.infer.evaluation import InferenceParams
+from lib.pseudo.labels import (PseudoLabelledDataset, PseudoLabels, PseudoParams, apply_class_thresholds,
                                check_ids, class_balanced_thresholds, class_feature_means,
                                class_median_thresholds, class_prior, confidence_histogram,
                                generate_pseudo_labels, kept_by_class_threshold, median_index, output_params,
                                pseudo_stream, replay_prototypes)
-from lib.engine.training import DataParams
+from lib.train.stage import DataParams
 from lib.errors import ConfigError, DataError
 from lib.io import read_label_png, read_rgb, write_label_png, write_rgb
 from lib.models import ModelParams, build_model

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lib.data.classes import IGNORE
-from lib.engine.ema import ema_update
+from lib.models.ema import ema_update
 from lib.losses.clustering import (FifoQueue, consistency_kl, cosine_scores, prototype_weights,
                                    queue_contrast, rectify, self_labelling_loss, sinkhorn, symmetric_ce)
 from lib.losses.distillation import kd_kl, kd_loss, kd_released

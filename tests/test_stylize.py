@@ -17,7 +17,7 @@ from lib.config import parse
 from lib.data.dataset import PreparedDataset
 from lib.data.prepared import INDEX_COLUMNS, load_centroids, load_class_counts, load_index, load_meta
 from lib.data.transforms import Compose, Normalize, RandomCrop
-from lib.engine.training import DataParams, training_stream
+from lib.train.stage import DataParams, training_stream
 from lib.errors import ConfigError, DataError
 from lib.io import read_rgb
 from lib.stylize.cache import equal_size_batches, write_prepared_copy

@@ -84,6 +84,20 @@ class PreparedDataset(Dataset):
         return sample
 
 
+class ImagesOnly(PreparedDataset):
+    """The images of a prepared split; the ground truth is never read.  Items are
+    ``{id, image}`` (transformed) plus ``draw``; the image must have the index's size."""
+
+    def load(self, i: int) -> dict:
+        row = self.index.iloc[i]
+        path = resolve(row["image"], self.project_root)
+        image = read_rgb(path)
+        if image.shape[:2] != (row["height"], row["width"]):
+            raise DataError(f"{path}: image is {image.shape[1]}x{image.shape[0]} but the index says "
+                            f"{row['width']}x{row['height']}")
+        return {"id": row["id"], "image": image}
+
+
 def _seed_worker(seed: int, worker_id: int) -> None:
     """Give each worker distinct, reproducible global RNG states.
 

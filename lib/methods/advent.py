@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 
 from lib.losses.entropy import self_information
-from lib.methods.adaptsegnet import AdaptSegNet
+from lib.methods.parts.output_space import AdversarialOutputSpace
 
 
-class AdvEnt(AdaptSegNet):
+class AdvEnt(AdversarialOutputSpace):
     def discriminator_input(self, prob: torch.Tensor) -> torch.Tensor:
         return self_information(prob)
 

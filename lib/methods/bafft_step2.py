@@ -20,7 +20,7 @@ import torch
 from lib.config import positive
 from lib.losses.category import resize_labels
 from lib.losses.segmentation import cross_entropy
-from lib.methods.bafft_step1 import BafftParams, BafftStep1
+from lib.methods.parts.bafft import BafftAlignment, BafftParams
 from lib.models.output import SegOutput
 
 
@@ -37,7 +37,7 @@ class BafftStep2Params(BafftParams):
         positive(self.target_weight, f"{where}.target_weight", allow_zero=True)
 
 
-class BafftStep2(BafftStep1):
+class BafftStep2(BafftAlignment):
     params_type = BafftStep2Params
     name = "bafft_step2"
     needs_pseudo = True

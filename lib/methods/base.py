@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 import lib.methods
-from lib.engine.optim import ParamGroup
 from lib.errors import ConfigError
 from lib.losses.adversarial import frozen
 from lib.losses.segmentation import cross_entropy
@@ -30,12 +29,20 @@ Batch = dict[str, dict]   # stream name ("source", "target", ...) -> collated ba
 
 
 @dataclass
+class ParamGroup:
+    """Parameters a method hands to one optimizer; ``head`` groups get ``head_lr_mult`` x lr."""
+
+    params: list[nn.Parameter]
+    head: bool = False
+
+
+@dataclass
 class StageContext:
     """What a training stage hands a method besides its model and params.
 
     - ``num_classes``: of the source's class set;
     - ``teacher``: a trained model loaded from ``<stage>.teacher`` (eval mode, frozen), or None;
-    - ``pseudo``: the pseudo-label artifact of ``<stage>.pseudo`` (lib.engine.pseudo.PseudoLabels:
+    - ``pseudo``: the pseudo-label artifact of ``<stage>.pseudo`` (lib.pseudo.labels.PseudoLabels:
       its meta, and for the soft form the class prototypes and prior), or None;
     - ``normalize``: the (mean, std) the stage's images were normalised with (strong views undo it).
     """
@@ -152,15 +159,17 @@ class OutputSpaceMethod(Method):
 
 
 def available_methods() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(lib.methods.__path__) if m.name != "base")
+    return sorted(m.name for m in pkgutil.iter_modules(lib.methods.__path__) if not m.ispkg and m.name != "base")
 
 
 def method_class(name: str) -> type[Method]:
     """The method of ``lib/methods/<name>.py`` (its module-level ``METHOD``).
 
-    Methods are found by module name rather than through a registry file, so a training stage
-    depends on exactly the one method file it runs (dvc.yaml lists ``lib/methods/${...method}.py``).
+    Methods are found by module name rather than through a registry file, and a recipe is named
+    after its method, so a training stage depends on exactly the one method file it runs (dvc.yaml
+    lists ``lib/methods/${item.recipe}.py``; method files import no other method file).
     """
     if name not in available_methods():
-        raise ConfigError(f"params: method {name!r} does not exist (known: {', '.join(available_methods())})")
+        raise ConfigError(f"params: recipe {name!r} names no method: a recipe is named after its method file "
+                          f"lib/methods/<name>.py (known: {', '.join(available_methods())})")
     return importlib.import_module(f"lib.methods.{name}").METHOD

@@ -40,7 +40,7 @@ from torch import nn
 
 from lib.config import positive
 from lib.data.photometric import ORIGINAL_VIEW, STYLE_VIEW, PhotometricParams, photometric_view
-from lib.engine.optim import ParamGroup
+from lib.methods.base import ParamGroup
 from lib.errors import ConfigError
 from lib.losses.category import resize_labels
 from lib.losses.contrastive import class_wise_anchors, class_wise_nce, disentangle_anchors, disentangle_nce

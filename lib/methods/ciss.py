@@ -34,7 +34,7 @@ Our choices, flagged (the spec describes HRDA on MiT-B5; we run DeepLab on a Res
 - a model with an auxiliary head adds ``aux_weight`` x its CE to both supervised terms (DAFormer's
   head has none);
 - the teacher runs in train mode with its dropout off, as DACS does; its BatchNorm therefore
-  normalises with batch statistics, so copying the student's buffers (lib.engine.ema) does not change
+  normalises with batch statistics, so copying the student's buffers (lib.models.ema) does not change
   its outputs;
 - the student's BatchNorm statistics see all four views (MiT has LayerNorm only).
 """
@@ -49,7 +49,7 @@ from torch import nn
 from lib.config import positive
 from lib.data.classmix import augment, choose_classes, class_masks, draw_augmentation, mix
 from lib.data.paired import STYLIZED
-from lib.engine.ema import ema_update, warmup_momentum
+from lib.models.ema import ema_update, warmup_momentum
 from lib.errors import ConfigError
 from lib.losses.feature_distance import feature_distance, thing_cells
 from lib.losses.invariance import feature_invariance

@@ -42,8 +42,8 @@ from torch import nn
 
 from lib.config import positive
 from lib.data.strong import StrongParams, cutmix_boxes, paste, strong_view, valid_mask, warp
-from lib.engine.ema import ema_update
-from lib.engine.optim import ParamGroup
+from lib.models.ema import ema_update
+from lib.methods.base import ParamGroup
 from lib.errors import ConfigError
 from lib.losses.clustering import (FifoQueue, consistency_kl, cosine_scores, prototype_weights,
                                    queue_contrast, rectify, self_labelling_loss, sinkhorn, symmetric_ce)

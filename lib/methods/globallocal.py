@@ -31,14 +31,32 @@ from lib.config import parse, positive
 from lib.data.classes import IGNORE
 from lib.errors import ConfigError
 from lib.losses.adversarial import SOURCE, TARGET, GanLoss, gan_loss
-from lib.methods.adaptsegnet import AdaptSegNet
-from lib.methods.advent import AdvEnt
+from lib.losses.entropy import self_information
 from lib.methods.base import OutputSpaceMethod
-from lib.methods.minent import MinEnt
+from lib.methods.parts.output_space import AdversarialOutputSpace, AdversarialParams, MinEntParams, entropy_losses
 from lib.models.discriminator import PixelDiscriminator
 from lib.models.output import SegOutput, upsample
 
-GLOBAL_METHODS = {"advent": AdvEnt, "adaptsegnet": AdaptSegNet, "minent": MinEnt}
+
+
+class GlobalAlignment(AdversarialOutputSpace):
+    """The global term: AdvEnt's discriminators on self-information, AdaptSegNet's on the softmax,
+    or MinEnt's entropy (no discriminator), with that method's params."""
+
+    def __init__(self, model: nn.Module, method: str, params):
+        self.method = method
+        super().__init__(model, params if method != "minent" else AdversarialParams(
+            aux_weight=params.aux_weight, adv_main=0.0, adv_aux=0.0))
+        self.minent = params if method == "minent" else None
+
+    def discriminator_input(self, prob: torch.Tensor) -> torch.Tensor:
+        return self_information(prob) if self.method == "advent" else prob
+
+    def target_losses(self, target, size, it):
+        return entropy_losses(target, size, self.minent) if self.minent else super().target_losses(target, size, it)
+
+
+GLOBAL_PARAMS = {"advent": AdversarialParams, "adaptsegnet": AdversarialParams, "minent": MinEntParams}
 
 
 @dataclass(frozen=True)
@@ -53,7 +71,7 @@ class GlobalLocalParams:
     gan: GanLoss = "bce"
 
     def global_method_params(self, where: str):
-        return parse(GLOBAL_METHODS[self.global_method].params_type, self.global_params, where)
+        return parse(GLOBAL_PARAMS[self.global_method], self.global_params, where)
 
     def validate(self, where: str) -> None:
         positive(self.local_weight, f"{where}.local_weight", allow_zero=True)
@@ -89,7 +107,7 @@ class GlobalLocal(OutputSpaceMethod):
     def __init__(self, model: nn.Module, params: GlobalLocalParams):
         super().__init__(model, params)
         global_params = params.global_method_params("globallocal.global_params")
-        self.global_alignment = GLOBAL_METHODS[params.global_method](model, global_params)
+        self.global_alignment = GlobalAlignment(model, params.global_method, global_params)
         self.d_local = PixelDiscriminator(model.num_classes)
 
     @property

@@ -9,33 +9,15 @@ few classes (ADVENT issue #5).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from lib.config import positive
-from lib.losses.entropy import entropy_loss
-from lib.methods.adaptsegnet import levels
 from lib.methods.base import OutputSpaceMethod
-from lib.models.output import upsample
-
-
-@dataclass(frozen=True)
-class MinEntParams:
-    aux_weight: float = 0.1       # lambda_seg of the aux head
-    ent_main: float = 1e-3
-    ent_aux: float = 2e-4
-
-    def validate(self, where: str) -> None:
-        for name in ("aux_weight", "ent_main", "ent_aux"):
-            positive(getattr(self, name), f"{where}.{name}", allow_zero=True)
+from lib.methods.parts.output_space import MinEntParams, entropy_losses
 
 
 class MinEnt(OutputSpaceMethod):
     params_type = MinEntParams
 
     def target_losses(self, target, size, it):
-        weights = {"main": self.params.ent_main, "aux": self.params.ent_aux}
-        return {f"ent_{level}": weights[level] * entropy_loss(upsample(logits, size).float().softmax(dim=1))
-                for level, logits in levels(target).items() if weights[level] > 0}
+        return entropy_losses(target, size, self.params)
 
 
 METHOD = MinEnt

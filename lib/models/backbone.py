@@ -145,12 +145,9 @@ def _dilate(stage: nn.Sequential, dilation: int) -> None:
 
 
 def build_backbone(depth: int, dilations: tuple[int, int], ceil_pool: bool, bn: str,
-                   weights: str, instance_norm: str = "none") -> ResNetBackbone:
-    backbone = ResNetBackbone(depth, dilations, ceil_pool, bn, instance_norm)
-    if weights != "none":
-        path = imagenet_file(depth) if weights == "imagenet" else Path(weights)
-        load_weights(backbone, path, depth)
-    return backbone
+                   instance_norm: str = "none") -> ResNetBackbone:
+    """A randomly initialised backbone; pretrained weights are laid on later (lib.models.weights)."""
+    return ResNetBackbone(depth, dilations, ceil_pool, bn, instance_norm)
 
 
 def imagenet_file(depth: int) -> Path:
@@ -164,17 +161,13 @@ def imagenet_file(depth: int) -> Path:
     return path
 
 
-def load_weights(backbone: ResNetBackbone, path: Path, depth: int) -> None:
-    """Load a backbone state dict strictly; ``fc.*`` (the ImageNet classifier) is ignored.
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a PyTorch weights file, loaded with ``weights_only=True``.
 
     The file may hold the dict itself or wrap it under ``state_dict`` or ``model``, and keys may
-    carry DataParallel's ``module.`` prefix.  With instance normalisation, the stem BN's entries the
-    stem IN has no place for (running statistics; γ/β without affine) are dropped and the block INs
-    (``instance_norms.*``) keep their initialisation (blindnet.md §1: "pretrained bn1 affine params
-    are dropped").
-    """
+    carry DataParallel's ``module.`` prefix (removed here)."""
     if not path.is_file():
-        raise ConfigError(f"model weights: {path} not found")
+        raise ConfigError(f"weights file {path} not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load fails with many exception types on a bad file
@@ -185,9 +178,16 @@ def load_weights(backbone: ResNetBackbone, path: Path, depth: int) -> None:
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise DataError(f"{path}: expected a state dict of tensors")
-    state = {k.removeprefix("module."): v for k, v in obj.items()}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    return {k.removeprefix("module."): v for k, v in obj.items()}
 
+
+def load_backbone_state(backbone: ResNetBackbone, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load a backbone state dict in torchvision's names strictly; ``fc.*`` (the ImageNet
+    classifier) is ignored.  With instance normalisation, the stem BN's entries the stem IN has no
+    place for (running statistics; γ/β without affine) are dropped and the block INs
+    (``instance_norms.*``) keep their initialisation (blindnet.md §1: "pretrained bn1 affine params
+    are dropped")."""
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     expected = backbone.state_dict()
     if backbone.instance_norm != "none":
         state = {k: v for k, v in state.items() if k in expected or not k.startswith("bn1.")}
@@ -200,7 +200,7 @@ def load_weights(backbone: ResNetBackbone, path: Path, depth: int) -> None:
                 (("missing keys", missing), ("unexpected keys", unexpected),
                  ("wrong shapes for", mismatched)) if keys]
     if problems:
-        raise ConfigError(f"{path}: not a ResNet-{depth} backbone state dict ({'; '.join(problems)})")
+        raise ConfigError(f"{where}: not the state dict of this ResNet backbone ({'; '.join(problems)})")
     backbone.load_state_dict(state, strict=False)
 
 

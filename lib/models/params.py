@@ -1,24 +1,18 @@
-"""The ``model`` params section: which segmenter to build and how to initialise it."""
+"""The ``model`` block of a recipe: which segmenter to build (its initialisation is the row's ``from``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from lib.errors import ConfigError
 
-# Values of ``weights`` that name a source rather than a file.
-WEIGHT_SOURCES = ("none", "imagenet")
-
 
 @dataclass(frozen=True)
 class ModelParams:
-    """Architecture and initialisation of the segmentation network.
+    """Architecture of the segmentation network.
 
     - ``arch``: DeepLabV2 (globallocal_advent.md §1, cpsl.md §1) or DeepLabV3+ (blindnet.md §1).
     - ``depth``: torchvision ResNet 18, 50 or 101.
-    - ``weights``: ``none`` (random), ``imagenet`` (torchvision IMAGENET1K_V1 file from the offline
-      hub cache) or the path of a local backbone state-dict file.
     - ``bn``: backbone BatchNorm mode, see :class:`lib.models.backbone.ResNetBackbone`.
     - ``aux``: auxiliary head on layer3.
     - ``head``: DeepLabV2 classifier: ``aspp_sum`` (ADVENT/AdaptSegNet) or ``cpsl`` (ProDA/CPSL).
@@ -36,7 +30,6 @@ class ModelParams:
 
     arch: Literal["deeplabv2", "deeplabv3plus"] = "deeplabv2"
     depth: Literal[18, 50, 101] = 101
-    weights: str = "imagenet"
     bn: Literal["batch", "frozen_affine", "frozen"] = "frozen_affine"
     aux: bool = True
     head: Literal["aspp_sum", "cpsl"] = "aspp_sum"
@@ -60,6 +53,3 @@ class ModelParams:
         if self.aspp_two_branch_compat and (self.arch != "deeplabv2" or self.head != "aspp_sum"):
             raise ConfigError(f"params: {where}.aspp_two_branch_compat needs arch 'deeplabv2' with "
                               f"head 'aspp_sum' (got arch {self.arch!r}, head {self.head!r})")
-        if self.weights not in WEIGHT_SOURCES and not Path(self.weights).is_file():
-            raise ConfigError(f"params: {where}.weights = {self.weights!r}: no such file "
-                              f"(or use one of {', '.join(WEIGHT_SOURCES)})")

@@ -31,18 +31,19 @@ from torch import nn
 from lib.config import parse, positive
 from lib.data.dataset import PreparedDataset
 from lib.data.prepared import PREPARED_ROOT
-from lib.engine import distributed
-from lib.engine.checkpoint import MODEL_FILE, load_checked, load_model, load_weights
-from lib.engine.loop import TrainParams, seed_everything, select_device, train
-from lib.engine.optim import OptimizerParams, ParamGroup, ScheduleParams
-from lib.engine.training import (NORMALIZATION, DataParams, across_world_sizes, fingerprint, publish_model,
-                                 require_prepared, stream_seed, training_stream)
+from lib.data.streams import NORMALIZATION, DataParams, require_prepared, stream_seed, training_stream
+from lib.device import select_device
 from lib.errors import ConfigError, DataError
 from lib.io import atomic_dir, write_json_atomic, write_rgb
 from lib.losses.adversarial import frozen, gan_loss
-from lib.methods.base import Batch, Method
+from lib.methods.base import Batch, Method, ParamGroup
+from lib.models.artifact import MODEL_FILE, load_checked, load_model, load_weights
 from lib.models.cyclegan import CycleGANModelParams, build_discriminator, build_generator
 from lib.stylize.cache import side_by_side, write_prepared_copy
+from lib.train import distributed
+from lib.train.loop import TrainParams, seed_everything, train
+from lib.train.optim import OptimizerParams, ScheduleParams
+from lib.train.stage import across_world_sizes, fingerprint, publish_model
 
 REAL, FAKE = 1.0, 0.0
 GENERATOR_KIND = "cyclegan_generator"

@@ -3,8 +3,7 @@
 ``evaluate_split`` runs ``predict_logits`` over a DataLoader of PreparedDataset items and fills a
 ConfusionMatrix on the device; ``write_report`` turns the matrix into the metrics JSON (headline
 numbers, percent, 2 decimals) and a folder with the per-class table, a confusion heatmap and a
-few image | ground truth | prediction panels; ``average_over_targets`` summarises one model's
-reports on several targets (domain generalisation); ``export_label_ids`` writes a prediction in the
+few image | ground truth | prediction panels; ``export_label_ids`` writes a prediction in the
 Cityscapes label-ID space the official evaluator and benchmark server read.
 """
 from __future__ import annotations
@@ -23,8 +22,8 @@ from tqdm import tqdm
 
 from lib.data.classes import IGNORE, TRAIN_TO_LABELID, ClassSet, colorize
 from lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from lib.engine.inference import predict_logits
-from lib.engine.metrics import HEADLINE_KEYS, ConfusionMatrix, summarize
+from lib.infer.inference import predict_logits
+from lib.infer.metrics import HEADLINE_KEYS, ConfusionMatrix, summarize
 from lib.io import atomic_dir, write_json_atomic, write_label_png, write_rgb
 
 CLASSES_CSV = "classes.csv"
@@ -194,21 +193,6 @@ def write_report(out_json: str | os.PathLike, out_dir: str | os.PathLike, matrix
             write_json_atomic(tmp / PROVENANCE_JSON, provenance)
     write_json_atomic(out_json, result)
     return result
-
-
-def average_over_targets(reports: Mapping[str, Mapping]) -> dict:
-    """The metrics JSON of one model on several targets: ``{"mIoU": mean, "targets": {target: mIoU}}``.
-
-    ``reports``: target -> that target's metrics JSON (``write_report``).  The mean is taken over the
-    reported values (percent, 2 decimals), as papers average their table entries (BlindNet's
-    44.71 = mean of 45.72, 41.32, 47.08); it is null when a target's mIoU is undefined.
-    """
-    if not reports:
-        raise ValueError("average_over_targets needs at least one target")
-    per_target = {str(target): report["mIoU"] for target, report in reports.items()}
-    values = list(per_target.values())
-    mean = None if None in values else round(sum(values) / len(values), 2)
-    return {"mIoU": mean, "targets": per_target}
 
 
 _TRAIN_TO_LABELID_LUT = np.zeros(256, np.uint8)  # 255 (ignore) -> 0 'unlabeled'

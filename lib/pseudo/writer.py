@@ -1,45 +1,18 @@
-"""Pseudo-labels as artifacts: the writer behind ``pseudo_label@<name>`` and the reader of the
-self-training and distillation stages.
+"""``pseudo_label@<name>``: a trained model labels the target's training split (lib.pseudo.artifact
+describes the set it writes).
 
-A trained model (``data/models/<model>``) labels one split of a prepared dataset in eval mode,
-without augmentation, and the result is written atomically to ``data/pseudo/<name>/``:
-
-- ``meta.json``: form, model (folder name, its stage and method), dataset, split, class set,
-  image count, the per-class ``predicted_fraction`` (share of all pixels predicted as the class)
-  and ``kept_fraction`` (kept / predicted pixels of the class, 0 for a class never predicted),
-  the threshold rule, the params;
-- ``index.csv``: ``id, height, width`` and the files of the sample, relative to the artifact;
-- ``soft`` (CPSL P1, cpsl.md §4): ``soft/<id>.npy`` float16 (C, h, w), the softmax at the
-  logits' stride; ``prototypes.npy`` float32 (C, D) class centroids of the CPSL head's embedding;
-  ``prior.npy`` float32 (C,) the class prior r (argmax shares on the logit grid);
-- ``hard_threshold`` (CPSL P2/P3, cpsl.md §6): ``labels/<id>.png`` uint8 argmax of the
-  (flip-averaged) softmax at the image size, ``conf/<id>.npy`` float16 (H, W) its maximum; the
-  threshold is applied when the labels are loaded (conf <= t -> 255, t = 0.95 by default);
-- ``class_median`` (BAFFT/SIM, bafft.md §6): the same two files, without flip by default, the
-  labels already set to 255 where conf < tau_c, tau_c the class's median confidence capped at 0.9;
-- ``class_balanced`` (OUR ADDITION, CBST's class-balanced selection, Zou et al. ECCV 2018, on CPSL's
-  flip-averaged hard labels): the same two files, labels set to 255 where conf < tau_c, tau_c the
-  confidence that keeps the top ``class_portion`` of class c's pixels, capped at ``threshold``
-  (0.95): a class the model is sure of keeps what CPSL's global threshold keeps, a class it is
-  unsure of still keeps its most confident share instead of vanishing from the labels.
-
-``metrics/pseudo/<name>/classes.csv`` (class, predicted, kept) holds the same per-class
-fractions for a DVC bar plot.  Nothing here holds the split's maps in memory: every pass streams
-image by image.
-
-Reading: :class:`PseudoLabels` (``.sample(id, threshold)``), :class:`PseudoLabelledDataset` (a
-prepared split whose items carry ``pseudo`` (and ``soft``) instead of the ground truth) and
-:func:`pseudo_stream` (endless training batches of it).
+The model runs in eval mode, without augmentation; the set is written atomically to
+``data/pseudo/<name>/``, streaming image by image (nothing holds the split's maps in memory), with
+``metrics/pseudo/<name>/classes.csv`` (class, predicted, kept fractions) for a DVC bar plot.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -47,30 +20,22 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lib.config import merged, parse, positive
+from lib.config import parse, positive
 from lib.data.classes import CLASS_SETS, IGNORE
-from lib.data.dataset import PreparedDataset, inference_loader
-from lib.data.prepared import PREPARED_ROOT, resolve
-from lib.data.sampling import uniform_stream
-from lib.data.transforms import Normalize, Transform
-# the module, not its names: training may import this module back (the selftrain streams)
-from lib.engine import training
-from lib.engine.checkpoint import MODEL_FILE, load_model
-from lib.engine.evaluation import InferenceParams
-from lib.engine.inference import inference_layout, predict_logits
-from lib.engine.precision import autocast
-from lib.engine.loop import StreamFactory, select_device
+from lib.data.dataset import ImagesOnly, inference_loader
+from lib.data.prepared import PREPARED_ROOT
+from lib.data.streams import require_prepared
+from lib.data.transforms import Normalize
+from lib.device import autocast, select_device
 from lib.errors import ConfigError, DataError
-from lib.io import atomic_dir, read_label_png, read_rgb, write_json_atomic, write_label_png
-from lib.models.output import upsample
+from lib.infer.inference import inference_layout, predict_logits
+from lib.infer.params import InferenceParams
+from lib.io import atomic_dir, read_label_png, write_json_atomic, write_label_png
+from lib.models.artifact import MODEL_FILE, load_model
+from lib.pseudo.artifact import (CLASS_THRESHOLD_FORMS, CLASSES_CSV, FLIP_DEFAULT, FORMS, INDEX, LABELLER, META,
+                                 PRIOR, PROTOTYPES, Form, confident, read_confidence)
+from lib.table import table
 
-Form = Literal["soft", "hard_threshold", "class_median", "class_balanced"]
-FORMS = ("soft", "hard_threshold", "class_median", "class_balanced")
-# CPSL P2/P3 average the softmax of the image and of its mirror image; CPSL P1 and SIM do not flip
-FLIP_DEFAULT = {"soft": False, "hard_threshold": True, "class_median": False, "class_balanced": True}
-CLASS_THRESHOLD_FORMS = ("class_median", "class_balanced")     # tau_c from the confidence histogram
-PSEUDO_ROOT = Path("data/pseudo")
-META, INDEX, PROTOTYPES, PRIOR, CLASSES_CSV = "meta.json", "index.csv", "prototypes.npy", "prior.npy", "classes.csv"
 FLOAT16_PATTERNS = 1 << 16    # every uint16 bit pattern of a float16
 
 
@@ -122,7 +87,7 @@ class PseudoParams:
 
 @dataclass(frozen=True)
 class PseudoJob:
-    """What one output labels: ``model`` (a data/models folder) on ``dataset``/``split``, in ``form``."""
+    """What one set labels: ``model`` (a data/models folder) on ``dataset``/``split``, in ``form``."""
 
     model: str
     form: Form
@@ -130,22 +95,29 @@ class PseudoJob:
     split: str = "train"
 
 
-JOB_KEYS = tuple(f.name for f in dataclasses.fields(PseudoJob))
-
-
-def output_params(section: dict | None, name: str) -> tuple[PseudoJob, PseudoParams]:
-    """``pseudo_label.outputs.<name>`` laid over the rest of the ``pseudo_label`` section."""
-    if not isinstance(section, dict):
-        raise ConfigError("params: missing section 'pseudo_label'")
-    outputs = section.get("outputs") or {}
-    if name not in outputs or not isinstance(outputs[name], dict):
-        raise ConfigError(f"params: no output '{name}' under 'pseudo_label.outputs' "
-                          f"(known: {', '.join(outputs) or 'none'})")
-    raw = merged({k: v for k, v in section.items() if k != "outputs"}, outputs[name])
-    where = f"pseudo_label.outputs.{name}"
-    job = parse(PseudoJob, {k: v for k, v in raw.items() if k in JOB_KEYS}, where)
-    params = parse(PseudoParams, {k: v for k, v in raw.items() if k not in JOB_KEYS}, where)
-    return job, params
+def pseudo_row(params: dict, name: str) -> tuple[PseudoJob, PseudoParams]:
+    """``pseudo_labels.<name>`` = {model, form, options}: the target's ``options.split`` (train)
+    labelled by ``model`` in ``form``, with the writer's ``options``."""
+    rows = table(params, "pseudo_labels")
+    where = f"pseudo_labels.{name}"
+    if name not in rows:
+        raise ConfigError(f"params: no pseudo-label set {name!r} under pseudo_labels (known: {', '.join(rows) or 'none'})")
+    row = rows[name]
+    if not isinstance(row, dict):
+        raise ConfigError(f"params: {where} must be a mapping with keys model, form, options, got {row!r}")
+    unknown = sorted(set(row) - {"model", "form", "options"})
+    if unknown:
+        raise ConfigError(f"params: unknown key '{where}.{unknown[0]}' (known keys: form, model, options)")
+    options = dict(row.get("options") or {})
+    target = params.get("target")
+    if not isinstance(target, str) or not target:
+        raise ConfigError(f"params: 'target' must name the prepared dataset pseudo-labels label (used by {where})")
+    job = parse(PseudoJob, {"model": row.get("model"), "form": row.get("form"), "dataset": target,
+                            "split": options.pop("split", "train")}, where)
+    if job.model not in {k for t in ("models", "selftrained", "ensembles") for k in table(params, t)}:
+        raise ConfigError(f"params: {where}.model {job.model!r} is not a model of the table "
+                          "(a key of models, selftrained or ensembles)")
+    return job, parse(PseudoParams, options, f"{where}.options")
 
 
 def check_form(form: str, params: PseudoParams) -> None:
@@ -158,14 +130,6 @@ def check_form(form: str, params: PseudoParams) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # Pure pieces
-
-
-def confident(conf: np.ndarray, threshold: float) -> np.ndarray:
-    """Pixels kept by a load-time threshold: conf > t (cpsl.md §6: conf <= t becomes ignore).
-
-    Compared in float64, so the stored float16 value is what counts.
-    """
-    return np.asarray(conf).astype(np.float64) > threshold
 
 
 def softmax_average(probabilities: torch.Tensor, mirrored: torch.Tensor | None) -> torch.Tensor:
@@ -288,20 +252,6 @@ def class_fractions(predicted: np.ndarray, kept: np.ndarray) -> tuple[list[float
 # Writer
 
 
-class ImagesOnly(PreparedDataset):
-    """The images of a prepared split; the ground truth is never read.  Items are
-    ``{id, image}`` (transformed) plus ``draw``; the image must have the index's size."""
-
-    def load(self, i: int) -> dict:
-        row = self.index.iloc[i]
-        path = resolve(row["image"], self.project_root)
-        image = read_rgb(path)
-        if image.shape[:2] != (row["height"], row["width"]):
-            raise DataError(f"{path}: image is {image.shape[1]}x{image.shape[0]} but the index says "
-                            f"{row['width']}x{row['height']}")
-        return {"id": row["id"], "image": image}
-
-
 def check_ids(ids: Iterable[str], where: str) -> None:
     """Ids become file names: no separators, no '.'/'..', no repeats."""
     seen = set()
@@ -328,7 +278,7 @@ def generate_pseudo_labels(model_dir: Path, dataset: str, split: str, form: str,
     check_form(form, params)
     if not (model_dir / MODEL_FILE).is_file():
         raise DataError(f"{model_dir}: model artifact not found (run the stage that writes it first)")
-    training.require_prepared(dataset)
+    require_prepared(dataset)
     device = select_device()
     model, model_meta = load_model(model_dir, device)
     inference_layout(model, params.inference.channels_last)
@@ -351,6 +301,9 @@ def generate_pseudo_labels(model_dir: Path, dataset: str, split: str, form: str,
         index = meta.pop("index")
         pd.DataFrame(index).to_csv(tmp / INDEX, index=False)
         write_json_atomic(tmp / META, meta)
+        (tmp / LABELLER).mkdir()
+        for part in (MODEL_FILE, "meta.json"):     # the labeller: a distillation round's teacher
+            shutil.copyfile(model_dir / part, tmp / LABELLER / part)
         if metrics is not None:   # inside the artifact's atomic block: a failure leaves neither
             with atomic_dir(metrics) as metrics_tmp:
                 pd.DataFrame({"class": class_set.names, "predicted": meta["predicted_fraction"],
@@ -491,14 +444,6 @@ def _write_hard(model, loader, tmp: Path, form: str, params: PseudoParams, num_c
     return result
 
 
-def read_confidence(path: Path) -> np.ndarray:
-    """A stored float16 (H, W) confidence map; a missing or corrupt file is a DataError naming it."""
-    array = _load_npy(path, "confidence map")
-    if array.dtype != np.float16 or array.ndim != 2:
-        raise DataError(f"{path}: expected a float16 (H, W) confidence map, found {array.dtype} {array.shape}")
-    return array
-
-
 def apply_class_thresholds(folder: Path, ids: Sequence[str], taus: np.ndarray, num_classes: int) -> np.ndarray:
     """Second pass of the class-threshold forms: per id, read ``labels/<id>.png`` and ``conf/<id>.npy`` back, set
     pixels with conf < tau_label to 255, rewrite the label.  Returns the kept pixels per class."""
@@ -510,162 +455,3 @@ def apply_class_thresholds(folder: Path, ids: Sequence[str], taus: np.ndarray, n
         kept_counts += np.bincount(label[keep], minlength=num_classes)
         write_label_png(label_path, np.where(keep, label, IGNORE).astype(np.uint8))
     return kept_counts
-
-
-# ------------------------------------------------------------------------------------------------
-# Reader
-
-
-def _load_npy(path: Path, what: str) -> np.ndarray:
-    if not path.is_file():
-        raise DataError(f"{path}: {what} not found")
-    try:
-        return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise DataError(f"{path}: not a readable {what} ({first})") from None
-
-
-class PseudoLabels:
-    """A pseudo-label artifact ``data/pseudo/<name>/`` opened for reading.
-
-    ``meta`` (meta.json), ``form``, ``path``, ``ids``, ``prototypes`` (torch float32 (C, D), soft
-    form, else None), ``prior`` (torch float32 (C,), soft form, else None) and
-    ``default_threshold`` (the load-time threshold the artifact was written for, or None).
-    """
-
-    def __init__(self, path: Path, meta: dict, index: pd.DataFrame, prototypes: torch.Tensor | None,
-                 prior: torch.Tensor | None):
-        self.path, self.meta, self.index = Path(path), meta, index
-        self.prototypes, self.prior = prototypes, prior
-        self._row = {sample_id: i for i, sample_id in enumerate(index["id"])}
-
-    @classmethod
-    def load(cls, path: str | Path) -> "PseudoLabels":
-        path = Path(path)
-        if not (path / META).is_file():
-            raise DataError(f"{path}: pseudo-label artifact not found (no {META}; run its pseudo_label stage)")
-        try:
-            meta = json.loads((path / META).read_text())
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path / META}: not valid JSON ({err})") from None
-        if meta.get("form") not in FORMS:
-            raise DataError(f"{path / META}: unknown pseudo-label form {meta.get('form')!r}")
-        if not (path / INDEX).is_file():
-            raise DataError(f"{path / INDEX}: pseudo-label index not found")
-        index = pd.read_csv(path / INDEX, dtype={"id": str}, keep_default_na=False)
-        files = ["soft"] if meta["form"] == "soft" else ["label", "conf"]
-        missing = [c for c in ["id", "height", "width", *files] if c not in index.columns]
-        if missing:
-            raise DataError(f"{path / INDEX}: missing column '{missing[0]}'")
-        prototypes = prior = None
-        if meta["form"] == "soft":
-            prototypes = torch.from_numpy(_load_npy(path / PROTOTYPES, "prototype matrix").astype(np.float32))
-            prior = torch.from_numpy(_load_npy(path / PRIOR, "class prior").astype(np.float32))
-            if prototypes.shape[:1] != (meta["num_classes"],) or prior.shape != (meta["num_classes"],):
-                raise DataError(f"{path}: prototypes {tuple(prototypes.shape)} or prior {tuple(prior.shape)} "
-                                f"do not have {meta['num_classes']} classes")
-        return cls(path, meta, index, prototypes, prior)
-
-    @property
-    def form(self) -> str:
-        return self.meta["form"]
-
-    @property
-    def ids(self) -> list[str]:
-        return self.index["id"].tolist()
-
-    @property
-    def default_threshold(self) -> float | None:
-        return (self.meta.get("threshold") or {}).get("load_time")
-
-    def __contains__(self, sample_id: str) -> bool:
-        return sample_id in self._row
-
-    def sample(self, sample_id: str, threshold: float | None = None) -> dict:
-        """The maps of one sample at its image size.
-
-        ``pseudo``: (H, W) uint8 train IDs, 255 where conf <= ``threshold`` (None: no threshold;
-        class_median labels carry their 255s already).  For the soft form also ``soft``: (H, W, C)
-        float32, the stored softmax upsampled bilinearly with align_corners=True (our choice: the
-        convention every logit map of the project is upsampled with, lib.models.output.upsample);
-        its ``pseudo`` is the argmax of that upsampled map and conf its maximum.
-        """
-        if sample_id not in self._row:
-            raise DataError(f"{self.path}: no pseudo-label for sample '{sample_id}' (the artifact "
-                            f"covers {self.meta.get('dataset')}/{self.meta.get('split')}, {len(self._row)} images)")
-        row = self.index.iloc[self._row[sample_id]]
-        size = (int(row["height"]), int(row["width"]))
-        out = {}
-        if self.form == "soft":
-            path = self.path / row["soft"]
-            soft = _load_npy(path, "soft pseudo-label")
-            if soft.ndim != 3 or soft.shape[0] != self.meta["num_classes"]:
-                raise DataError(f"{path}: expected ({self.meta['num_classes']}, h, w) probabilities, "
-                                f"found shape {soft.shape}")
-            with torch.no_grad():
-                full = upsample(torch.from_numpy(soft.astype(np.float32))[None], size)[0]
-                conf, pseudo = full.max(0)
-            out["soft"] = full.permute(1, 2, 0).contiguous().numpy()
-            conf, pseudo = conf.numpy(), pseudo.numpy().astype(np.uint8)
-        else:
-            pseudo = read_label_png(self.path / row["label"])
-            conf = read_confidence(self.path / row["conf"])
-            if pseudo.shape != size or conf.shape != size:
-                raise DataError(f"{self.path / row['label']}: label {pseudo.shape} or confidence "
-                                f"{conf.shape} is not the indexed size {size}")
-        if threshold is not None:
-            pseudo = np.where(confident(conf, threshold), pseudo, IGNORE).astype(np.uint8)
-        out["pseudo"] = pseudo
-        return out
-
-
-class PseudoLabelledDataset(ImagesOnly):
-    """A prepared split whose items carry pseudo-labels instead of the ground truth.
-
-    ``load(i)`` returns ``id``, ``image`` and the maps of ``pseudo.sample(id, threshold)``:
-    ``pseudo`` (uint8: the transforms move it like a label, nearest, padded with 255) and, for
-    the soft form, ``soft`` (float: bilinear, padded with 0; (C, H, W) after Normalize).  The
-    dataset's own label is never read.
-    """
-
-    def __init__(self, prepared_dir: str | Path, split: str, transforms: Transform, seed: int,
-                 pseudo: PseudoLabels, threshold: float | None = None, project_root: str | Path = "."):
-        super().__init__(prepared_dir, split, transforms, seed, labelled=False, project_root=project_root)
-        missing = [sample_id for sample_id in self.ids if sample_id not in pseudo]
-        if missing:
-            raise DataError(f"{pseudo.path}: no pseudo-labels for {len(missing)} of the {len(self)} samples "
-                            f"of {prepared_dir} split '{split}' (first: {missing[0]})")
-        self.pseudo, self.threshold = pseudo, threshold
-
-    def load(self, i: int) -> dict:
-        sample = super().load(i)
-        maps = self.pseudo.sample(sample["id"], self.threshold)
-        if maps["pseudo"].shape != sample["image"].shape[:2]:
-            raise DataError(f"{self.pseudo.path}: pseudo-label of '{sample['id']}' is "
-                            f"{maps['pseudo'].shape} but its image is {sample['image'].shape[:2]}")
-        return {**sample, **maps}
-
-
-def pseudo_stream(dataset_name: str, pseudo: PseudoLabels, threshold: float | None, data: "training.DataParams",
-                  normalize: str, seed: int) -> StreamFactory:
-    """Endless batches of pseudo-labelled ``dataset_name`` (``training.training_stream``'s
-    machinery: the same transforms, uniform draws, resumable at an iteration).
-
-    ``normalize`` is a key of ``training.NORMALIZATION``; ``threshold`` is applied at load time
-    (pass ``pseudo.default_threshold`` for the artifact's own).  Batches hold ``image``,
-    ``pseudo`` (N, H, W) int64 and for the soft form ``soft`` (N, C, H, W) float32, ``id``, ``draw``.
-    """
-    if data.sampling != "uniform":
-        raise ConfigError(f"params: pseudo-labelled streams sample uniformly (got sampling '{data.sampling}')")
-    if pseudo.meta.get("dataset") != dataset_name:
-        raise ConfigError(f"{pseudo.path}: pseudo-labels of dataset '{pseudo.meta.get('dataset')}' "
-                          f"cannot label '{dataset_name}'")
-    if threshold is not None and pseudo.form in CLASS_THRESHOLD_FORMS:
-        raise ConfigError(f"{pseudo.path}: {pseudo.form} pseudo-labels were thresholded per class when written; "
-                          f"a load-time pseudo_threshold ({threshold}) would undo that (set it to null)")
-    training.require_prepared(dataset_name)
-    dataset = PseudoLabelledDataset(PREPARED_ROOT / dataset_name, data.split,
-                                    training.train_transforms(data, normalize), seed, pseudo, threshold)
-    draws = functools.partial(uniform_stream, len(dataset), seed)
-    return training.batches_from(dataset, draws, data)

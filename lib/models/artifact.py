@@ -1,6 +1,7 @@
-"""Checkpoints: the resumable training state and the model artifact a stage hands downstream.
+"""Model artifacts: the ``data/models/<name>/`` folder a stage hands downstream, and the checked
+torch file I/O every checkpoint of the project goes through.
 
-Both are plain dicts of tensors, numbers and strings, written to a temporary file and renamed,
+Files are plain dicts of tensors, numbers and strings, written to a temporary file and renamed,
 and read back with ``torch.load(weights_only=True)``: a file that needs arbitrary unpickling (a
 pickled object smuggled into a checkpoint) is refused with a clear error instead of executed.
 """
@@ -8,21 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from lib.config import parse
 from lib.data.classes import CLASS_SETS
 from lib.errors import DataError
-from lib.io import output_error, remove_stale_temporaries, temporary_sibling, write_json_atomic
+from lib.io import atomic_dir, output_error, remove_stale_temporaries, temporary_sibling, write_json_atomic
 from lib.models import ModelParams, build_model
+from lib.models.ensemble import ENSEMBLE_KIND, Ensemble
 
 MODEL_FILE = "model.pt"
-STATE_FILE = "last.pt"
 
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
@@ -64,29 +63,6 @@ def load_checked(path: str | os.PathLike, what: str) -> dict:
     return obj
 
 
-def rng_state() -> dict:
-    """Every global generator a training step may touch (dropout, library code)."""
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np_state = state["numpy"]
-    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["gauss"]))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
 def save_model(directory: Path, model, meta: dict) -> None:
     """``model.pt`` (state_dict + meta) and a human-readable ``meta.json`` beside it."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -95,18 +71,36 @@ def save_model(directory: Path, model, meta: dict) -> None:
 
 
 def load_model(directory: str | Path, device="cpu"):
-    """(model in eval mode on ``device``, meta) from a model artifact written by ``save_model``."""
+    """(model in eval mode on ``device``, meta) from a model artifact written by ``save_model``, or
+    an ensemble of them (lib.models.ensemble)."""
     path = Path(directory) / MODEL_FILE
     payload = load_checked(path, "model checkpoint")
     if "state_dict" not in payload or "meta" not in payload:
         raise DataError(f"{path}: not a model artifact of this pipeline (expected keys state_dict, meta)")
     meta = payload["meta"]
-    model_params = parse(ModelParams, dict(meta["model"], weights="none"), f"{path}:model")
-    if meta["class_set"] not in CLASS_SETS:
-        raise DataError(f"{path}: unknown class set {meta['class_set']!r}")
-    model = build_model(model_params, meta["num_classes"])
+    kind = meta.get("kind", "model")
+    if kind == ENSEMBLE_KIND:
+        members = [model_from_payload(member, path) for member in payload["state_dict"]["members"]]
+        return Ensemble(members, payload["state_dict"]["weights"]).to(device).eval(), meta
+    if kind != "model":
+        raise DataError(f"{path}: a {kind} artifact, not a segmentation model (it can only be a model's `from`)")
+    return model_from_payload(payload, path).to(device).eval(), meta
+
+
+def model_from_payload(payload: dict, path: Path) -> nn.Module:
+    """The segmenter a model artifact's meta describes, with its weights."""
+    meta = payload["meta"]
+    try:
+        described = {k: v for k, v in meta["model"].items() if k != "weights"}   # artifacts that still name weights
+        model_params = parse(ModelParams, described, f"{path}:model")
+        num_classes, class_set = int(meta["num_classes"]), meta["class_set"]
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise DataError(f"{path}: its meta does not describe a model of this pipeline (missing or bad {err})") from None
+    if class_set not in CLASS_SETS:
+        raise DataError(f"{path}: unknown class set {class_set!r}")
+    model = build_model(model_params, num_classes)
     load_weights(model, payload["state_dict"], path, f"a {model_params.arch}-{model_params.depth}")
-    return model.to(device).eval(), meta
+    return model
 
 
 def load_weights(module: nn.Module, state_dict: dict, path: Path, described_as: str) -> None:
@@ -130,3 +124,26 @@ def load_weights(module: nn.Module, state_dict: dict, path: Path, described_as: 
         module.load_state_dict(state_dict)
     except RuntimeError as err:
         raise DataError(f"{path}: weights do not fit {described_as} ({str(err).splitlines()[0]})") from None
+
+
+def write_ensemble(out: Path, members: list[Path], weights: list[float]) -> dict:
+    """``out`` (data/models/<name>): the model artifacts ``members`` with their weights as one
+    ensemble artifact (lib.models.ensemble); members must share the class set and input
+    normalisation.  Returns its meta."""
+    payloads = [load_checked(m / MODEL_FILE, "model checkpoint") for m in members]
+    metas = [p.get("meta") or {} for p in payloads]
+    for member, meta in zip(members, metas):
+        if meta.get("kind", "model") != "model":
+            raise DataError(f"{member / MODEL_FILE}: an ensemble member must be a trained model, not a {meta.get('kind')}")
+        if (meta.get("class_set"), meta.get("normalize")) != (metas[0].get("class_set"), metas[0].get("normalize")):
+            raise DataError(f"{member}: its classes or input normalisation differ from {members[0]}'s "
+                            "(ensemble members must see and predict alike)")
+    meta = {"kind": ENSEMBLE_KIND, "class_set": metas[0]["class_set"], "num_classes": metas[0]["num_classes"],
+            "normalize": metas[0]["normalize"], "source_protocol": metas[0]["source_protocol"],
+            "weights": [float(w) for w in weights], "members": {m.name: meta for m, meta in zip(members, metas)}}
+    state = {"members": [{"state_dict": p["state_dict"], "meta": p["meta"]} for p in payloads],
+             "weights": [float(w) for w in weights]}
+    with atomic_dir(out) as tmp:
+        save_atomic({"state_dict": state, "meta": meta}, tmp / MODEL_FILE)
+        write_json_atomic(tmp / "meta.json", meta)
+    return meta

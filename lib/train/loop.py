@@ -10,19 +10,19 @@ the stream restarts at draw ``it * batch_size``, and the checkpoint carries ever
 optimizer, scheduler and global RNG state.  A resumed run therefore ends with the same weights as
 an uninterrupted one.
 
-With ``processes`` > 1 the same loop runs in every torchrun worker (lib.engine.distributed): each
+With ``processes`` > 1 the same loop runs in every torchrun worker (lib.train.distributed): each
 reads its slice of the global batch, gradients are averaged before the optimizers step, buffers
 follow rank 0's, and rank 0 alone logs and writes checkpoints.  The stream restarts at global draw
 ``it * processes * batch_size``; the checkpoint's fingerprint counts the global batch, not the
 number of processes, so a run can be resumed by another number of processes with the same global
-batch (lib.engine.training.across_world_sizes).
+batch (lib.train.stage.across_world_sizes).
 """
 from __future__ import annotations
 
 import math
 import random
 import time
-from collections.abc import Callable, Iterator
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,15 +34,13 @@ from dvclive import Live
 from tqdm import tqdm
 
 from lib.config import positive
-from lib.engine import distributed, precision
-from lib.engine.checkpoint import STATE_FILE, load_checked, rng_state, save_atomic, set_rng_state
-from lib.engine.optim import OptimizerParams, ScheduleParams, build_optimizer, build_scheduler
+from lib.data.streams import StreamFactory
+from lib import device as hardware
+from lib.train import checkpoint, distributed
+from lib.train.optim import OptimizerParams, ScheduleParams, build_optimizer, build_scheduler
 from lib.errors import ConfigError, UserError
 from lib.methods.base import Method
 
-CHECKPOINT_FORMAT = 1
-# A stream factory takes the iteration to start at and yields collated batches from there on.
-StreamFactory = Callable[[int], Iterator[dict]]
 
 
 class TrainingDiverged(UserError):
@@ -55,7 +53,7 @@ class TrainParams:
     seed: int = 0
     checkpoint_every: int = 100
     log_every: int = 10
-    precision: Literal["fp32", "bf16"] = "bf16"   # bf16 autocast where native (lib.engine.precision)
+    precision: Literal["fp32", "bf16"] = "bf16"   # bf16 autocast where native (lib.device)
     channels_last: bool = True                      # CUDA only
     cudnn_benchmark: bool = False                   # faster, but not bit-reproducible
     processes: int = 1                              # > 1: the stage runs itself under torchrun (README)
@@ -67,10 +65,6 @@ class TrainParams:
         positive(self.processes, f"{where}.processes")
         positive(self.checkpoint_every, f"{where}.checkpoint_every")
         positive(self.log_every, f"{where}.log_every")
-
-
-def select_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -98,7 +92,7 @@ def train(method: Method, streams: dict[str, StreamFactory], params: TrainParams
     ``fingerprint`` identifies the configuration (params and inputs); a checkpoint made by another
     configuration is ignored and replaced.  ``live_dir`` receives DVCLive's training curves.
     """
-    device = select_device()
+    device = hardware.select_device()
     cuda = device.type == "cuda"
     channels_last = cuda and params.channels_last
     torch.backends.cudnn.benchmark = params.cudnn_benchmark
@@ -124,14 +118,14 @@ def train(method: Method, streams: dict[str, StreamFactory], params: TrainParams
     optimizers = {name: build_optimizer(groups[name], optim[name]) for name in groups}
     schedulers = {name: build_scheduler(opt, params.iters, schedule) for name, opt in optimizers.items()}
 
-    checkpoint_path = Path(checkpoint_dir) / STATE_FILE
-    start = _resume(checkpoint_path, fingerprint, modules, optimizers, schedulers)
+    checkpoint_path = Path(checkpoint_dir) / checkpoint.STATE_FILE
+    start = checkpoint.resume(checkpoint_path, fingerprint, modules, optimizers, schedulers)
     distributed.broadcast_from_main([t for m in modules.values() for t in (*m.parameters(), *m.buffers())])
     synchronised = distributed.trained_parameters(optimizers.values())
     live = _open_live(Path(live_dir), start) if main else None
     iterators = {name: streams[name](start) for name in method.streams}
 
-    autocast = precision.autocast(params.precision, device)
+    autocast = hardware.autocast(params.precision, device)
     for module in modules.values():
         module.train()
     window: dict[str, list[float]] = {}
@@ -165,7 +159,7 @@ def train(method: Method, streams: dict[str, StreamFactory], params: TrainParams
             progress.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
             window, tick, images = {}, time.perf_counter(), 0
         if done % params.checkpoint_every == 0 or done == params.iters:
-            _save(checkpoint_path, fingerprint, done, modules, optimizers, schedulers)
+            checkpoint.save(checkpoint_path, fingerprint, done, modules, optimizers, schedulers)
     progress.close()
     if live is not None:
         live.end()
@@ -185,51 +179,6 @@ def _check_finite(losses: dict[str, torch.Tensor], it: int, checkpoint_path: Pat
             raise TrainingDiverged(f"iteration {it}: loss '{name}' is {value}; training stopped before the "
                                    f"update and {kept} (lower the learning rate or check the data)")
     return averaged
-
-
-def _save(path: Path, fingerprint: str, done: int, modules, optimizers, schedulers) -> None:
-    """Rank 0 writes; every rank hands it its RNG state (``rng`` is rank 0's, ``rng_ranks`` the others')."""
-    states = distributed.gather_to_main(rng_state())
-    if not distributed.is_main():
-        return
-    save_atomic({
-        "format": CHECKPOINT_FORMAT,
-        "fingerprint": fingerprint,
-        "iteration": done,
-        "modules": {n: m.state_dict() for n, m in modules.items()},
-        "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
-        "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
-        "rng": states[0],
-        "rng_ranks": states[1:],
-        "world_size": len(states),
-    }, path)
-
-
-def _resume(path: Path, fingerprint: str, modules, optimizers, schedulers) -> int:
-    """Load the checkpoint if it belongs to this configuration; return the iteration to start at.
-
-    Every rank reads the same file.  Rank r > 0 takes its own RNG state if the checkpoint has one
-    (it was written by at least r + 1 processes), else it keeps its fresh per-rank seed."""
-    if not path.is_file():
-        return 0
-    state = load_checked(path, "training checkpoint")
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
-        print(f"note: {path} was written by another configuration; training from scratch")
-        distributed.barrier()   # every rank has read it before it goes
-        if distributed.is_main():
-            path.unlink()
-        return 0
-    for kind, targets in (("modules", modules), ("optimizers", optimizers), ("schedulers", schedulers)):
-        if set(state[kind]) != set(targets):
-            raise UserError(f"{path}: holds {kind} {sorted(state[kind])}, this method has {sorted(targets)}")
-        for name, target in targets.items():
-            target.load_state_dict(state[kind][name])
-    rank, others = distributed.rank(), state.get("rng_ranks", [])
-    if rank == 0 or rank <= len(others):
-        set_rng_state(state["rng"] if rank == 0 else others[rank - 1])
-    print(f"resuming from {path} at iteration {state['iteration']} "
-          f"(written by {state.get('world_size', 1)} process(es), resumed by {distributed.world_size()})")
-    return int(state["iteration"])
 
 
 def _open_live(live_dir: Path, start: int) -> Live:

@@ -16,6 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lib.config import positive
 from lib.errors import ConfigError
+from lib.methods.base import ParamGroup
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,6 @@ class ScheduleParams:
             positive(self.horizon, f"{where}.horizon")
         if not 0 <= self.warmup_ratio <= 1:
             raise ConfigError(f"params: {where}.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-
-
-@dataclass
-class ParamGroup:
-    """Parameters a method hands to one optimizer; ``head`` groups get ``head_lr_mult`` x lr."""
-
-    params: list[nn.Parameter]
-    head: bool = False
 
 
 def lr_factor(t: int, max_iters: int, schedule: ScheduleParams) -> float:

@@ -1,11 +1,12 @@
-"""Which arithmetic a run uses: bf16 autocast where the hardware computes bf16 natively, else fp32.
+"""Where and in which arithmetic a run computes: CUDA when present, else the CPU; bf16 autocast
+where the hardware computes bf16 natively, else fp32.
 
 ``precision: bf16`` (training, evaluation, pseudo-labelling) asks for ``torch.autocast`` with
 bfloat16.  It is applied on a CUDA device that supports bf16 and on a CPU with native bf16
 instructions (AVX512-BF16 or AMX, e.g. AMD Zen 4, Intel Sapphire Rapids), where oneDNN runs the
-convolutions about twice as fast as fp32 (bench/precision_cpu.py).  Anywhere else bf16 would be
+convolutions about twice as fast as fp32 (bench/precision.py).  Anywhere else bf16 would be
 emulated, i.e. slower than fp32, so the run falls back to fp32.  ``effective`` is what a run
-actually used; it is recorded in every provenance block (lib.engine.provenance), so two results
+actually used; it is recorded in every provenance block (lib.provenance), so two results
 made in different arithmetic can be told apart.  ``fp32`` always means fp32.
 """
 from __future__ import annotations
@@ -15,6 +16,10 @@ import contextlib
 import torch
 
 PRECISIONS = ("fp32", "bf16")
+
+
+def select_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def cpu_has_native_bf16() -> bool:

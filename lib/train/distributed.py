@@ -64,7 +64,7 @@ from torch import nn
 from lib.errors import ConfigError
 
 if TYPE_CHECKING:
-    from lib.engine.loop import TrainParams
+    from lib.train.loop import TrainParams
 
 BUCKET_BYTES = 25 * 2**20      # DDP's default bucket size
 _RANK_SEED_TAG = 3             # keeps the ranks' seeds apart from the data streams' (seed, ...) tags

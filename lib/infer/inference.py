@@ -18,7 +18,7 @@
   padding).  When a single window covers the whole image this is exactly the whole-image path
   (logits upsampled straight to ``out_size``, no intermediate resampling).
 - **Precision**: ``precision="bf16"`` runs the forward passes under bf16 autocast where the device
-  computes bf16 natively (lib.engine.precision), fp32 otherwise; logits are upsampled, summed and
+  computes bf16 natively (lib.device), fp32 otherwise; logits are upsampled, summed and
   returned in float32 either way.
 - **Memory layout** (``inference_layout``): evaluation and pseudo-labelling can hold the model in
   channels_last, which changes speed only (oneDNN and cuDNN pick their NHWC kernels).
@@ -33,7 +33,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lib.engine import precision as arithmetic
+from lib import device as arithmetic
+from lib.models.ensemble import Ensemble
 from lib.models.output import SegOutput, upsample
 
 MODES = ("whole", "slide")
@@ -66,7 +67,10 @@ def inference_layout(model: torch.nn.Module, channels_last: bool) -> torch.nn.Mo
 def _pairs(models) -> list[tuple[torch.nn.Module, float]]:
     if isinstance(models, torch.nn.Module):
         models = [(models, 1.0)]
-    pairs = [(model, float(weight)) for model, weight in models]
+    pairs = []
+    for model, weight in models:      # an ensemble artifact runs as its members (lib.models.ensemble)
+        members = model.pairs() if isinstance(model, Ensemble) else [(model, 1.0)]
+        pairs += [(member, float(weight) * own) for member, own in members]
     if not pairs:
         raise ValueError("predict_logits needs at least one (model, weight) pair")
     for model, _ in pairs:

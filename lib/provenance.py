@@ -20,9 +20,7 @@ from pathlib import Path
 
 import torch
 
-from lib.engine import distributed
-from lib.engine.precision import effective as effective_precision
-from lib.engine.loop import TrainParams, select_device
+from lib.device import effective as effective_precision, select_device
 
 LIBRARIES = ("torch", "torchvision", "numpy", "dvc", "dvclive", "cityscapesscripts")
 # Files every pipeline run rewrites itself (the lock and the cache: false metrics and plots): their
@@ -65,13 +63,11 @@ def device_info(device: torch.device | str) -> dict:
 
 
 def world_size() -> int:
-    """Processes of the run: the process group's size (lib.engine.distributed), else torchrun's
+    """Processes of the run: the process group's size (torch.distributed), else torchrun's
     WORLD_SIZE (a process of a torchrun job that has not joined the group), else 1."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return distributed.world_size()
+        return torch.distributed.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 
 
 def determinism() -> dict:
@@ -133,7 +129,7 @@ def collect(device: torch.device | str, precision: str, seed: int | None = None,
     return made_with
 
 
-def training(train: TrainParams, world: int | None = None) -> dict:
+def training(precision: str, seed: int, world: int | None = None) -> dict:
     """The provenance of a training stage in this process (its model artifact's ``meta["provenance"]``).
 
     Without the git revision: the artifact's bytes must depend on what it was trained from and on,
@@ -142,5 +138,5 @@ def training(train: TrainParams, world: int | None = None) -> dict:
     The code a model was trained with is pinned by the hashes of its stage's dependencies in
     ``dvc.lock``; the revision of the run is in every evaluation's provenance."""
     device = select_device()
-    return collect(device, effective_precision(train.precision, device), seed=train.seed, world=world,
+    return collect(device, effective_precision(precision, device), seed=seed, world=world,
                    with_git=False)

@@ -1,1 +1,0 @@
-"""Training loop, optimisation, checkpoints, inference and evaluation."""

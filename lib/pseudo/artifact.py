@@ -1,0 +1,174 @@
+"""A pseudo-label set ``data/pseudo/<name>/``: its files, and :class:`PseudoLabels`, the reader the
+self-training stages open it with (lib.pseudo.writer writes it, lib.pseudo.stream turns it into
+training batches).
+
+- ``meta.json``: form, model (folder name, its stage and method), dataset, split, class set,
+  image count, the per-class ``predicted_fraction`` (share of all pixels predicted as the class)
+  and ``kept_fraction`` (kept / predicted pixels of the class, 0 for a class never predicted),
+  the threshold rule, the params;
+- ``index.csv``: ``id, height, width`` and the files of the sample, relative to the set;
+- ``soft`` (CPSL's first labels, Li et al. CVPR 2022 §3.2): ``soft/<id>.npy`` float16 (C, h, w),
+  the softmax at the logits' stride; ``prototypes.npy`` float32 (C, D) class centroids of the
+  embedding; ``prior.npy`` float32 (C,) the class prior r (argmax shares on the logit grid);
+- ``hard_threshold`` (CPSL's distillation labels, §3.4): ``labels/<id>.png`` uint8 argmax of the
+  (flip-averaged) softmax at the image size, ``conf/<id>.npy`` float16 (H, W) its maximum; the
+  threshold is applied when the labels are loaded (conf <= t -> 255, t = 0.95 by default);
+- ``class_median`` (BAFFT step 2, after SIM's class-wise median, Wang et al. CVPR 2020 §3.3):
+  the same two files, without flip, the labels already set to 255 where conf < tau_c, tau_c the
+  class's median confidence capped at 0.9;
+- ``class_balanced`` (OUR ADDITION, CBST's class-balanced selection, Zou et al. ECCV 2018, on CPSL's
+  flip-averaged hard labels): the same two files, labels set to 255 where conf < tau_c, tau_c the
+  confidence that keeps the top ``class_portion`` of class c's pixels, capped at ``threshold``;
+- ``labeller/``: a copy of the model artifact that made the set (``model.pt``, ``meta.json``).  A
+  distillation round's frozen teacher is this labeller (CPSL's KD rounds distil the model whose
+  hard labels they train on), so the teacher a stage reads is inside the set it depends on.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from lib.data.classes import IGNORE
+from lib.errors import DataError
+from lib.io import read_label_png
+from lib.models.output import upsample
+
+Form = Literal["soft", "hard_threshold", "class_median", "class_balanced"]
+FORMS = ("soft", "hard_threshold", "class_median", "class_balanced")
+# CPSL P2/P3 average the softmax of the image and of its mirror image; CPSL P1 and SIM do not flip
+FLIP_DEFAULT = {"soft": False, "hard_threshold": True, "class_median": False, "class_balanced": True}
+CLASS_THRESHOLD_FORMS = ("class_median", "class_balanced")     # tau_c from the confidence histogram
+PSEUDO_ROOT = Path("data/pseudo")
+META, INDEX, PROTOTYPES, PRIOR, CLASSES_CSV = "meta.json", "index.csv", "prototypes.npy", "prior.npy", "classes.csv"
+LABELLER = "labeller"           # the copy of the model that made the set
+
+
+
+def confident(conf: np.ndarray, threshold: float) -> np.ndarray:
+    """Pixels kept by a load-time threshold: conf > t (cpsl.md §6: conf <= t becomes ignore).
+
+    Compared in float64, so the stored float16 value is what counts.
+    """
+    return np.asarray(conf).astype(np.float64) > threshold
+
+
+def _load_npy(path: Path, what: str) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"{path}: {what} not found")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{path}: not a readable {what} ({first})") from None
+
+
+def read_confidence(path: Path) -> np.ndarray:
+    """A stored float16 (H, W) confidence map; a missing or corrupt file is a DataError naming it."""
+    array = _load_npy(path, "confidence map")
+    if array.dtype != np.float16 or array.ndim != 2:
+        raise DataError(f"{path}: expected a float16 (H, W) confidence map, found {array.dtype} {array.shape}")
+    return array
+
+
+class PseudoLabels:
+    """A pseudo-label artifact ``data/pseudo/<name>/`` opened for reading.
+
+    ``meta`` (meta.json), ``form``, ``path``, ``ids``, ``prototypes`` (torch float32 (C, D), soft
+    form, else None), ``prior`` (torch float32 (C,), soft form, else None) and
+    ``default_threshold`` (the load-time threshold the artifact was written for, or None).
+    """
+
+    def __init__(self, path: Path, meta: dict, index: pd.DataFrame, prototypes: torch.Tensor | None,
+                 prior: torch.Tensor | None):
+        self.path, self.meta, self.index = Path(path), meta, index
+        self.prototypes, self.prior = prototypes, prior
+        self._row = {sample_id: i for i, sample_id in enumerate(index["id"])}
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PseudoLabels":
+        path = Path(path)
+        if not (path / META).is_file():
+            raise DataError(f"{path}: pseudo-label artifact not found (no {META}; run its pseudo_label stage)")
+        try:
+            meta = json.loads((path / META).read_text())
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path / META}: not valid JSON ({err})") from None
+        if meta.get("form") not in FORMS:
+            raise DataError(f"{path / META}: unknown pseudo-label form {meta.get('form')!r}")
+        if not (path / INDEX).is_file():
+            raise DataError(f"{path / INDEX}: pseudo-label index not found")
+        index = pd.read_csv(path / INDEX, dtype={"id": str}, keep_default_na=False)
+        files = ["soft"] if meta["form"] == "soft" else ["label", "conf"]
+        missing = [c for c in ["id", "height", "width", *files] if c not in index.columns]
+        if missing:
+            raise DataError(f"{path / INDEX}: missing column '{missing[0]}'")
+        prototypes = prior = None
+        if meta["form"] == "soft":
+            prototypes = torch.from_numpy(_load_npy(path / PROTOTYPES, "prototype matrix").astype(np.float32))
+            prior = torch.from_numpy(_load_npy(path / PRIOR, "class prior").astype(np.float32))
+            if prototypes.shape[:1] != (meta["num_classes"],) or prior.shape != (meta["num_classes"],):
+                raise DataError(f"{path}: prototypes {tuple(prototypes.shape)} or prior {tuple(prior.shape)} "
+                                f"do not have {meta['num_classes']} classes")
+        return cls(path, meta, index, prototypes, prior)
+
+    @property
+    def labeller(self) -> Path:
+        """The copy of the model artifact that made the set (a distillation round's teacher)."""
+        return self.path / LABELLER
+
+    @property
+    def form(self) -> str:
+        return self.meta["form"]
+
+    @property
+    def ids(self) -> list[str]:
+        return self.index["id"].tolist()
+
+    @property
+    def default_threshold(self) -> float | None:
+        return (self.meta.get("threshold") or {}).get("load_time")
+
+    def __contains__(self, sample_id: str) -> bool:
+        return sample_id in self._row
+
+    def sample(self, sample_id: str, threshold: float | None = None) -> dict:
+        """The maps of one sample at its image size.
+
+        ``pseudo``: (H, W) uint8 train IDs, 255 where conf <= ``threshold`` (None: no threshold;
+        class_median labels carry their 255s already).  For the soft form also ``soft``: (H, W, C)
+        float32, the stored softmax upsampled bilinearly with align_corners=True (our choice: the
+        convention every logit map of the project is upsampled with, lib.models.output.upsample);
+        its ``pseudo`` is the argmax of that upsampled map and conf its maximum.
+        """
+        if sample_id not in self._row:
+            raise DataError(f"{self.path}: no pseudo-label for sample '{sample_id}' (the artifact "
+                            f"covers {self.meta.get('dataset')}/{self.meta.get('split')}, {len(self._row)} images)")
+        row = self.index.iloc[self._row[sample_id]]
+        size = (int(row["height"]), int(row["width"]))
+        out = {}
+        if self.form == "soft":
+            path = self.path / row["soft"]
+            soft = _load_npy(path, "soft pseudo-label")
+            if soft.ndim != 3 or soft.shape[0] != self.meta["num_classes"]:
+                raise DataError(f"{path}: expected ({self.meta['num_classes']}, h, w) probabilities, "
+                                f"found shape {soft.shape}")
+            with torch.no_grad():
+                full = upsample(torch.from_numpy(soft.astype(np.float32))[None], size)[0]
+                conf, pseudo = full.max(0)
+            out["soft"] = full.permute(1, 2, 0).contiguous().numpy()
+            conf, pseudo = conf.numpy(), pseudo.numpy().astype(np.uint8)
+        else:
+            pseudo = read_label_png(self.path / row["label"])
+            conf = read_confidence(self.path / row["conf"])
+            if pseudo.shape != size or conf.shape != size:
+                raise DataError(f"{self.path / row['label']}: label {pseudo.shape} or confidence "
+                                f"{conf.shape} is not the indexed size {size}")
+        if threshold is not None:
+            pseudo = np.where(confident(conf, threshold), pseudo, IGNORE).astype(np.uint8)
+        out["pseudo"] = pseudo
+        return out

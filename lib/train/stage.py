@@ -1,0 +1,305 @@
+"""A training stage from a row of the model table: ``train@<name>`` and ``selftrain@<name>``.
+
+The row (lib.table) names the recipe, the start and, for a self-trained model, the pseudo-label
+set; the recipe (``recipes.<method>`` with the row's ``overrides`` laid over it) holds the blocks::
+
+    method: {...}                # the method's own params; the paper's values where not given
+    model: {...}                 # lib.models.ModelParams
+    normalize: imagenet          # imagenet mean/std, or unit ([0, 1], CPSL's input)
+    data: {...}                  # crops, batch, sampling (lib.data.streams.DataParams)
+    target_data: {...}           # the target stream's data where it differs (keys not given: `data`'s)
+    optim: {model: {...}}        # one OptimizerParams per optimizer the method trains
+    schedule: {...}
+    train: {...}                 # iterations, seed, checkpoints, precision (TrainParams)
+    pseudo_threshold: 0.95       # hard pseudo-labels: confidence <= this -> ignored (CPSL)
+
+It writes ``data/models/<name>/`` (the model artifact), keeps its resumable state in
+``data/checkpoints/<name>/`` and its DVCLive curves in ``metrics/train/<name>/``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from lib import provenance
+from lib.config import parse
+from lib.data.dataset import PreparedDataset
+from lib.data.prepared import PREPARED_ROOT, load_class_set, load_meta
+from lib.data.streams import (NORMALIZATION, DataParams, StreamFactory, batches_from, require_prepared, sampler,
+                              stream_seed, train_transforms, training_stream)
+from lib.errors import ConfigError
+from lib.io import atomic_dir, write_json_atomic
+from lib.methods.base import StageContext, method_class
+from lib.models import ModelParams, build_model
+from lib.models.artifact import MODEL_FILE, load_checked, load_model, load_weights, save_model
+from lib.models.weights import WEIGHTS_KIND, initialise
+from lib.pseudo.artifact import PSEUDO_ROOT, PseudoLabels
+from lib.pseudo.stream import pseudo_stream
+from lib.table import TrainingRow
+from lib.train import distributed
+from lib.train.checkpoint import STATE_FILE
+from lib.train.loop import TrainParams, seed_everything, train
+from lib.train.optim import OptimizerParams, ScheduleParams
+
+MODELS_ROOT = Path("data/models")
+CHECKPOINTS_ROOT = Path("data/checkpoints")
+CURVES_ROOT = Path("metrics/train")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """The blocks of a recipe, parsed (the method's own params are parsed by its dataclass)."""
+
+    model: ModelParams
+    data: DataParams
+    optim: dict[str, OptimizerParams]
+    train: TrainParams
+    method: dict[str, Any] = dataclasses.field(default_factory=dict)
+    normalize: Literal["imagenet", "unit", "symmetric"] = "imagenet"
+    schedule: ScheduleParams = ScheduleParams()
+    target_data: DataParams | None = None
+    pseudo_threshold: float | None = None
+
+    def validate(self, where: str) -> None:
+        if self.pseudo_threshold is not None and not 0.0 <= self.pseudo_threshold < 1.0:
+            raise ConfigError(f"params: {where}.pseudo_threshold must be in [0, 1), got {self.pseudo_threshold}")
+
+    def stream_data(self, stream: str) -> DataParams:
+        return self.target_data if stream != "source" and self.target_data is not None else self.data
+
+
+def parse_recipe(row: TrainingRow) -> tuple[Recipe, Any]:
+    """(the recipe with the row's overrides, the method's params); unknown keys are errors."""
+    raw = dict(row.raw)
+    where = f"recipes.{row.recipe}"
+    if isinstance(raw.get("target_data"), dict) and isinstance(raw.get("data"), dict):
+        # ADVENT reads the source at 720x1280 and the target at 512x1024: only the differences are given
+        raw["target_data"] = {**raw["data"], **raw["target_data"]}
+    recipe = parse(Recipe, raw, where)
+    params_type = method_class(row.recipe).params_type
+    return recipe, parse(params_type, recipe.method, f"{where}.method")
+
+
+def across_world_sizes(raw: dict, data: DataParams, train: TrainParams) -> dict:
+    """``raw`` as a checkpoint's fingerprint sees it: without the launch keys (processes, backend)
+    and with the global batch (processes x per-process batch) in place of each per-process one.  A
+    run can so be resumed by another number of processes with the same global batch; a run whose
+    global batch changed is another configuration and trains from scratch."""
+    out = dict(raw, train={k: v for k, v in (raw.get("train") or {}).items() if k not in ("processes", "backend")},
+               data=dict(raw.get("data") or {}, batch_size=data.batch_size * train.processes))
+    if isinstance(raw.get("target_data"), dict) and "batch_size" in raw["target_data"]:
+        out["target_data"] = dict(raw["target_data"], batch_size=raw["target_data"]["batch_size"] * train.processes)
+    return out
+
+
+def fingerprint(raw_params: Any, datasets: list[str], files: list[Path] = ()) -> str:
+    """Identity of a training configuration: its params, the prepared data and the input artifacts
+    (start, teacher, pseudo-labels) it reads."""
+    digest = hashlib.sha256(json.dumps(raw_params, sort_keys=True, default=str).encode())
+    for name in datasets:
+        for part in ("meta.json", "index.csv", "class_counts.csv", "centroids.csv"):
+            digest.update((PREPARED_ROOT / name / part).read_bytes())
+    for path in files:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class StageInputs:
+    """What a row starts from and reads besides the datasets: the ``from`` artifact (imported
+    weights or a trained model), the pseudo-label set and its labeller (a distillation teacher).
+
+    Each is checked against the row before any training starts: the class set and the input
+    normalisation (a model must see images as it was trained to), the pseudo-labelled dataset.
+    """
+
+    row: TrainingRow
+    start_state: dict
+    start_meta: dict
+    teacher: Any = None
+    pseudo: PseudoLabels | None = None
+    paths: list[Path] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def load(cls, row: TrainingRow, class_set: str, normalize: tuple, needs_teacher: bool) -> "StageInputs":
+        expected = {"mean": list(normalize[0]), "std": list(normalize[1])}
+        start = MODELS_ROOT / row.start
+        payload = load_checked(start / MODEL_FILE, f"start of {row.where} (`from: {row.start}`)")
+        meta = payload.get("meta") if isinstance(payload.get("meta"), dict) else {}
+        if meta.get("kind", "model") not in ("model", WEIGHTS_KIND):
+            raise ConfigError(f"params: {row.where}.from: {start} is a {meta.get('kind')} artifact; a model "
+                              "starts from imported weights or one trained model")
+        if meta.get("kind", "model") == "model":
+            _check_compatible(meta, start, f"{row.where}.from", class_set, expected)
+        inputs = cls(row, payload["state_dict"], meta, paths=[start / MODEL_FILE])
+        if row.pseudo is not None:
+            inputs.pseudo = PseudoLabels.load(PSEUDO_ROOT / row.pseudo)
+            made_for = inputs.pseudo.meta.get("dataset")
+            if made_for != row.target:
+                raise ConfigError(f"params: {row.where}.pseudo: {PSEUDO_ROOT / row.pseudo} labels "
+                                  f"'{made_for}', but the target is '{row.target}'")
+            inputs.paths += sorted(p for p in (PSEUDO_ROOT / row.pseudo).iterdir()
+                                   if p.is_file() and p.suffix in (".json", ".csv", ".npy"))
+            if needs_teacher:
+                teacher, teacher_meta = load_model(inputs.pseudo.labeller)
+                _check_compatible(teacher_meta, inputs.pseudo.labeller, f"{row.where}.pseudo (its labeller)",
+                                  class_set, expected)
+                inputs.teacher = teacher
+                inputs.paths.append(inputs.pseudo.labeller / MODEL_FILE)
+        return inputs
+
+    def initialise(self, model, model_params: ModelParams) -> None:
+        """Lay the start's weights on ``model``: a trained model's are copied whole (the
+        architectures must agree), imported weights go to the backbone."""
+        path = self.paths[0]
+        if self.start_meta.get("kind", "model") == WEIGHTS_KIND:
+            initialise(model, path.parent, self.start_state, self.start_meta)
+        else:
+            load_weights(model, self.start_state, path,
+                         f"a {model_params.arch}-{model_params.depth} ({self.row.where}: recipes.{self.row.recipe}.model)")
+
+
+def _check_compatible(meta: dict, where: Path, key: str, class_set: str, expected: dict) -> None:
+    if meta.get("class_set") != class_set:
+        raise ConfigError(f"params: {key}: {where} predicts {meta.get('class_set')} classes, the source has {class_set}")
+    if meta.get("normalize") != expected:
+        raise ConfigError(f"params: {key}: {where} was trained on inputs normalised with {meta.get('normalize')}, "
+                          f"this recipe normalises with {expected} (its `normalize`)")
+
+
+@dataclass
+class BuiltStage:
+    """A training stage set up and ready for the engine: what :func:`run_training_stage` hands ``train``."""
+
+    row: TrainingRow
+    recipe: Recipe
+    model: Any
+    method: Any
+    streams: dict[str, StreamFactory]
+    fingerprint: str
+    meta: dict                 # the model artifact's meta, less what only the finished run knows
+
+
+def build_training_stage(row: TrainingRow) -> BuiltStage:
+    """Check the row, its recipe and its inputs, then build its model, method and data streams.
+
+    Joins the process group first when the stage runs under torchrun (``train.processes`` > 1); a
+    plain process asking for several is relaunched under torchrun here (lib.train.distributed)."""
+    recipe, method_params = parse_recipe(row)
+    method_type = method_class(row.recipe)
+    datasets = {"source": row.source, "target": row.target}
+    needed = {s: datasets.get(s) for s in method_type.streams}
+    for stream, name in needed.items():
+        if name is None:
+            raise ConfigError(f"params: method '{row.recipe}' ({row.where}) reads a {stream} dataset; set `{stream}`")
+        require_prepared(name)
+    if method_type.needs_pseudo and row.pseudo is None:
+        raise ConfigError(f"params: method '{row.recipe}' trains on pseudo-labels: {row.name} belongs under "
+                          "`selftrained`, with a `pseudo` set")
+    if row.pseudo is not None and "target" not in needed:
+        raise ConfigError(f"params: method '{row.recipe}' reads no target stream, so {row.where}.pseudo would "
+                          "never be read; move the row under `models`")
+    class_set = load_class_set(PREPARED_ROOT / row.source)
+    mean, std = NORMALIZATION[recipe.normalize]
+    inputs = StageInputs.load(row, class_set.name, (mean, std), method_type.needs_teacher)
+    if recipe.model.arch == "deeplabv3plus" and recipe.data.batch_size < 2:
+        raise ConfigError(f"params: recipes.{row.recipe}.data.batch_size must be >= 2 for deeplabv3plus "
+                          "(BatchNorm on its image-pooling branch needs two samples)")
+
+    distributed.start(recipe.train, row.where)   # under torchrun from here on when processes > 1
+
+    seed_everything(recipe.train.seed)
+    model = build_model(recipe.model, class_set.num_classes)
+    inputs.initialise(model, recipe.model)
+    context = StageContext(num_classes=class_set.num_classes, teacher=inputs.teacher, pseudo=inputs.pseudo,
+                           normalize=(mean, std))
+    method = method_type.build(model, method_params, context)
+    seeds = {s: stream_seed(recipe.train.seed, s) for s in needed}
+    stylization = method.stream_stylization()
+    if stylization is not None:
+        streams = stylized_pair_streams(recipe, row, stylization, seeds)
+    else:
+        streams = {}
+        for s, name in needed.items():
+            if s == "target" and inputs.pseudo is not None:
+                streams[s] = pseudo_stream(name, inputs.pseudo, recipe.pseudo_threshold, recipe.stream_data(s),
+                                           recipe.normalize, seeds[s])
+            else:
+                streams[s] = training_stream(name, recipe.stream_data(s), recipe.normalize, seeds[s],
+                                             labelled=(s == "source"))
+    meta = {
+        "kind": "model",
+        "stage": row.stage,
+        "method": row.recipe,
+        "from": row.start,
+        "pseudo": row.pseudo,
+        "model": dataclasses.asdict(recipe.model),
+        "num_classes": class_set.num_classes,
+        "class_set": class_set.name,
+        "source": row.source,
+        "source_protocol": load_meta(PREPARED_ROOT / row.source)["class_protocol"],
+        "normalize": {"mean": list(mean), "std": list(std)},
+        "params": row.raw,
+    }
+    identity = across_world_sizes(row.raw, recipe.data, recipe.train)
+    return BuiltStage(row, recipe, model, method, streams,
+                      fingerprint(identity, list(needed.values()), inputs.paths), meta)
+
+
+def stylized_pair_streams(recipe: Recipe, row: TrainingRow, transfer, seeds: dict[str, int]) -> dict[str, StreamFactory]:
+    """The source and target streams of a method that asks for stylized pairs (CISS, lib.data.paired):
+    each stream keeps its own data params, seed and sampler, and draw k of one is restyled by the full
+    image of draw k of the other."""
+    from lib.data.paired import StylizedPairs    # lazy: only the methods that pair streams use it
+    if row.pseudo is not None:
+        raise ConfigError(f"params: method '{row.recipe}' pairs its own source and target streams; "
+                          f"{row.name} belongs under `models` (no pseudo-label set)")
+    data = {s: recipe.stream_data(s) for s in ("source", "target")}
+    if data["source"].batch_size != data["target"].batch_size:
+        raise ConfigError(f"params: method '{row.recipe}' pairs source and target samples one to one; "
+                          f"recipes.{row.recipe}.target_data.batch_size must equal data.batch_size "
+                          f"({data['target'].batch_size} != {data['source'].batch_size})")
+    plain = {}
+    for s, name in (("source", row.source), ("target", row.target)):
+        prepared = PREPARED_ROOT / name
+        dataset = PreparedDataset(prepared, data[s].split, train_transforms(data[s], recipe.normalize), seeds[s],
+                                  labelled=(s == "source"))
+        plain[s] = dataset, sampler(prepared, dataset.ids, data[s], seeds[s])
+    streams = {}
+    for s, partner in (("source", "target"), ("target", "source")):
+        dataset, draws = plain[s]
+        paired = StylizedPairs(dataset, *plain[partner], transfer, NORMALIZATION[recipe.normalize])
+        streams[s] = batches_from(paired, draws, data[s])
+    return streams
+
+
+def run_training_stage(row: TrainingRow) -> Path:
+    """Train the row's recipe and write ``data/models/<name>/`` atomically."""
+    built = build_training_stage(row)
+    recipe = built.recipe
+    checkpoint_dir = CHECKPOINTS_ROOT / row.name
+    train(built.method, built.streams, recipe.train, recipe.optim, recipe.schedule, checkpoint_dir=checkpoint_dir,
+          live_dir=CURVES_ROOT / row.name, fingerprint=built.fingerprint, desc=row.stage)
+    meta = {**built.meta, "world_size": distributed.world_size()}
+    meta["provenance"] = provenance.training(recipe.train.precision, recipe.train.seed, world=meta["world_size"])
+    out = MODELS_ROOT / row.name
+    if distributed.is_main():
+        publish_model(out, built.model, meta, checkpoint_dir, recipe.train.iters)
+    return out
+
+
+def publish_model(out: Path, model, meta: dict, checkpoint_dir: Path, iters: int) -> None:
+    """Write the model artifact ``out`` atomically, then retire the resumable state of its training."""
+    with atomic_dir(out) as tmp:
+        save_model(tmp, model, meta)
+    # The resumable state only serves an interrupted run; left behind, it would let a re-run after
+    # a code change "resume" at the last iteration and skip training.  A small note replaces it.
+    (checkpoint_dir / STATE_FILE).unlink(missing_ok=True)
+    write_json_atomic(checkpoint_dir / "finished.json",
+                      {"iterations": iters, "note": "training finished; the model is in " + str(out)})
