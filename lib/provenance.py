@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from lib.device import effective as effective_precision, select_device
+from lib.device import effective as effective_precision
+from lib.device import select_device
 
 LIBRARIES = ("torch", "torchvision", "numpy", "dvc", "dvclive", "cityscapesscripts")
 # Files every pipeline run rewrites itself (the lock and the cache: false metrics and plots): their

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+
 from lib.config import load_params, section
 from lib.data.convert import PrepareParams, parse_dataset_spec, prepare_dataset
 from lib.data.prepared import PREPARED_ROOT

@@ -6,7 +6,7 @@ import argparse
 
 from lib.config import load_params
 from lib.errors import exit_on_user_error
-from lib.stylize.cyclegan import translate
+from lib.stylize.translate import translate
 
 
 @exit_on_user_error

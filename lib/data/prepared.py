@@ -31,6 +31,11 @@ PREPARED_ROOT = Path("data/prepared")   # where the prepare@<name> stages write
 INDEX_COLUMNS = ["id", "split", "image", "label", "height", "width"]
 
 
+def require_prepared(name: str) -> None:
+    if not (PREPARED_ROOT / name / "index.csv").is_file():
+        raise DataError(f"{PREPARED_ROOT / name}: prepared dataset not found (is '{name}' under 'datasets'?)")
+
+
 def _require(path: Path, what: str) -> Path:
     if not path.is_file():
         raise DataError(f"{path}: missing ({what}); run the prepare stage for this dataset first")

@@ -19,11 +19,31 @@ from torch.utils.data import Dataset
 
 from lib.config import positive, positive_pair
 from lib.data.dataset import PreparedDataset, infinite_batches
-from lib.data.prepared import PREPARED_ROOT, load_centroids, load_class_counts, load_class_set
-from lib.data.sampling import Draw, centroid_entries, class_uniform_stream, rare_class_stream, uniform_stream
-from lib.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, Compose, HorizontalFlip, Normalize,
-                                 RandomCrop, RandomScale, Resize, ScaleWidth)
-from lib.errors import ConfigError, DataError
+from lib.data.prepared import (
+    PREPARED_ROOT,
+    load_centroids,
+    load_class_counts,
+    load_class_set,
+)
+from lib.data.sampling import (
+    Draw,
+    centroid_entries,
+    class_uniform_stream,
+    rare_class_stream,
+    uniform_stream,
+)
+from lib.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Compose,
+    HorizontalFlip,
+    Normalize,
+    RandomCrop,
+    RandomScale,
+    Resize,
+    ScaleWidth,
+)
+from lib.errors import ConfigError
 
 # A stream factory takes the iteration to start at and yields collated batches from there on.
 StreamFactory = Callable[[int], Iterator[dict]]
@@ -59,11 +79,6 @@ class DataParams:
             raise ConfigError(f"params: {where}.scale must be [min, max], got {list(self.scale)}")
 
 
-def require_prepared(name: str) -> None:
-    if not (PREPARED_ROOT / name / "index.csv").is_file():
-        raise DataError(f"{PREPARED_ROOT / name}: prepared dataset not found (is '{name}' under 'datasets'?)")
-
-
 def train_transforms(data: DataParams, normalize: str) -> Compose:
     steps = []
     if data.resize is not None:
@@ -95,7 +110,7 @@ def batches_from(dataset: Dataset, draws: Callable[[int], Iterator[Draw]], data:
     """The factory of a stream; called in the training loop, it gives this process its slice of
     every global batch (lib.train.distributed)."""
     def from_iteration(start_it: int) -> Iterator[dict]:
-        import torch.distributed as dist     # the process group the training loop may have joined
+        import torch.distributed as dist  # the process group the training loop may have joined
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         return infinite_batches(dataset, draws, data.batch_size, data.workers,
                                 start_draw=start_it * world * data.batch_size, rank=rank, world=world)

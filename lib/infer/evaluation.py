@@ -18,11 +18,12 @@ from lib.data.classes import CITYSCAPES19, CLASS_SETS, subset_lut
 from lib.data.dataset import PreparedDataset, inference_loader
 from lib.data.prepared import PREPARED_ROOT, load_class_set
 from lib.data.transforms import Normalize
-from lib.device import effective as effective_precision, select_device
+from lib.device import effective as effective_precision
+from lib.device import select_device
 from lib.errors import ConfigError
 from lib.infer.inference import inference_layout
-from lib.infer.params import EvaluateParams, InferenceParams
 from lib.infer.metrics import protocol_subsets
+from lib.infer.params import EvaluateParams, InferenceParams
 from lib.infer.report import evaluate_split, write_report
 from lib.models.artifact import load_model
 

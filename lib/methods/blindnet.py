@@ -39,14 +39,23 @@ import torch
 from torch import nn
 
 from lib.config import positive
-from lib.data.photometric import ORIGINAL_VIEW, STYLE_VIEW, PhotometricParams, photometric_view
-from lib.methods.base import ParamGroup
+from lib.data.photometric import (
+    ORIGINAL_VIEW,
+    STYLE_VIEW,
+    PhotometricParams,
+    photometric_view,
+)
 from lib.errors import ConfigError
 from lib.losses.category import resize_labels
-from lib.losses.contrastive import class_wise_anchors, class_wise_nce, disentangle_anchors, disentangle_nce
+from lib.losses.contrastive import (
+    class_wise_anchors,
+    class_wise_nce,
+    disentangle_anchors,
+    disentangle_nce,
+)
 from lib.losses.covariance import EPS, covariance_matching_loss, cross_covariance_loss
 from lib.losses.segmentation import cross_entropy, cross_entropy_on_grid
-from lib.methods.base import Batch, Method, StageContext
+from lib.methods.base import Batch, Method, ParamGroup, StageContext
 from lib.models.backbone import INSTANCE_NORM_FEATURES
 from lib.models.output import SegOutput
 from lib.models.projection import ProjectionHead

@@ -47,15 +47,21 @@ import torch
 from torch import nn
 
 from lib.config import positive
-from lib.data.classmix import augment, choose_classes, class_masks, draw_augmentation, mix
+from lib.data.classmix import (
+    augment,
+    choose_classes,
+    class_masks,
+    draw_augmentation,
+    mix,
+)
 from lib.data.paired import STYLIZED
-from lib.models.ema import ema_update, warmup_momentum
 from lib.errors import ConfigError
 from lib.losses.feature_distance import feature_distance, thing_cells
 from lib.losses.invariance import feature_invariance
 from lib.losses.segmentation import weighted_cross_entropy
 from lib.methods.base import Batch, Method, StageContext
 from lib.models.backbone import STAGES
+from lib.models.ema import ema_update, warmup_momentum
 from lib.models.output import SegOutput, upsample
 from lib.stylize.transfer import MAX_BETA, Transfer, parse_transfer
 

@@ -41,14 +41,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib.config import positive
-from lib.data.strong import StrongParams, cutmix_boxes, paste, strong_view, valid_mask, warp
-from lib.models.ema import ema_update
-from lib.methods.base import ParamGroup
+from lib.data.strong import (
+    StrongParams,
+    cutmix_boxes,
+    paste,
+    strong_view,
+    valid_mask,
+    warp,
+)
 from lib.errors import ConfigError
-from lib.losses.clustering import (FifoQueue, consistency_kl, cosine_scores, prototype_weights,
-                                   queue_contrast, rectify, self_labelling_loss, sinkhorn, symmetric_ce)
+from lib.losses.clustering import (
+    FifoQueue,
+    consistency_kl,
+    cosine_scores,
+    prototype_weights,
+    queue_contrast,
+    rectify,
+    self_labelling_loss,
+    sinkhorn,
+    symmetric_ce,
+)
 from lib.losses.segmentation import cross_entropy
-from lib.methods.base import Batch, Method, StageContext
+from lib.methods.base import Batch, Method, ParamGroup, StageContext
+from lib.models.ema import ema_update
 from lib.models.output import upsample
 
 

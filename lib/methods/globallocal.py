@@ -33,10 +33,14 @@ from lib.errors import ConfigError
 from lib.losses.adversarial import SOURCE, TARGET, GanLoss, gan_loss
 from lib.losses.entropy import self_information
 from lib.methods.base import OutputSpaceMethod
-from lib.methods.parts.output_space import AdversarialOutputSpace, AdversarialParams, MinEntParams, entropy_losses
+from lib.methods.parts.output_space import (
+    AdversarialOutputSpace,
+    AdversarialParams,
+    MinEntParams,
+    entropy_losses,
+)
 from lib.models.discriminator import PixelDiscriminator
 from lib.models.output import SegOutput, upsample
-
 
 
 class GlobalAlignment(AdversarialOutputSpace):

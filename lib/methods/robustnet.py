@@ -36,10 +36,21 @@ import torch
 from torch import nn
 
 from lib.config import positive
-from lib.data.photometric import ORIGINAL_VIEW, STYLE_VIEW, PhotometricParams, photometric_view
+from lib.data.photometric import (
+    ORIGINAL_VIEW,
+    STYLE_VIEW,
+    PhotometricParams,
+    photometric_view,
+)
 from lib.errors import ConfigError
-from lib.losses.covariance import (EPS, relaxed_margin, sensitive_mask, strict_upper, view_variance,
-                                   whitening_loss)
+from lib.losses.covariance import (
+    EPS,
+    relaxed_margin,
+    sensitive_mask,
+    strict_upper,
+    view_variance,
+    whitening_loss,
+)
 from lib.losses.segmentation import cross_entropy, cross_entropy_on_grid
 from lib.methods.base import Batch, Method, StageContext
 from lib.models.backbone import INSTANCE_NORM_FEATURES

@@ -23,8 +23,8 @@ from torch import nn
 
 from lib.errors import ConfigError, DataError
 from lib.io import atomic_dir, write_json_atomic
-from lib.models.artifact import MODEL_FILE, load_checked, save_atomic
 from lib.models.backbone import load_backbone_state, read_state_dict
+from lib.models.files import MODEL_FILE, load_checked, save_atomic
 from lib.table import SCRATCH
 
 WEIGHTS_KIND = "weights"

@@ -5,9 +5,9 @@ import functools
 from pathlib import Path
 
 from lib.data.dataset import ImagesOnly
-from lib.data.prepared import PREPARED_ROOT
+from lib.data.prepared import PREPARED_ROOT, require_prepared
 from lib.data.sampling import uniform_stream
-from lib.data.streams import DataParams, StreamFactory, batches_from, require_prepared, train_transforms
+from lib.data.streams import DataParams, StreamFactory, batches_from, train_transforms
 from lib.data.transforms import Transform
 from lib.errors import ConfigError, DataError
 from lib.pseudo.artifact import CLASS_THRESHOLD_FORMS, PseudoLabels

@@ -23,17 +23,29 @@ from tqdm import tqdm
 from lib.config import parse, positive
 from lib.data.classes import CLASS_SETS, IGNORE
 from lib.data.dataset import ImagesOnly, inference_loader
-from lib.data.prepared import PREPARED_ROOT
-from lib.data.streams import require_prepared
+from lib.data.prepared import PREPARED_ROOT, require_prepared
 from lib.data.transforms import Normalize
 from lib.device import autocast, select_device
 from lib.errors import ConfigError, DataError
 from lib.infer.inference import inference_layout, predict_logits
 from lib.infer.params import InferenceParams
 from lib.io import atomic_dir, read_label_png, write_json_atomic, write_label_png
-from lib.models.artifact import MODEL_FILE, load_model
-from lib.pseudo.artifact import (CLASS_THRESHOLD_FORMS, CLASSES_CSV, FLIP_DEFAULT, FORMS, INDEX, LABELLER, META,
-                                 PRIOR, PROTOTYPES, Form, confident, read_confidence)
+from lib.models.artifact import load_model
+from lib.models.files import MODEL_FILE
+from lib.pseudo.artifact import (
+    CLASS_THRESHOLD_FORMS,
+    CLASSES_CSV,
+    FLIP_DEFAULT,
+    FORMS,
+    INDEX,
+    LABELLER,
+    META,
+    PRIOR,
+    PROTOTYPES,
+    Form,
+    confident,
+    read_confidence,
+)
 from lib.table import table
 
 FLOAT16_PATTERNS = 1 << 16    # every uint16 bit pattern of a float16

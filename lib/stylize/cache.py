@@ -25,8 +25,16 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from lib.data.prepared import (CENTROIDS, COUNTS, INDEX, INDEX_COLUMNS, META, load_index, load_meta,
-                               resolve)
+from lib.data.prepared import (
+    CENTROIDS,
+    COUNTS,
+    INDEX,
+    INDEX_COLUMNS,
+    META,
+    load_index,
+    load_meta,
+    resolve,
+)
 from lib.errors import DataError
 from lib.io import atomic_dir, read_rgb, write_json_atomic, write_rgb
 

@@ -30,23 +30,36 @@ from torch import nn
 
 from lib.config import parse, positive
 from lib.data.dataset import PreparedDataset
-from lib.data.prepared import PREPARED_ROOT
-from lib.data.streams import NORMALIZATION, DataParams, require_prepared, stream_seed, training_stream
+from lib.data.prepared import PREPARED_ROOT, require_prepared
+from lib.data.streams import NORMALIZATION, DataParams, stream_seed, training_stream
 from lib.device import select_device
-from lib.errors import ConfigError, DataError
+from lib.errors import ConfigError
 from lib.io import atomic_dir, write_json_atomic, write_rgb
 from lib.losses.adversarial import frozen, gan_loss
 from lib.methods.base import Batch, Method, ParamGroup
-from lib.models.artifact import MODEL_FILE, load_checked, load_model, load_weights
-from lib.models.cyclegan import CycleGANModelParams, build_discriminator, build_generator
-from lib.stylize.cache import side_by_side, write_prepared_copy
+from lib.models.artifact import load_model
+from lib.models.cyclegan import (
+    CycleGANModelParams,
+    build_discriminator,
+    build_generator,
+)
+from lib.models.files import MODEL_FILE
+from lib.stylize.cache import side_by_side
+from lib.stylize.translate import (
+    GENERATOR_KIND,
+    TranslateParams,
+    apply_full,
+    metrics_dir,
+    model_dir,
+    to_pixels,
+    to_symmetric,
+)
 from lib.train import distributed
+from lib.train.checkpoint import across_world_sizes, fingerprint, publish_model
 from lib.train.loop import TrainParams, seed_everything, train
 from lib.train.optim import OptimizerParams, ScheduleParams
-from lib.train.stage import across_world_sizes, fingerprint, publish_model
 
 REAL, FAKE = 1.0, 0.0
-GENERATOR_KIND = "cyclegan_generator"
 SAMPLE_IMAGES = 4        # rows of the sample panels written after training
 STATS_IMAGES = 32        # images per domain behind the appearance statistics written after training
 MIN_CROP = 24
@@ -93,19 +106,6 @@ class CycleGANParams:
         positive(self.lambda_cycle, f"{where}.lambda_cycle", allow_zero=True)
         positive(self.lambda_identity, f"{where}.lambda_identity", allow_zero=True)
         positive(self.pool_size, f"{where}.pool_size", allow_zero=True)
-
-
-@dataclass(frozen=True)
-class TranslateParams:
-    splits: tuple[str, ...] = ("train",)   # source splits written to the translated copy
-    batch_size: int = 8
-    workers: int = 2
-
-    def validate(self, where: str) -> None:
-        positive(self.batch_size, f"{where}.batch_size")
-        positive(self.workers, f"{where}.workers", allow_zero=True)
-        if not self.splits:
-            raise ConfigError(f"params: {where}.splits must name at least one split")
 
 
 @dataclass(frozen=True)
@@ -288,48 +288,7 @@ class CycleGAN(Method):
 
 
 # ---------------------------------------------------------------------------------------------
-# full images
-
-
-def to_symmetric(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (or 0..255 float) images -> [-1, 1]."""
-    return images.float() / 127.5 - 1.0
-
-
-def to_pixels(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> float 0..255."""
-    return (images + 1.0) * 127.5
-
-
-def apply_full(generator: nn.Module, images: torch.Tensor, scale_width: int | None = None) -> torch.Tensor:
-    """The generator on whole [-1, 1] images of any size.
-
-    With ``scale_width`` (the training's ``data.scale_width``) the images are translated at the
-    scale the generator was trained at (bilinearly resized to that width, as training resized
-    them) and resized back, so the output always has the input's size.  The generator's input is
-    reflection-padded at the bottom and right to a multiple of 4 (its two stride-2 stages) and
-    cropped back after.
-    """
-    height, width = images.shape[-2:]
-    if scale_width is not None and scale_width != width:
-        scaled = Fn.interpolate(images, size=(max(1, round(height * scale_width / width)), scale_width),
-                                mode="bilinear", align_corners=False)
-        translated = apply_full(generator, scaled)
-        return Fn.interpolate(translated, size=(height, width), mode="bilinear", align_corners=False).clamp(-1, 1)
-    padded = Fn.pad(images, (0, -width % 4, 0, -height % 4), mode="reflect")
-    return generator(padded)[..., :height, :width]
-
-
-# ---------------------------------------------------------------------------------------------
 # the stages
-
-
-def model_dir(name: str) -> Path:
-    return Path("data/models") / f"cyclegan_{name}"
-
-
-def metrics_dir(name: str) -> Path:
-    return Path("metrics") / f"cyclegan_{name}"
 
 
 def run_cyclegan_training(name: str, raw: Any) -> Path:
@@ -373,18 +332,6 @@ def load_segmenter(model: str) -> tuple[FrozenSegmenter, str]:
     segmenter, meta = load_model(folder, select_device())
     digest = hashlib.sha256((folder / MODEL_FILE).read_bytes()).hexdigest()
     return FrozenSegmenter(segmenter, meta["normalize"]["mean"], meta["normalize"]["std"]).to(select_device()), digest
-
-
-def load_generator(directory: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
-    """(G in eval mode on ``device``, meta) from a data/models/cyclegan_<name> folder."""
-    path = Path(directory) / MODEL_FILE
-    payload = load_checked(path, "CycleGAN generator")
-    meta = payload.get("meta", {})
-    if meta.get("kind") != GENERATOR_KIND or "state_dict" not in payload:
-        raise DataError(f"{path}: not a CycleGAN generator of this pipeline (run cyclegan_train first)")
-    generator = build_generator(parse(CycleGANModelParams, meta["model"], f"{path}:model"))
-    load_weights(generator, payload["state_dict"], path, "the generator its meta describes")
-    return generator.to(device).eval(), meta
 
 
 def _first_images(dataset: str, split: str, n: int) -> torch.Tensor:
@@ -446,22 +393,3 @@ def write_samples(method: CycleGAN, params: CycleGANStageParams, out: Path) -> d
     return stats
 
 
-def translate(name: str, raw: Any) -> dict:
-    """Write data/prepared/<name>: the ``translate.splits`` of the source rendered by G, labels shared."""
-    params = parse_params(raw)
-    require_prepared(params.source)
-    device = select_device()
-    generator, meta = load_generator(model_dir(name), device)
-    if meta["source"] != params.source:
-        raise ConfigError(f"params: cyclegan.source is {params.source!r} but {model_dir(name)} was trained "
-                          f"on {meta['source']!r} (re-run cyclegan_train@{name})")
-
-    def render(images: torch.Tensor, ids: list[str]) -> torch.Tensor:
-        return to_pixels(apply_full(generator, to_symmetric(images), meta["scale_width"]))
-
-    stylization = {"method": "cyclegan", "model": str(model_dir(name)), "target": meta["target"],
-                   "model_params": meta["model"], "scale_width": meta["scale_width"]}
-    return write_prepared_copy(PREPARED_ROOT / params.source, PREPARED_ROOT / name, render,
-                               splits=list(params.translate.splits), batch_size=params.translate.batch_size,
-                               device=device, desc=f"translate@{name}", meta=stylization,
-                               workers=params.translate.workers, examples=metrics_dir(name) / "examples")

@@ -1,19 +1,27 @@
-"""The resumable state of a training run: ``data/checkpoints/<model>/last.pt``.
+"""The resumable state of a training run, ``data/checkpoints/<model>/last.pt``, and the hand-over
+of its finished model.
 
-Every module, optimizer and scheduler a method trains, the iteration reached, every process's
-global RNG state and the fingerprint of the configuration that wrote it.  A run resumes only from
-a checkpoint with its own fingerprint; any other is set aside and training starts from scratch.
+The state holds every module, optimizer and scheduler a method trains, the iteration reached, every
+process's global RNG state and the fingerprint of the configuration that wrote it.  A run resumes
+only from a checkpoint with its own fingerprint; any other is set aside and training starts from
+scratch.  ``publish_model`` writes the model artifact and retires the state.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from lib.data.prepared import PREPARED_ROOT
 from lib.errors import UserError
-from lib.models.artifact import load_checked, save_atomic
+from lib.io import atomic_dir, write_json_atomic
+from lib.models.artifact import save_model
+from lib.models.files import load_checked, save_atomic
 from lib.train import distributed
 
 STATE_FILE = "last.pt"
@@ -86,3 +94,40 @@ def resume(path: Path, fingerprint: str, modules, optimizers, schedulers) -> int
     print(f"resuming from {path} at iteration {state['iteration']} "
           f"(written by {state.get('world_size', 1)} process(es), resumed by {distributed.world_size()})")
     return int(state["iteration"])
+
+
+def across_world_sizes(raw: dict, data, train) -> dict:
+    """``raw`` as a checkpoint's fingerprint sees it: without the launch keys (processes, backend)
+    and with the global batch (processes x per-process batch) in place of each per-process one.  A
+    run can so be resumed by another number of processes with the same global batch; a run whose
+    global batch changed is another configuration and trains from scratch."""
+    out = dict(raw, train={k: v for k, v in (raw.get("train") or {}).items() if k not in ("processes", "backend")},
+               data=dict(raw.get("data") or {}, batch_size=data.batch_size * train.processes))
+    if isinstance(raw.get("target_data"), dict) and "batch_size" in raw["target_data"]:
+        out["target_data"] = dict(raw["target_data"], batch_size=raw["target_data"]["batch_size"] * train.processes)
+    return out
+
+
+def fingerprint(raw_params: Any, datasets: list[str], files: list[Path] = ()) -> str:
+    """Identity of a training configuration: its params, the prepared data and the input artifacts
+    (start, teacher, pseudo-labels) it reads."""
+    digest = hashlib.sha256(json.dumps(raw_params, sort_keys=True, default=str).encode())
+    for name in datasets:
+        for part in ("meta.json", "index.csv", "class_counts.csv", "centroids.csv"):
+            digest.update((PREPARED_ROOT / name / part).read_bytes())
+    for path in files:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def publish_model(out: Path, model, meta: dict, checkpoint_dir: Path, iters: int) -> None:
+    """Write the model artifact ``out`` atomically, then retire the resumable state of its training."""
+    with atomic_dir(out) as tmp:
+        save_model(tmp, model, meta)
+    # The resumable state only serves an interrupted run; left behind, it would let a re-run after
+    # a code change "resume" at the last iteration and skip training.  A small note replaces it.
+    (checkpoint_dir / STATE_FILE).unlink(missing_ok=True)
+    write_json_atomic(checkpoint_dir / "finished.json",
+                      {"iterations": iters, "note": "training finished; the model is in " + str(out)})

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import random
 import time
-
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,14 +32,18 @@ import torch
 from dvclive import Live
 from tqdm import tqdm
 
+from lib import device as hardware
 from lib.config import positive
 from lib.data.streams import StreamFactory
-from lib import device as hardware
-from lib.train import checkpoint, distributed
-from lib.train.optim import OptimizerParams, ScheduleParams, build_optimizer, build_scheduler
 from lib.errors import ConfigError, UserError
 from lib.methods.base import Method
-
+from lib.train import checkpoint, distributed
+from lib.train.optim import (
+    OptimizerParams,
+    ScheduleParams,
+    build_optimizer,
+    build_scheduler,
+)
 
 
 class TrainingDiverged(UserError):

@@ -19,8 +19,6 @@ It writes ``data/models/<name>/`` (the model artifact), keeps its resumable stat
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,20 +26,28 @@ from typing import Any, Literal
 from lib import provenance
 from lib.config import parse
 from lib.data.dataset import PreparedDataset
-from lib.data.prepared import PREPARED_ROOT, load_class_set, load_meta
-from lib.data.streams import (NORMALIZATION, DataParams, StreamFactory, batches_from, require_prepared, sampler,
-                              stream_seed, train_transforms, training_stream)
+from lib.data.prepared import PREPARED_ROOT, load_class_set, load_meta, require_prepared
+from lib.data.streams import (
+    NORMALIZATION,
+    DataParams,
+    StreamFactory,
+    batches_from,
+    sampler,
+    stream_seed,
+    train_transforms,
+    training_stream,
+)
 from lib.errors import ConfigError
-from lib.io import atomic_dir, write_json_atomic
 from lib.methods.base import StageContext, method_class
 from lib.models import ModelParams, build_model
-from lib.models.artifact import MODEL_FILE, load_checked, load_model, load_weights, save_model
+from lib.models.artifact import load_model, load_weights
+from lib.models.files import MODEL_FILE, load_checked
 from lib.models.weights import WEIGHTS_KIND, initialise
 from lib.pseudo.artifact import PSEUDO_ROOT, PseudoLabels
 from lib.pseudo.stream import pseudo_stream
 from lib.table import TrainingRow
 from lib.train import distributed
-from lib.train.checkpoint import STATE_FILE
+from lib.train.checkpoint import across_world_sizes, fingerprint, publish_model
 from lib.train.loop import TrainParams, seed_everything, train
 from lib.train.optim import OptimizerParams, ScheduleParams
 
@@ -82,32 +88,6 @@ def parse_recipe(row: TrainingRow) -> tuple[Recipe, Any]:
     recipe = parse(Recipe, raw, where)
     params_type = method_class(row.recipe).params_type
     return recipe, parse(params_type, recipe.method, f"{where}.method")
-
-
-def across_world_sizes(raw: dict, data: DataParams, train: TrainParams) -> dict:
-    """``raw`` as a checkpoint's fingerprint sees it: without the launch keys (processes, backend)
-    and with the global batch (processes x per-process batch) in place of each per-process one.  A
-    run can so be resumed by another number of processes with the same global batch; a run whose
-    global batch changed is another configuration and trains from scratch."""
-    out = dict(raw, train={k: v for k, v in (raw.get("train") or {}).items() if k not in ("processes", "backend")},
-               data=dict(raw.get("data") or {}, batch_size=data.batch_size * train.processes))
-    if isinstance(raw.get("target_data"), dict) and "batch_size" in raw["target_data"]:
-        out["target_data"] = dict(raw["target_data"], batch_size=raw["target_data"]["batch_size"] * train.processes)
-    return out
-
-
-def fingerprint(raw_params: Any, datasets: list[str], files: list[Path] = ()) -> str:
-    """Identity of a training configuration: its params, the prepared data and the input artifacts
-    (start, teacher, pseudo-labels) it reads."""
-    digest = hashlib.sha256(json.dumps(raw_params, sort_keys=True, default=str).encode())
-    for name in datasets:
-        for part in ("meta.json", "index.csv", "class_counts.csv", "centroids.csv"):
-            digest.update((PREPARED_ROOT / name / part).read_bytes())
-    for path in files:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass
@@ -256,7 +236,9 @@ def stylized_pair_streams(recipe: Recipe, row: TrainingRow, transfer, seeds: dic
     """The source and target streams of a method that asks for stylized pairs (CISS, lib.data.paired):
     each stream keeps its own data params, seed and sampler, and draw k of one is restyled by the full
     image of draw k of the other."""
-    from lib.data.paired import StylizedPairs    # lazy: only the methods that pair streams use it
+    from lib.data.paired import (
+        StylizedPairs,  # lazy: only the methods that pair streams use it
+    )
     if row.pseudo is not None:
         raise ConfigError(f"params: method '{row.recipe}' pairs its own source and target streams; "
                           f"{row.name} belongs under `models` (no pseudo-label set)")
@@ -292,14 +274,3 @@ def run_training_stage(row: TrainingRow) -> Path:
     if distributed.is_main():
         publish_model(out, built.model, meta, checkpoint_dir, recipe.train.iters)
     return out
-
-
-def publish_model(out: Path, model, meta: dict, checkpoint_dir: Path, iters: int) -> None:
-    """Write the model artifact ``out`` atomically, then retire the resumable state of its training."""
-    with atomic_dir(out) as tmp:
-        save_model(tmp, model, meta)
-    # The resumable state only serves an interrupted run; left behind, it would let a re-run after
-    # a code change "resume" at the last iteration and skip training.  A small note replaces it.
-    (checkpoint_dir / STATE_FILE).unlink(missing_ok=True)
-    write_json_atomic(checkpoint_dir / "finished.json",
-                      {"iterations": iters, "note": "training finished; the model is in " + str(out)})

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from lib.data.readers import acdc, bdd100k, cityscapes, dark_zurich, gta5, gtav_split, mapillary, synthia
+from lib.data.readers import (
+    acdc,
+    bdd100k,
+    cityscapes,
+    dark_zurich,
+    gta5,
+    gtav_split,
+    mapillary,
+    synthia,
+)
 from lib.data.readers.common import LabelFormat, RawSample
 
 READERS: dict[str, ModuleType] = {

@@ -12,8 +12,16 @@ from pathlib import Path
 from typing import Literal
 
 from lib.data.classes import CITYSCAPES19, TRAINID_LUT
-from lib.data.readers.common import (LabelFormat, RawSample, check_choices, files, pair_label,
-                                     require_dir, require_root, strip_suffix)
+from lib.data.readers.common import (
+    LabelFormat,
+    RawSample,
+    check_choices,
+    files,
+    pair_label,
+    require_dir,
+    require_root,
+    strip_suffix,
+)
 from lib.errors import ConfigError, DataError
 
 CONDITIONS = ("fog", "night", "rain", "snow")

@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.data.classes import CITYSCAPES19, TRAINID_LUT
-from lib.data.readers.common import LabelFormat, RawSample, check_choices, files, require_root
+from lib.data.readers.common import (
+    LabelFormat,
+    RawSample,
+    check_choices,
+    files,
+    require_root,
+)
 from lib.errors import DataError
 
 EXPECT = "images/{train,val}/<name>.jpg and labels/{train,val}/<name>.png (train IDs)"

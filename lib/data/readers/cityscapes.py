@@ -10,8 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.data.classes import CITYSCAPES19, LABELID_LUT
-from lib.data.readers.common import (LabelFormat, RawSample, check_choices, files, pair_label,
-                                     require_dir, require_root, strip_suffix)
+from lib.data.readers.common import (
+    LabelFormat,
+    RawSample,
+    check_choices,
+    files,
+    pair_label,
+    require_dir,
+    require_root,
+    strip_suffix,
+)
 from lib.errors import DataError
 
 EXPECT = "leftImg8bit/<split>/<city>/*_leftImg8bit.png and gtFine/<split>/<city>/*_gtFine_labelIds.png"

@@ -11,8 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.data.classes import CITYSCAPES19, TRAINID_LUT
-from lib.data.readers.common import (LabelFormat, RawSample, check_choices, files, pair_label,
-                                     require_dir, require_root, strip_suffix)
+from lib.data.readers.common import (
+    LabelFormat,
+    RawSample,
+    check_choices,
+    files,
+    pair_label,
+    require_dir,
+    require_root,
+    strip_suffix,
+)
 from lib.errors import DataError
 
 TIMES = ("night", "twilight", "day")

@@ -13,8 +13,14 @@ import numpy as np
 import scipy.io
 
 from lib.data.classes import CITYSCAPES19, LABELID_LUT
-from lib.data.readers.common import (LabelFormat, RawSample, files, pair_label, require_dir,
-                                     require_root)
+from lib.data.readers.common import (
+    LabelFormat,
+    RawSample,
+    files,
+    pair_label,
+    require_dir,
+    require_root,
+)
 from lib.errors import DataError
 
 EXPECT = "images/NNNNN.png and labels/NNNNN.png, optional split.mat"

@@ -10,8 +10,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.data.classes import CITYSCAPES19
-from lib.data.readers.common import (LabelFormat, RawSample, check_choices, files, pair_label,
-                                     require_dir, require_root)
+from lib.data.readers.common import (
+    LabelFormat,
+    RawSample,
+    check_choices,
+    files,
+    pair_label,
+    require_dir,
+    require_root,
+)
 from lib.errors import DataError
 
 EXPECT = "images/{train,valid,test}/<subfolder>/*.png and labels/ alike (colour labels)"

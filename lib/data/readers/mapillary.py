@@ -10,8 +10,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lib.data.classes import CITYSCAPES19, MAPILLARY_LUT
-from lib.data.readers.common import (LabelFormat, RawSample, check_choices, files, require_dir,
-                                     require_root)
+from lib.data.readers.common import (
+    LabelFormat,
+    RawSample,
+    check_choices,
+    files,
+    require_dir,
+    require_root,
+)
 from lib.errors import DataError
 
 EXPECT = "{training,validation}/images/*.jpg and {training,validation}/labels/*.png (v1.2 IDs)"

@@ -15,8 +15,14 @@ from typing import Literal
 import numpy as np
 
 from lib.data.classes import CITYSCAPES19, SYNTHIA13, SYNTHIA16, synthia_lut
-from lib.data.readers.common import (LabelFormat, RawSample, files, pair_label, require_dir,
-                                     require_root)
+from lib.data.readers.common import (
+    LabelFormat,
+    RawSample,
+    files,
+    pair_label,
+    require_dir,
+    require_root,
+)
 from lib.errors import ConfigError, DataError
 
 EXPECT = "RGB/*.png and GT/LABELS/*.png (16-bit)"

@@ -14,15 +14,29 @@ from torch import nn
 from lib.config import positive
 from lib.errors import ConfigError
 from lib.losses.adversarial import frozen
-from lib.losses.category import (STUFF_19, THING_19, RingBank, check_split, class_centroids,
-                                 classifier_agrees, correct_prediction_mask, isia_intra, isia_separation,
-                                 masked_average_pool, nearest_distance, self_weighted, stuff_regions,
-                                 thing_regions, version_a_diff, version_a_same, version_a_separation)
+from lib.losses.category import (
+    STUFF_19,
+    THING_19,
+    RingBank,
+    check_split,
+    class_centroids,
+    classifier_agrees,
+    correct_prediction_mask,
+    isia_intra,
+    isia_separation,
+    masked_average_pool,
+    nearest_distance,
+    self_weighted,
+    stuff_regions,
+    thing_regions,
+    version_a_diff,
+    version_a_same,
+    version_a_separation,
+)
 from lib.losses.segmentation import cross_entropy
-from lib.methods.parts.output_space import AdversarialOutputSpace, AdversarialParams
 from lib.methods.base import Batch, OutputSpaceMethod
+from lib.methods.parts.output_space import AdversarialOutputSpace, AdversarialParams
 from lib.models.output import SegOutput, upsample
-
 
 
 class SoftmaxDiscriminator(AdversarialOutputSpace):
