@@ -3,30 +3,37 @@
     python bench/gpu.py [--out bench-gpu.json] [--steps 10] [--measure deeplabv2 cpsl repro]
     python bench/gpu.py --dry-run          # the same code on CPU at tiny sizes (also: --device cpu)
 
-(a) ``deeplabv2``: one training iteration of the GTA5 -> Cityscapes DeepLabV2-ResNet-101 recipes at the
-    sizes and batches their presets give (presets/gta5_cityscapes_deeplabv2.yaml: source 720x1280,
-    batch 1, with its params.yaml method, source-only; presets/gta5_cityscapes_advent.yaml: the same
-    plus the 512x1024 target and AdvEnt's discriminators), in fp32 and in bf16 autocast with
+(a) ``deeplabv2``: one training iteration of the GTA5 -> Cityscapes DeepLabV2-ResNet-101 setting at
+    the sizes and batches its presets give: presets/gta5_cityscapes_deeplabv2.yaml's recipe
+    ``recipes.advent`` (source 720x1280, batch 1) trained source-only (the base has no row of its
+    own: here it is copied to ``recipes.source_only`` with a row ``source_only`` from its ImageNet
+    weights, as a preset adds one), and presets/gta5_cityscapes_advent.yaml's row ``advent`` (the
+    same plus the 512x1024 target and AdvEnt's discriminators), in fp32 and in bf16 autocast with
     channels_last: images/s, peak ``torch.cuda.max_memory_allocated`` and the ratios bf16/fp32;
-(b) ``cpsl``: CPSL stage 1 at the paper's batch on one GPU (presets/gta5_cityscapes_cpsl.yaml:
-    4 source + 4 target crops of 512x896, ResNet-101 with the 256-d CPSL head, a 65536-pixel memory,
-    soft pseudo-labels of 19 classes at crop size): peak memory and speed of its training step,
-    both precisions;
+(b) ``cpsl``: CPSL stage 1 at the paper's batch on one GPU (presets/gta5_cityscapes_cpsl.yaml's row
+    ``selftrained.stage1``, recipe ``recipes.cpsl_stage1``: 4 source + 4 target crops of 512x896,
+    ResNet-101 with the 256-d CPSL head, a 65536-pixel memory, soft pseudo-labels of 19 classes at
+    crop size): peak memory and speed of its training step, both precisions;
 (c) ``repro``: the whole default pipeline (the CPSL chain) on the tiny params of the end-to-end tests
     (tests/test_pipeline.py), copied to a temporary git repository and run by ``dvc repro``: wall time.
 
-Models and methods are built as the training stage builds them (``parse_stage``, ``build_model``,
-the method's ``build`` with a stage context), from params.yaml with the preset laid over it, with
-random weights (``weights: none``, nothing is downloaded) and random tensors of the stage's shapes;
-an init model's architecture is the warm-up's, as ``with_init_model`` would copy it.  The steps are
-the engine's (bench/stepper.py) after ``--warmup-steps`` untimed ones; an out-of-memory step is
-reported as such.  Without a CUDA device the script says so in one line and exits 2, unless
-``--dry-run`` (``--device cpu``) runs everything on CPU at tiny sizes (ResNet-18, 32x64 crops, a short
-memory, CPU bf16 autocast, the tiny repro without the chain) to exercise the code paths.
+Each row is resolved from params.yaml with the preset (and its bases) laid over it, as
+``python -m lib.preset`` lays it (``lib.table.find_training_row``), and its recipe parsed as its
+training stage parses it (``lib.train.stage.parse_recipe``); the model is built from the recipe's
+``model`` block (``build_model``) and the method by its ``build`` with a stage context, as
+``build_training_stage`` does.  Nothing is read from disk: the model keeps its random
+initialisation whatever the row's ``from`` (nothing is downloaded; the context's ``start`` still
+says what ``from`` is), the soft pseudo-labels are random prototypes with a uniform prior, and the
+batches are random tensors of the recipe's shapes.  The steps are the engine's (bench/stepper.py)
+after ``--warmup-steps`` untimed ones; an out-of-memory step is reported as such.  Without a CUDA
+device the script says so in one line and exits 2, unless ``--dry-run`` (``--device cpu``) runs
+everything on CPU at tiny sizes (ResNet-18, 32x64 crops, a short memory, CPU bf16 autocast, the
+tiny repro without the chain) to exercise the code paths.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import gc
 import json
@@ -34,88 +41,123 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.stepper import FixedBatchTrainer  # noqa: E402
-from lib.config import PARAMS_FILE, merged  # noqa: E402
-from lib.engine import training  # noqa: E402
-from lib.pseudo.labels import PseudoLabels  # noqa: E402
+from lib.config import PARAMS_FILE, load_params, merged  # noqa: E402
+from lib.data.streams import NORMALIZATION  # noqa: E402
 from lib.io import write_json_atomic  # noqa: E402
 from lib.methods.base import StageContext, method_class  # noqa: E402
 from lib.models import build_model  # noqa: E402
-from lib.preset import chain, overlay  # noqa: E402
+from lib.preset import chain, copy_node, empty, overlay  # noqa: E402
+from lib.pseudo.artifact import PseudoLabels  # noqa: E402
+from lib.table import SCRATCH, TrainingRow, find_training_row, table  # noqa: E402
+from lib.train.stage import Recipe, parse_recipe  # noqa: E402
 
 NUM_CLASSES = 19
 GIB = 2**30
 PRECISIONS = {"fp32": (None, False), "bf16+channels_last": (torch.bfloat16, True)}
-DEEPLABV2_PRESETS = ("gta5_cityscapes_deeplabv2.yaml", "gta5_cityscapes_advent.yaml")
+DEEPLABV2_PRESET, ADVENT_PRESET = "gta5_cityscapes_deeplabv2.yaml", "gta5_cityscapes_advent.yaml"
 CPSL_PRESET = "gta5_cityscapes_cpsl.yaml"
+# the base's recipe trained source-only: one more row, as a preset adds one
+SOURCE_ONLY_ROW = {"recipe": "source_only", "from": "imagenet_r101"}
 # --dry-run: every size shrunk so the whole script runs in seconds on a CPU
-TINY_STAGE = {"model": {"depth": 18, "head_width": 32}, "data": {"crop": [32, 64], "resize": None, "scale": None},
-              "cpsl_stage1": {"queue_length": 64, "samples_per_image": 16}}
+TINY_RECIPE = {"model": {"depth": 18, "head_width": 32}, "data": {"crop": [32, 64], "resize": None, "scale": None}}
+TINY_METHOD = {"cpsl_stage1": {"queue_length": 64, "samples_per_image": 16}}
 
 
 def preset_params(name: str) -> dict:
-    """params.yaml with presets/<name> (and its bases) laid over it, as ``python -m lib.preset`` writes it."""
-    params = yaml.safe_load((ROOT / PARAMS_FILE).read_text())
-    for layer in chain(ROOT / "presets" / name):
-        overlay(params, json.loads(json.dumps(layer)))   # plain types: ruamel's scalars fail type checks
+    """params.yaml with presets/<name> (and its bases) laid over it, as ``python -m lib.preset`` lays
+    them: each layer's ``replace`` and ``copy`` first, then the overlay."""
+    params = load_params(ROOT / PARAMS_FILE)
+    for path, layer in chain(ROOT / "presets" / name):
+        layer = json.loads(json.dumps(layer))    # plain types: ruamel's scalars fail type checks
+        for dotted in layer.pop("replace", None) or []:
+            empty(params, str(dotted), path)
+        for dest, source in (layer.pop("copy", None) or {}).items():
+            copy_node(params, str(dest), str(source), path)
+        overlay(params, layer)
     return params
 
 
-def tiny(raw: dict) -> dict:
-    raw = merged(raw, TINY_STAGE)
+def start_kind(params: dict, row: TrainingRow) -> str:
+    """What the row's ``from`` is, as the stage tells its method (``StageContext.start``)."""
+    if row.start == SCRATCH:
+        return "scratch"
+    return "weights" if row.start in table(params, "weights") else "model"
+
+
+def tiny(row: TrainingRow) -> TrainingRow:
+    """The row with its recipe shrunk for --dry-run."""
+    raw = merged(row.raw, TINY_RECIPE)
     if isinstance(raw.get("target_data"), dict):
-        raw = merged(raw, {"target_data": TINY_STAGE["data"]})
-    return raw
+        raw = merged(raw, {"target_data": TINY_RECIPE["data"]})
+    if row.recipe in TINY_METHOD:
+        raw = merged(raw, {"method": TINY_METHOD[row.recipe]})
+    return dataclasses.replace(row, raw=raw)
 
 
-def warmup_section(preset: str, shrink: bool) -> dict:
-    raw = preset_params(preset)["warmup"]
-    return tiny(raw) if shrink else raw
+@dataclass(frozen=True)
+class Step:
+    """One measured training step: a row of a preset's model table and what its stage would hand it."""
+
+    label: str
+    row: TrainingRow
+    start: str               # StageContext.start: scratch | weights | model
+    soft_labels: bool        # the target stream carries soft pseudo-labels (a `soft` pseudo-label set)
 
 
-def selftrain_section(preset: str, shrink: bool) -> dict:
-    """The first ``selftrain`` run of the preset, its model the warm-up's with the run's keys replaced."""
-    params = preset_params(preset)
-    name = str(next(iter(params["selftrain"]["runs"])))
-    raw = training.run_params(params, "selftrain", "runs", name)
-    init_model = dict(params["warmup"]["model"], weights="none")
-    raw = dict(raw, model=merged(init_model, raw.get("model") or {}), init=None, pseudo=None)
-    return tiny(raw) if shrink else raw
+def preset_step(label: str, params: dict, name: str, shrink: bool) -> Step:
+    row = find_training_row(params, name)
+    form = (table(params, "pseudo_labels").get(row.pseudo) or {}).get("form") if row.pseudo else None
+    return Step(label, tiny(row) if shrink else row, start_kind(params, row), form == "soft")
+
+
+def deeplabv2_steps(shrink: bool) -> list[Step]:
+    """Source-only on the base's recipe, and the AdvEnt row, at ADVENT's sizes."""
+    base = preset_params(DEEPLABV2_PRESET)
+    base["recipes"]["source_only"] = copy.deepcopy(base["recipes"]["advent"])
+    base["models"]["source_only"] = dict(SOURCE_ONLY_ROW)
+    return [preset_step(DEEPLABV2_PRESET.removesuffix(".yaml"), base, "source_only", shrink),
+            preset_step(ADVENT_PRESET.removesuffix(".yaml"), preset_params(ADVENT_PRESET), "advent", shrink)]
+
+
+def cpsl_step(shrink: bool) -> Step:
+    return preset_step("cpsl_stage1", preset_params(CPSL_PRESET), "stage1", shrink)
 
 
 def soft_pseudo_labels(width: int) -> PseudoLabels:
-    """What a ``soft`` pseudo_label output hands CPSL stage 1: random prototypes and a uniform prior."""
+    """What a ``soft`` pseudo-label set hands CPSL stage 1: random prototypes and a uniform prior."""
     generator = torch.Generator().manual_seed(0)
     return PseudoLabels(Path("random"), {"form": "soft", "num_classes": NUM_CLASSES}, pd.DataFrame({"id": []}),
                         torch.randn(NUM_CLASSES, width, generator=generator),
                         torch.full((NUM_CLASSES,), 1.0 / NUM_CLASSES))
 
 
-def build_stage(raw: dict, where: str, soft_labels: bool):
-    """(stage params, method) with random weights, as ``run_training_stage`` builds them."""
-    stage, method_params = training.parse_stage(raw, where)
-    model = build_model(dataclasses.replace(stage.model, weights="none"), NUM_CLASSES)
-    pseudo = soft_pseudo_labels(model.embedding_channels) if soft_labels else None
-    context = StageContext(num_classes=NUM_CLASSES, pseudo=pseudo, normalize=training.NORMALIZATION[stage.normalize])
-    return stage, method_class(stage.method).build(model, method_params, context)
+def build_method(step: Step):
+    """(recipe, method) with random weights, as ``build_training_stage`` builds them."""
+    recipe, method_params = parse_recipe(step.row)
+    model = build_model(recipe.model, NUM_CLASSES)
+    pseudo = soft_pseudo_labels(model.embedding_channels) if step.soft_labels else None
+    context = StageContext(num_classes=NUM_CLASSES, pseudo=pseudo, normalize=NORMALIZATION[recipe.normalize],
+                           start=step.start)
+    return recipe, method_class(step.row.recipe).build(model, method_params, context)
 
 
-def random_batch(stage, streams: tuple[str, ...], soft_labels: bool) -> dict[str, dict]:
-    """Tensors of the shapes the stage's streams deliver: labelled source, target with soft labels if asked."""
+def random_batch(recipe: Recipe, streams: tuple[str, ...], soft_labels: bool) -> dict[str, dict]:
+    """Tensors of the shapes the recipe's streams deliver: labelled source, target with soft labels if asked."""
     generator = torch.Generator().manual_seed(0)
     batch = {}
     for name in streams:
-        data = stage.stream_data(name)
+        data = recipe.stream_data(name)
         n, (h, w) = data.batch_size, data.crop
         sample = {"image": torch.randn(n, 3, h, w, generator=generator)}
         if name == "source":
@@ -135,18 +177,17 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def time_step(raw: dict, where: str, soft_labels: bool, device: torch.device, precision: str,
-              warmup_steps: int, steps: int) -> dict:
-    """Images/s and peak memory of the stage's training step in one precision (a fresh method each time)."""
+def time_step(step: Step, device: torch.device, precision: str, warmup_steps: int, steps: int) -> dict:
+    """Images/s and peak memory of the row's training step in one precision (a fresh method each time)."""
     torch.manual_seed(0)
-    stage, method = build_stage(raw, where, soft_labels)
-    batch = random_batch(stage, method.streams, soft_labels)
+    recipe, method = build_method(step)
+    batch = random_batch(recipe, method.streams, step.soft_labels)
     autocast, channels_last = PRECISIONS[precision]
-    torch.backends.cudnn.benchmark = stage.train.cudnn_benchmark
+    torch.backends.cudnn.benchmark = recipe.train.cudnn_benchmark
     trainer = None
     try:
-        trainer = FixedBatchTrainer(method, batch, stage.optim, stage.schedule, device, autocast, channels_last,
-                                    horizon=stage.train.iters)
+        trainer = FixedBatchTrainer(method, batch, recipe.optim, recipe.schedule, device, autocast, channels_last,
+                                    horizon=recipe.train.iters)
         for _ in range(warmup_steps):
             trainer.step()
         trainer.reset_peak_memory()
@@ -161,17 +202,16 @@ def time_step(raw: dict, where: str, soft_labels: bool, device: torch.device, pr
         release(device)
 
 
-def compare_precisions(label: str, raw: dict, where: str, soft_labels: bool, device: torch.device,
-                       warmup_steps: int, steps: int) -> dict:
-    stage, _ = training.parse_stage(raw, where)
-    runs = {p: time_step(raw, where, soft_labels, device, p, warmup_steps, steps) for p in PRECISIONS}
+def compare_precisions(step: Step, device: torch.device, warmup_steps: int, steps: int) -> dict:
+    recipe, _ = parse_recipe(step.row)
+    runs = {p: time_step(step, device, p, warmup_steps, steps) for p in PRECISIONS}
     fp32, bf16 = runs["fp32"], runs["bf16+channels_last"]
     ok = "error" not in fp32 and "error" not in bf16
     return {
-        "name": label, "method": stage.method,
-        "model": f"{stage.model.arch}-{stage.model.depth} ({stage.model.head} head)",
-        "streams": {s: [stage.stream_data(s).batch_size, *stage.stream_data(s).crop]
-                    for s in method_class(stage.method).streams},
+        "name": step.label, "row": step.row.where, "method": step.row.recipe,
+        "model": f"{recipe.model.arch}-{recipe.model.depth} ({recipe.model.head} head)",
+        "streams": {s: [recipe.stream_data(s).batch_size, *recipe.stream_data(s).crop]
+                    for s in method_class(step.row.recipe).streams},
         "runs": runs,
         "ratio_images_per_s_bf16_over_fp32": bf16["images_per_s"] / fp32["images_per_s"] if ok else None,
         "ratio_peak_memory_bf16_over_fp32": (bf16["peak_memory_gib"] / fp32["peak_memory_gib"]
@@ -205,7 +245,7 @@ def print_table(result: dict) -> None:
     entries = result.get("deeplabv2", []) + ([result["cpsl"]] if "cpsl" in result else [])
     for entry in entries:
         streams = " + ".join(f"{s} {b}x{h}x{w}" for s, (b, h, w) in entry["streams"].items())
-        print(f"  {entry['name']}: {entry['method']}, {entry['model']}, {streams}")
+        print(f"  {entry['name']}: {entry['row']} (recipe {entry['method']}), {entry['model']}, {streams}")
     if entries:
         print(f"{'measurement':<28} {'precision':<19} {'images/s':>9} {'s/iter':>8} {'peak GiB':>9}")
     for entry in entries:
@@ -252,12 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     result = {"device": describe(device), "torch": torch.__version__, "dry_run": dry, "steps": steps,
               "warmup_steps": warmup_steps}
     if "deeplabv2" in args.measure:
-        result["deeplabv2"] = [
-            compare_precisions(preset.removesuffix(".yaml"), warmup_section(preset, dry), "warmup", False, device,
-                               warmup_steps, steps) for preset in DEEPLABV2_PRESETS]
+        result["deeplabv2"] = [compare_precisions(step, device, warmup_steps, steps) for step in deeplabv2_steps(dry)]
     if "cpsl" in args.measure:
-        result["cpsl"] = compare_precisions("cpsl_stage1", selftrain_section(CPSL_PRESET, dry), "selftrain", True,
-                                            device, warmup_steps, steps)
+        result["cpsl"] = compare_precisions(cpsl_step(dry), device, warmup_steps, steps)
     if "repro" in args.measure:
         release(device)
         result["repro"] = tiny_repro(with_chain=not dry, targets=args.repro_target, device=device)

@@ -1,24 +1,29 @@
-"""Data loader against model throughput of one training section: the loader must never be the bottleneck.
+"""Data loader against model throughput of one model row: the loader must never be the bottleneck.
 
-    python bench/loader_throughput.py [--section warmup] [--workers 0 1 2] [--batches 30] [--steps 5]
+    python bench/loader_throughput.py [--model warmup] [--workers 0 1 2] [--batches 30] [--steps 5]
                                       [--repeats 3] [--out results.json]
 
-``--section`` is a training stage of params.yaml: ``warmup``, ``variants.NAME``, ``finetune.NAME``, ``selftrain[.RUN]``
-or ``distill[.ROUND]`` (the first run / round when none is named).  The script builds nothing
-itself: it runs the stage's own set-up (``lib.train.stage.build_training_stage``: params,
-prepared data, init model, pseudo-labels, method, streams), everything the stage hands the
-engine, and never trains.  So the
-streams are the stage's real ones: its datasets, transforms, sampler, batch size and workers.
+``--model`` names a row of params.yaml's model table (``models`` or ``selftrained``), resolved as
+its ``train@<name>`` / ``selftrain@<name>`` stage resolves it (``lib.table.find_training_row``).
+The script builds nothing itself: it runs the stage's own set-up
+(``lib.train.stage.build_training_stage``: the recipe with the row's overrides, prepared data, the
+``from`` artifact, pseudo-labels and their labeller, method, streams), everything the stage hands
+the engine (lib.train.loop), and never trains.  So the streams are the stage's real ones: its
+datasets, transforms, sampler, batch size and workers.  The row's inputs must exist as its stage
+would need them: data/models/<from> (``scratch`` is written by the ``scratch`` stage) and, for a
+self-trained row, its pseudo-label set; a missing one is a one-line error naming the stage to run.
+A row asking for several processes (``train.processes``) is measured in one.
 
 It then measures, interleaved ``--repeats`` times (loader, model, loader, model, ...; medians count):
 
 (a) loader images/s: batches drawn from every stream of the method, one of each per iteration as
     the engine draws them, with no model; once with the configured ``workers`` and once with each
-    of ``--workers``.  The prefetched batches are drained first, untimed, so a block times what the
-    workers produce rather than what they buffered while the model ran;
-(b) model images/s: ``--steps`` training steps of the configured method (model forward, backward,
+    of ``--workers`` (the recipe's ``data.workers`` and ``target_data.workers`` both set to it).  The
+    prefetched batches are drained first, untimed, so a block times what the workers produce rather
+    than what they buffered while the model ran;
+(b) model images/s: ``--steps`` training steps of the row's method (model forward, backward,
     optimizer steps) on one fixed batch already on the device (bench/stepper.py), in the
-    arithmetic the engine would use for the stage's precision (lib.device);
+    arithmetic the engine would use for the recipe's precision (lib.device);
 (c) their ratio loader/model, which must stay above 1.
 
 Both rates count the images of all streams per iteration.  On a CPU-only machine the loader
@@ -28,6 +33,7 @@ is an upper bound there; on a GPU the model's side runs on the device and the ra
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -39,51 +45,66 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.stepper import FixedBatchTrainer, images_in  # noqa: E402
 from lib.config import load_params, merged  # noqa: E402
-from lib.engine import loop, precision, training  # noqa: E402
+from lib.data.streams import DataParams  # noqa: E402
+from lib.device import effective, select_device  # noqa: E402
+from lib.errors import DataError, exit_on_user_error  # noqa: E402
 from lib.io import write_json_atomic  # noqa: E402
-from lib.errors import ConfigError, exit_on_user_error  # noqa: E402
+from lib.models.files import MODEL_FILE  # noqa: E402
+from lib.pseudo.artifact import META, PSEUDO_ROOT  # noqa: E402
+from lib.table import SCRATCH, TrainingRow, find_training_row, table  # noqa: E402
+from lib.train.stage import MODELS_ROOT, BuiltStage, build_training_stage  # noqa: E402
 
 PREFETCH_FACTOR = 2   # torch DataLoader's default, which lib.data.dataset.infinite_batches keeps
 
 
-def stage_section(params: dict, section: str) -> tuple[str, dict]:
-    """(stage name, raw section) of ``warmup``, ``variants.NAME``, ``finetune.NAME``, ``selftrain[.RUN]``,
-    ``distill[.ROUND]``, resolved as stages/warmup.py, stages/selftrain.py and stages/distill.py resolve them."""
-    kind, _, name = section.partition(".")
-    if kind == "warmup" and not name:
-        return "warmup", params.get("warmup")
-    if kind == "variants" and name:
-        return name, training.variant_params(params, name)
-    if kind == "finetune" and name:
-        return name, training.finetune_params(params, name)
-    chains = {"selftrain": "runs", "distill": "rounds"}
-    if kind in chains:
-        runs = (params.get(kind) or {}).get(chains[kind]) or {}
-        if not name:
-            if not runs:
-                raise ConfigError(f"params: {kind}.{chains[kind]} is empty; name a run as --section {kind}.NAME")
-            name = str(next(iter(runs)))
-        return training.run_model_name(kind, name), training.run_params(params, kind, chains[kind], name)
-    raise ConfigError(f"--section {section!r}: expected warmup, variants.NAME, finetune.NAME, selftrain[.RUN] "
-                      "or distill[.ROUND]")
+def training_row(params: dict, name: str) -> TrainingRow:
+    """The row of ``models`` or ``selftrained`` that trains data/models/<name>, resolved as its
+    stage resolves it, in one process (one process's loader against one process's model: the
+    ratio each torchrun worker sees)."""
+    row = find_training_row(params, name)
+    if (row.raw.get("train") or {}).get("processes", 1) != 1:
+        row = dataclasses.replace(row, raw=merged(row.raw, {"train": {"processes": 1}}))
+    return row
 
 
-def with_workers(raw: dict, workers: int) -> dict:
-    """``raw`` with every stream's loader workers set to ``workers``."""
-    raw = merged(raw, {"data": {"workers": workers}})
+def start_stage(params: dict, start: str) -> str:
+    """The stage that writes data/models/<start>."""
+    if start == SCRATCH:
+        return SCRATCH
+    if start in table(params, "weights"):
+        return f"weights@{start}"
+    return f"{'selftrain' if start in table(params, 'selftrained') else 'train'}@{start}"
+
+
+def require_inputs(params: dict, row: TrainingRow) -> None:
+    """The artifacts the row's stage reads besides the datasets (its ``from``, its pseudo-label
+    set): a missing one is a one-line error naming the stage that writes it."""
+    start = MODELS_ROOT / row.start / MODEL_FILE
+    if not start.is_file():
+        raise DataError(f"{start}: not found (the start of {row.where}, `from: {row.start}`); "
+                        f"run `dvc repro {start_stage(params, row.start)}` first")
+    if row.pseudo is not None and not (PSEUDO_ROOT / row.pseudo / META).is_file():
+        raise DataError(f"{PSEUDO_ROOT / row.pseudo}: pseudo-label set not found (read by {row.where}); "
+                        f"run `dvc repro pseudo_label@{row.pseudo}` first")
+
+
+def with_workers(row: TrainingRow, workers: int) -> TrainingRow:
+    """``row`` with every stream's loader workers set to ``workers`` (the recipe's ``data.workers``
+    and, where the recipe has one, ``target_data.workers``)."""
+    raw = merged(row.raw, {"data": {"workers": workers}})
     if isinstance(raw.get("target_data"), dict):
         raw = merged(raw, {"target_data": {"workers": workers}})
-    return raw
+    return dataclasses.replace(row, raw=raw)
 
 
 def configured_workers(raw: dict) -> int:
-    """The loader workers the section asks for (the larger of its two streams' when they differ)."""
+    """The loader workers a recipe asks for (the larger of its two streams' when they differ)."""
     data = raw.get("data") or {}
     target = {**data, **raw["target_data"]} if isinstance(raw.get("target_data"), dict) else data
-    return max(int(d.get("workers", training.DataParams.workers)) for d in (data, target))
+    return max(int(d.get("workers", DataParams.workers)) for d in (data, target))
 
 
-def open_streams(built: training.BuiltStage) -> dict:
+def open_streams(built: BuiltStage) -> dict:
     """One live iterator per stream the method reads, from iteration 0."""
     return {name: built.streams[name](0) for name in built.method.streams}
 
@@ -103,26 +124,24 @@ def loader_seconds(iterators: dict, workers: int, batches: int) -> tuple[float, 
     return time.perf_counter() - start, images
 
 
-def measure(section: str, worker_counts: list[int], batches: int, steps: int, repeats: int) -> dict:
+def measure(name: str, worker_counts: list[int], batches: int, steps: int, repeats: int) -> dict:
     params = load_params()
-    stage_name, raw = stage_section(params, section)
-    if (raw.get("train") or {}).get("processes", 1) != 1:
-        # one process's loader against one process's model: the ratio each torchrun worker sees
-        raw = merged(raw, {"train": {"processes": 1}})
-    configured = configured_workers(raw)
-    built = training.build_training_stage(stage_name, raw)
+    row = training_row(params, name)
+    require_inputs(params, row)
+    configured = configured_workers(row.raw)
+    built = build_training_stage(row)
     iterators = {configured: open_streams(built)}
     for w in sorted(set(worker_counts) - {configured}):
-        iterators[w] = open_streams(training.build_training_stage(stage_name, with_workers(raw, w)))
+        iterators[w] = open_streams(build_training_stage(with_workers(row, w)))
     settings = sorted(iterators)
 
-    train_params = built.stage.train
-    device = loop.select_device()
+    train_params = built.recipe.train
+    device = select_device()
     cuda = device.type == "cuda"
     torch.backends.cudnn.benchmark = train_params.cudnn_benchmark
     trainer = FixedBatchTrainer(
-        built.method, draw(iterators[configured]), built.stage.optim, built.stage.schedule, device,
-        autocast=torch.bfloat16 if precision.effective(train_params.precision, device) == "bf16" else None,
+        built.method, draw(iterators[configured]), built.recipe.optim, built.recipe.schedule, device,
+        autocast=torch.bfloat16 if effective(train_params.precision, device) == "bf16" else None,
         channels_last=cuda and train_params.channels_last, horizon=train_params.iters)
 
     for w in settings:   # worker start-up and first decodes stay out of the timings
@@ -140,20 +159,20 @@ def measure(section: str, worker_counts: list[int], batches: int, steps: int, re
     loader = [{"workers": w, "configured": w == configured, "images_per_s": statistics.median(loader_runs[w]),
                "runs": loader_runs[w], "ratio": statistics.median(loader_runs[w]) / model_rate} for w in settings]
     return {
-        "section": section, "stage": stage_name, "method": raw["method"],
-        "streams": {name: list(b["image"].shape) for name, b in trainer.batch.items()},
+        "row": row.name, "table": row.table, "stage": row.stage, "method": row.recipe,
+        "streams": {stream: list(b["image"].shape) for stream, b in trainer.batch.items()},
         "images_per_iter": trainer.images, "device": str(device), "threads": torch.get_num_threads(),
         "precision": "bf16" if trainer.autocast is not None else "fp32",
         "model": {"images_per_s": model_rate, "runs": model_runs, "steps": steps},
         "loader": loader, "batches": batches, "repeats": repeats,
-        "ratio": next(row["ratio"] for row in loader if row["configured"]),
+        "ratio": next(entry["ratio"] for entry in loader if entry["configured"]),
     }
 
 
 def print_table(result: dict) -> None:
     shapes = ", ".join(f"{name} {'x'.join(map(str, shape))}" for name, shape in result["streams"].items())
-    print(f"section {result['section']} ({result['method']}), {shapes}, device {result['device']}, "
-          f"{result['precision']}, threads {result['threads']}")
+    print(f"model {result['row']} ({result['stage']}, recipe {result['method']}), {shapes}, "
+          f"device {result['device']}, {result['precision']}, threads {result['threads']}")
     print(f"model: {result['model']['images_per_s']:8.1f} images/s  (forward + backward + step, "
           f"{result['model']['steps']} steps x {result['repeats']})")
     print(f"{'workers':>10} {'loader images/s':>16} {'loader/model':>13}")
@@ -167,7 +186,7 @@ def print_table(result: dict) -> None:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", default="warmup")
+    parser.add_argument("--model", default="warmup", help="a row of `models` or `selftrained` (default warmup)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
                         help="worker counts measured besides the configured one")
     parser.add_argument("--batches", type=int, default=30, help="iterations drawn per loader block")
@@ -177,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if min(args.workers) < 0 or min(args.batches, args.steps, args.repeats) < 1:
         parser.error("--workers must be >= 0 and --batches, --steps, --repeats >= 1")
-    result = measure(args.section, args.workers, args.batches, args.steps, args.repeats)
+    result = measure(args.model, args.workers, args.batches, args.steps, args.repeats)
     print_table(result)
     if args.out:
         write_json_atomic(args.out, result)

@@ -1,10 +1,11 @@
-"""Fused against per-tensor optimizer updates of one training section's model and optimizer.
+"""Fused against per-tensor optimizer updates of one model row's model and optimizers.
 
-    python bench/optimizer.py [--section warmup] [--steps 10] [--repeats 3] [--out results.json]
+    python bench/optimizer.py [--model warmup] [--steps 10] [--repeats 3] [--out results.json]
 
-``--section`` is resolved as bench/loader_throughput.py resolves it; the stage's own set-up
-(``lib.train.stage.build_training_stage``) gives the method, its parameter groups and its
-optimizer params.  Two copies of the same initial weights get the same seeded gradients; one is
+``--model`` is a row of the model table (``models`` or ``selftrained``), resolved as
+bench/loader_throughput.py resolves it (its inputs must exist as its stage needs them); the stage's
+own set-up (``lib.train.stage.build_training_stage``, one process, no loader workers) gives the
+method, its parameter groups and the recipe's optimizer params.  Two copies of the same initial weights get the same seeded gradients; one is
 updated by the optimizer the engine builds (``lib.train.optim.build_optimizer``: PyTorch's fused
 kernel on CPU and CUDA), the other by the same optimizer with the per-tensor loop (PyTorch's CPU
 default).  ``--steps`` updates are timed per block, interleaved ``--repeats`` times (medians count),
@@ -24,30 +25,31 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.loader_throughput import stage_section  # noqa: E402
-from lib.config import load_params, merged  # noqa: E402
-from lib.engine import loop, training  # noqa: E402
-from lib.train.optim import build_optimizer  # noqa: E402
+from bench.loader_throughput import require_inputs, training_row, with_workers  # noqa: E402
+from lib.config import load_params  # noqa: E402
+from lib.device import select_device  # noqa: E402
 from lib.errors import exit_on_user_error  # noqa: E402
 from lib.io import write_json_atomic  # noqa: E402
+from lib.train.optim import build_optimizer  # noqa: E402
+from lib.train.stage import build_training_stage  # noqa: E402
 
 KERNELS = {"fused": True, "per_tensor": False}
 
 
-def _optimizers(section: str, device: torch.device) -> tuple[dict, str]:
-    """(kernel -> the section's optimizers over its own copy of the model, method name); every copy
+def _optimizers(name: str, device: torch.device) -> tuple[dict, str]:
+    """(kernel -> the row's optimizers over its own copy of the model, method name); every copy
     starts from the same weights."""
     params = load_params()
-    stage_name, raw = stage_section(params, section)
-    raw = merged(raw, {"train": {"processes": 1}, "data": {"workers": 0}})
+    row = with_workers(training_row(params, name), 0)
+    require_inputs(params, row)
     copies = {}
     for kernel, fused in KERNELS.items():
-        built = training.build_training_stage(stage_name, raw)     # the same seed: the same initial weights
+        built = build_training_stage(row)     # the same seed and start: the same initial weights
         for module in built.method.modules().values():
             module.to(device)
         groups = built.method.param_groups()
-        copies[kernel] = [build_optimizer(groups[name], built.stage.optim[name], fused=fused) for name in groups]
-    return copies, raw["method"]
+        copies[kernel] = [build_optimizer(groups[group], built.recipe.optim[group], fused=fused) for group in groups]
+    return copies, row.recipe
 
 
 def _parameters(optimizers) -> list[torch.Tensor]:
@@ -77,9 +79,9 @@ def _block(optimizers, start: int, steps: int, device: torch.device) -> float:
     return seconds / steps
 
 
-def measure(section: str, steps: int, repeats: int) -> dict:
-    device = loop.select_device()
-    copies, method = _optimizers(section, device)
+def measure(name: str, steps: int, repeats: int) -> dict:
+    device = select_device()
+    copies, method = _optimizers(name, device)
     runs = {kernel: [] for kernel in KERNELS}
     for kernel, optimizers in copies.items():      # first updates (state allocation) stay out of the timings
         _block(optimizers, 0, 1, device)
@@ -92,7 +94,7 @@ def measure(section: str, steps: int, repeats: int) -> dict:
         difference = max(difference, max(float((a - b).detach().abs().max()) for a, b in zip(fused, loop_)))
     median = {kernel: statistics.median(v) for kernel, v in runs.items()}
     tensors = _parameters(copies["fused"])
-    return {"section": section, "method": method, "device": str(device), "threads": torch.get_num_threads(),
+    return {"row": name, "method": method, "device": str(device), "threads": torch.get_num_threads(),
             "optimizers": [type(opt).__name__ for opt in copies["fused"]],
             "tensors": len(tensors), "parameters": sum(p.numel() for p in tensors),
             "seconds_per_update": median, "runs": runs, "steps": steps, "repeats": repeats,
@@ -100,7 +102,7 @@ def measure(section: str, steps: int, repeats: int) -> dict:
 
 
 def print_table(result: dict) -> None:
-    print(f"section {result['section']} ({result['method']}), device {result['device']}, "
+    print(f"model {result['row']} (recipe {result['method']}), device {result['device']}, "
           f"threads {result['threads']}: {', '.join(result['optimizers'])} over {result['tensors']} tensors, "
           f"{result['parameters']:,} parameters")
     s = result["seconds_per_update"]
@@ -113,14 +115,14 @@ def print_table(result: dict) -> None:
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", default="warmup")
+    parser.add_argument("--model", default="warmup", help="a row of `models` or `selftrained` (default warmup)")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if min(args.steps, args.repeats) < 1:
         parser.error("--steps and --repeats must be >= 1")
-    result = measure(args.section, args.steps, args.repeats)
+    result = measure(args.model, args.steps, args.repeats)
     print_table(result)
     if args.out:
         write_json_atomic(args.out, result)

@@ -6,9 +6,19 @@ Runs ``dvc repro`` in ``--repo`` (default: this checkout; ``--fresh`` clones it 
 folder first, sharing nothing but the git history, so every stage really runs), reads DVC's output
 as it arrives and stamps each ``Running stage '<name>'`` line: a stage's time is from its line to
 the next one (or to the end), so it includes the Python start-up and imports every stage pays.
-Prints a table (seconds, share of the total, grouped by kind: data, stylize, train, pseudo-label,
-evaluate) and writes it as JSON beside a Markdown copy.  The times are wall-clock on whatever the
-machine is doing at the time: run it on idle cores for numbers worth comparing.
+Prints a table (seconds, share of the total, grouped by kind) and writes it as JSON beside a
+Markdown copy.  A stage's kind is read from its name (the part before ``@``):
+
+    data          synthesize, prepare@<dataset>
+    stylize       stylize@<output>, translate@<name> (a CycleGAN-translated source)
+    weights       scratch, weights@<name> (the starts of the model table)
+    train         train@<model>, selftrain@<model>, cyclegan_train@<name>
+    pseudo-label  pseudo_label@<set>
+    ensemble      ensemble@<name>
+    evaluate      evaluate@<model>-<target>, summary
+
+and any other name is ``other``.  The times are wall-clock on whatever the machine is doing at the
+time: run it on idle cores for numbers worth comparing.
 """
 from __future__ import annotations
 
@@ -25,17 +35,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
-KINDS = (("synthesize", "data"), ("prepare", "data"), ("stylize", "stylize"), ("translate", "stylize"),
-         ("cyclegan", "train"), ("warmup", "train"), ("variant", "train"), ("finetune", "train"),
-         ("selftrain", "train"), ("distill", "train"), ("pseudo_label", "pseudo-label"), ("evaluate", "evaluate"),
-         ("ensemble", "evaluate"), ("average", "evaluate"))
+KINDS = {"synthesize": "data", "prepare": "data", "stylize": "stylize", "translate": "stylize",
+         "scratch": "weights", "weights": "weights", "train": "train", "selftrain": "train",
+         "cyclegan_train": "train", "pseudo_label": "pseudo-label", "ensemble": "ensemble",
+         "evaluate": "evaluate", "summary": "evaluate"}
 
 
 def kind_of(stage: str) -> str:
-    for prefix, kind in KINDS:
-        if stage.startswith(prefix):
-            return kind
-    return "other"
+    """The kind of a dvc.yaml stage from its name: ``train@warmup`` -> train, ``summary`` -> evaluate."""
+    return KINDS.get(stage.partition("@")[0], "other")
 
 
 def stage_times(lines, clock=time.perf_counter) -> tuple[dict[str, float], float, list[str]]:

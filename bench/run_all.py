@@ -1,6 +1,6 @@
 """Every CPU benchmark with small defaults, then all their ratios in one table.
 
-    python bench/run_all.py [--sections warmup selftrain] [--out bench-results.json]
+    python bench/run_all.py [--models warmup stage1] [--out bench-results.json]
 
 Runs, one after the other and each in its own process (their thread settings differ), from the
 project root:
@@ -8,11 +8,15 @@ project root:
 - bench/train_overhead.py: the engine against a bare forward/backward loop (target <= 1.05);
 - bench/eval_speed.py: our evaluator against ``cityscapesscripts`` on the same PNGs (< 1: faster);
 - bench/precision.py: bf16 autocast against fp32, a training step and an inference pass of the
-  warm-up's model (< 1: bf16 is faster; the engine uses bf16 only where the hardware has it);
+  model row ``warmup`` (< 1: bf16 is faster; the engine uses bf16 only where the hardware has it);
 - bench/optimizer.py: the fused optimizer update the engine uses against PyTorch's per-tensor loop,
-  the warm-up's model and optimizer (< 1: fused is faster; the parameters must agree);
-- bench/loader_throughput.py for each of ``--sections``: the stage's data loader against its model
-  (> 1: the loader is not the bottleneck), at the configured workers and at 0, 1 and 2.
+  ``warmup``'s model and optimizer (< 1: fused is faster; the parameters must agree);
+- bench/loader_throughput.py for each of ``--models`` (rows of ``models`` or ``selftrained``): the
+  row's data loader against its model (> 1: the loader is not the bottleneck), at the configured
+  workers and at 0, 1 and 2.
+
+The last three build the rows' training stages, so they need what those stages read: the prepared
+datasets, data/models/<from> and a self-trained row's pseudo-label set (after ``dvc repro``).
 
 Each ratio's two sides are measured in the same process, interleaved or back to back, so the ratios
 hold on a busy machine better than the absolute times do.  Their outputs are shown as they run; the
@@ -32,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lib.io import write_json_atomic  # noqa: E402
+
 SMALL = {
     "train_overhead": ["--iters", "12", "--repeats", "3", "--batch", "4"],
     "eval_speed": ["--images", "10", "--size", "1024x2048"],
@@ -68,10 +73,10 @@ def rows(results: dict) -> list[tuple[str, str, float, str, bool]]:
     update = results["optimizer"]
     table.append(("optimizer update", "fused / per-tensor seconds per update", update["ratio"], "< 1",
                   update["ratio"] < 1 and update["max_abs_parameter_difference"] <= AGREEMENT))
-    for section, loader in results["loader_throughput"].items():
+    for model, loader in results["loader_throughput"].items():
         for row in loader["loader"]:
             mark = ", configured" if row["configured"] else ""
-            table.append((f"loader vs model: {section}", f"loader / model images/s, workers {row['workers']}{mark}",
+            table.append((f"loader vs model: {model}", f"loader / model images/s, workers {row['workers']}{mark}",
                           row["ratio"], "> 1", row["ratio"] > 1))
     return table
 
@@ -84,16 +89,16 @@ def print_table(table) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sections", nargs="+", default=["warmup"],
-                        help="training sections for loader_throughput (warmup, selftrain, distill, variants.NAME)")
+    parser.add_argument("--models", nargs="+", default=["warmup"],
+                        help="rows of `models` or `selftrained` for loader_throughput (default warmup)")
     parser.add_argument("--out", type=Path, help="write every script's results as one JSON file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench_") as tmp:
         tmp = Path(tmp)
         results = {name: run(name, SMALL[name], tmp / f"{name}.json") for name in ("train_overhead", "eval_speed", "precision", "optimizer")}
         results["loader_throughput"] = {
-            section: run("loader_throughput", [*SMALL["loader_throughput"], "--section", section],
-                         tmp / f"loader_{section}.json") for section in args.sections}
+            model: run("loader_throughput", [*SMALL["loader_throughput"], "--model", model],
+                       tmp / f"loader_{model}.json") for model in args.models}
     print_table(rows(results))
     if args.out:
         write_json_atomic(args.out, results)

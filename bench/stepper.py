@@ -1,6 +1,6 @@
 """Training steps of a method on one fixed in-memory batch: the model side of the benchmarks.
 
-The body of an iteration is the engine's (lib/engine/loop.py): zero the gradients, the method's
+The body of an iteration is the engine's (``lib.train.loop.train``): zero the gradients, the method's
 ``training_step`` under autocast, every optimizer and schedule step, ``after_step``.  What the
 engine adds around it (the loader, host-to-device copies, logging, checkpoints) is left out, so the
 rate is what the model and method alone can consume; bench/train_overhead.py measures the rest.  The
@@ -13,9 +13,14 @@ import time
 
 import torch
 
-from lib.train.loop import to_device
-from lib.train.optim import OptimizerParams, ScheduleParams, build_optimizer, build_scheduler
 from lib.methods.base import Method
+from lib.train.loop import to_device
+from lib.train.optim import (
+    OptimizerParams,
+    ScheduleParams,
+    build_optimizer,
+    build_scheduler,
+)
 
 
 def images_in(batch: dict[str, dict]) -> int:

@@ -1,12 +1,13 @@
 """Training-loop overhead: the engine against a bare forward/backward loop, same model, same batch.
 
-    python bench/train_overhead.py [--iters 40] [--batch 8] [--crop 96 192] [--arch deeplabv2] [--depth 18]
-                                   [--out results.json]
+    python bench/train_overhead.py [--iters 40] [--repeats 3] [--batch 8] [--crop 96 192] [--arch deeplabv2]
+                                   [--depth 18] [--log-every 10] [--checkpoint-every 100] [--out results.json]
 
-Both loops train the source-only objective (CE + 0.1 aux CE) with SGD and the poly schedule on one
-fixed in-memory batch, so the data loader is out of the picture and the difference is what the
-engine adds: moving batches, the NaN guard's per-iteration sync, scheduler and method dispatch,
-DVCLive logging every ``--log-every`` iterations, tqdm and checkpoints every ``--checkpoint-every``.
+Both loops train the source-only objective (CE + 0.1 aux CE) of a randomly initialised model with
+SGD and the poly schedule on one fixed in-memory batch, so the data loader is out of the picture and
+the difference is what the engine (``lib.train.loop.train``) adds: moving batches, the NaN guard's
+per-iteration sync, scheduler and method dispatch, DVCLive logging every ``--log-every``
+iterations, tqdm and checkpoints every ``--checkpoint-every``.
 The two are interleaved (bare, engine, bare, engine, ...) to cancel drift, and the script prints
 seconds per iteration of each and their ratio; the target is engine/bare <= 1.05.
 """
@@ -26,12 +27,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib.device import select_device  # noqa: E402
-from lib.train.loop import TrainParams, train  # noqa: E402
-from lib.methods.base import ParamGroup  # noqa: E402
-from lib.train.optim import OptimizerParams, ScheduleParams, build_optimizer, build_scheduler  # noqa: E402
 from lib.losses.segmentation import cross_entropy  # noqa: E402
+from lib.methods.base import ParamGroup  # noqa: E402
 from lib.methods.source_only import SourceOnly, SourceOnlyParams  # noqa: E402
 from lib.models import ModelParams, build_model  # noqa: E402
+from lib.train.loop import TrainParams, train  # noqa: E402
+from lib.train.optim import (  # noqa: E402
+    OptimizerParams,
+    ScheduleParams,
+    build_optimizer,
+    build_scheduler,
+)
 
 OPTIM = OptimizerParams(type="sgd", lr=0.01)
 SCHEDULE = ScheduleParams(power=0.9)
@@ -39,7 +45,7 @@ SCHEDULE = ScheduleParams(power=0.9)
 
 def make_model(args):
     torch.manual_seed(0)
-    return build_model(ModelParams(arch=args.arch, depth=args.depth, weights="none", bn="batch"), 19)
+    return build_model(ModelParams(arch=args.arch, depth=args.depth, bn="batch"), 19)
 
 
 def bare(args, batch) -> float:

@@ -11,12 +11,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lib.config import parse
-from lib.methods.base import ParamGroup
 from lib.errors import ConfigError
 from lib.losses.adversarial import SOURCE, TARGET, frozen, gan_loss
 from lib.losses.entropy import entropy_loss, self_information
-from lib.methods.base import method_class
-from lib.methods.globallocal import pick, source_groups, target_groups
+from lib.methods.base import ParamGroup, method_class
+from lib.methods.globallocal import (
+    GLOBAL_PARAMS,
+    GlobalAlignment,
+    pick,
+    source_groups,
+    target_groups,
+)
+from lib.methods.parts.output_space import (
+    AdversarialOutputSpace,
+    AdversarialParams,
+    MinEntParams,
+)
 from lib.models import ModelParams, build_model
 from lib.models.discriminator import FCDiscriminator, PixelDiscriminator
 
@@ -118,7 +128,7 @@ METHODS = [("adaptsegnet", {}), ("adaptsegnet", {"gan": "ls"}), ("advent", {}), 
 
 def build(name: str, raw: dict, seed: int = 0):
     torch.manual_seed(seed)
-    model = build_model(ModelParams(arch="deeplabv2", depth=18, weights="none", aux=True), C)
+    model = build_model(ModelParams(arch="deeplabv2", depth=18, aux=True), C)
     cls = method_class(name)
     return cls(model, parse(cls.params_type, raw, name))
 
@@ -238,3 +248,31 @@ def test_globallocal_parameters():
     late = build("globallocal", {"local_start": 5})
     assert not any("local" in k for k in late.training_step(fixed_batch(), 0))
     assert "adv_local" in late.training_step(fixed_batch(), 5)
+
+
+def test_the_output_space_methods_share_one_alignment():
+    for name in ("adaptsegnet", "advent"):
+        assert issubclass(method_class(name), AdversarialOutputSpace)
+        assert method_class(name).params_type is AdversarialParams
+    assert method_class("minent").params_type is MinEntParams
+    assert GLOBAL_PARAMS == {"advent": AdversarialParams, "adaptsegnet": AdversarialParams, "minent": MinEntParams}
+    method = build("globallocal", {"global_method": "advent"})
+    assert isinstance(method.global_alignment, GlobalAlignment)
+    prob = torch.randn(1, C, 4, 4).softmax(1)
+    assert torch.allclose(method.global_alignment.discriminator_input(prob), self_information(prob))
+    softmax = build("globallocal", {"global_method": "adaptsegnet"}).global_alignment
+    assert torch.equal(softmax.discriminator_input(prob), prob)
+
+
+@pytest.mark.parametrize("global_method", ["advent", "adaptsegnet", "minent"])
+def test_globallocal_without_its_local_term_is_its_global_method(global_method):
+    """The global term is the method itself: same discriminators, same losses on the same batch."""
+    alone = build(global_method, {})
+    joint = build("globallocal", {"global_method": global_method, "local_weight": 0.0})
+    batch = fixed_batch()
+    torch.manual_seed(3)
+    expected = losses_at(alone, batch)
+    torch.manual_seed(3)
+    assert losses_at(joint, batch) == expected
+    assert {n: [p.shape for p in m.parameters()] for n, m in alone.discriminators().items()} == \
+        {n: [p.shape for p in m.parameters()] for n, m in joint.discriminators().items() if n != "local_discriminator"}

@@ -43,12 +43,14 @@ PARAMS = {
     "prepare": {"workers": 1, "centroid_tile": 1024},
     "datasets": {"gta": {"layout": "gta5", "root": "raw/gta5"},
                  "cs": {"layout": "cityscapes", "root": "raw/cs", "splits": ["train"]}},
-    "warmup": {"method": "source_only", "source": "gta", "target": "cs",
-               "model": {"arch": "deeplabv2", "depth": 18, "weights": "none", "bn": "batch", "aux": True},
-               "data": {"batch_size": 2, "crop": [8, 16], "workers": 0},
-               "optim": {"model": {"type": "adamw", "lr": 0.001}},
-               "train": {"iters": 2, "checkpoint_every": 1, "log_every": 1, "precision": "fp32"}},
-    "evaluate": {"models": ["warmup"], "targets": ["cs"], "split": "train", "batch_size": 2, "workers": 0,
+    "source": "gta", "target": "cs",
+    "recipes": {"source_only": {
+        "model": {"arch": "deeplabv2", "depth": 18, "bn": "batch", "aux": True},
+        "data": {"batch_size": 2, "crop": [8, 16], "workers": 0},
+        "optim": {"model": {"type": "adamw", "lr": 0.001}},
+        "train": {"iters": 2, "checkpoint_every": 1, "log_every": 1, "precision": "fp32"}}},
+    "models": {"warmup": {"recipe": "source_only", "from": "scratch"}},
+    "evaluate": {"models": {"warmup": {}}, "targets": ["cs"], "split": "train", "batch_size": 2, "workers": 0,
                  "panels": 1},
 }
 
@@ -56,7 +58,7 @@ PARAMS = {
 # ---------------------------------------------------------------------------------------------- mutations
 
 def params(**changes) -> Callable[[Path], None]:
-    """Set dotted keys of the project's params.yaml, e.g. ``params(**{"warmup.train.iters": -5})``."""
+    """Set dotted keys of the project's params.yaml, e.g. ``params(**{"recipes.source_only.train.iters": -5})``."""
     def mutate(project: Path) -> None:
         data = yaml.safe_load((project / "params.yaml").read_text())
         for dotted, value in changes.items():
@@ -140,9 +142,9 @@ class Case:
     file_size_limit: int | None = None
 
 
-PREPARE, WARMUP, EVALUATE = ("stages.prepare", "gta"), ("stages.warmup",), ("stages.evaluate", "warmup", "cs")
+PREPARE, WARMUP, EVALUATE = ("stages.prepare", "gta"), ("stages.train", "warmup"), ("stages.evaluate", "warmup", "cs")
 GTA5 = r"\(expected the GTA5 layout: images/NNNNN\.png and labels/NNNNN\.png, optional split\.mat\)"
-TRAINING = ("data/checkpoints/warmup", "metrics/warmup/train")
+TRAINING = ("data/checkpoints/warmup", "metrics/train/warmup")
 CASES = [
     Case("missing_dataset_root", PREPARE, params(**{"datasets.gta.root": "raw/nowhere"}),
          rf"error: raw/nowhere: dataset folder not found {GTA5}"),
@@ -165,35 +167,43 @@ CASES = [
          r"error: raw/gta5/images/00002\.png: image without its label \(expected raw/gta5/labels/00002\.png\)"),
     Case("unknown_layout", PREPARE, params(**{"datasets.gta.layout": "kitti"}),
          r"error: params: datasets\.gta\.layout = 'kitti' is not a known layout \(expected one of gta5, .*\)"),
-    Case("unknown_method_name", WARMUP, params(**{"warmup.method": "nope"}),
-         r"error: params: method 'nope' does not exist \(known: .*source_only.*\)"),
-    Case("unknown_param_key", WARMUP, params(**{"warmup.data.crops": [8, 16]}),
-         r"error: params: unknown key 'warmup\.data\.crops' \(known keys: .*crop,.*\)"),
-    Case("wrong_param_type", WARMUP, params(**{"warmup.train.iters": "ten"}),
-         r"error: params: warmup\.train\.iters must be of type int, got 'ten'"),
-    Case("negative_iterations", WARMUP, params(**{"warmup.train.iters": -5}),
-         r"error: params: warmup\.train\.iters must be > 0, got -5"),
-    Case("missing_prepared_dataset", WARMUP, params(**{"warmup.source": "nope"}),
+    Case("unknown_method_name", WARMUP, params(**{"models.warmup.recipe": "nope"}),
+         r"error: params: models\.warmup\.recipe 'nope' is not a key of `recipes` \(known: source_only\)"),
+    Case("recipe_of_no_method", WARMUP, params(**{"models.warmup.recipe": "nope", "recipes.nope": {}}),
+         r"error: params: recipe 'nope' names no method: a recipe is named after its method file "
+         r"lib/methods/<name>\.py \(known: .*source_only.*\)"),
+    Case("unknown_param_key", WARMUP, params(**{"recipes.source_only.data.crops": [8, 16]}),
+         r"error: params: unknown key 'recipes\.source_only\.data\.crops' \(known keys: .*crop,.*\)"),
+    Case("wrong_param_type", WARMUP, params(**{"recipes.source_only.train.iters": "ten"}),
+         r"error: params: recipes\.source_only\.train\.iters must be of type int, got 'ten'"),
+    Case("negative_iterations", WARMUP, params(**{"recipes.source_only.train.iters": -5}),
+         r"error: params: recipes\.source_only\.train\.iters must be > 0, got -5"),
+    Case("unknown_start", WARMUP, params(**{"models.warmup.from": "elsewhere"}),
+         r"error: params: models\.warmup\.from 'elsewhere' is neither scratch, a weights entry nor another "
+         r"model \(weights: none\)"),
+    Case("missing_prepared_dataset", WARMUP, params(**{"source": "nope"}),
          r"error: data/prepared/nope: prepared dataset not found \(is 'nope' under 'datasets'\?\)"),
     Case("index_row_outside_dataset", WARMUP, index_row_outside,
          r"error: data/prepared/gta/index\.csv line 3 \(id 00002\): image \.\./outside\.png is outside the "
          r"dataset \(expected a path under raw/gta5 or data/prepared\)"),
     Case("missing_checkpoint", EVALUATE, remove("data/models/warmup/model.pt"),
          r"error: data/models/warmup/model\.pt: model checkpoint not found"),
-    Case("checkpoint_of_another_architecture", ("stages.warmup", "--variant", "wide"),
-         params(**{"variants.wide": {"init": "warmup", "model": {"depth": 50}}}),
-         r"error: data/models/warmup/model\.pt: weights do not fit a deeplabv2-50 \(wide\.model\) \(tensors: "
-         r"\d+ missing, e\.g\. backbone\.\S+; \d+ of another shape, e\.g\. backbone\.\S+ \[.*\] instead of \[.*\]\)"),
+    Case("checkpoint_of_another_architecture", ("stages.train", "wide"),
+         params(**{"models.wide": {"recipe": "source_only", "from": "warmup",
+                                   "overrides": {"model": {"depth": 50}}}}),
+         r"error: data/models/warmup/model\.pt: weights do not fit a deeplabv2-50 \(models\.wide: "
+         r"recipes\.source_only\.model\) \(tensors: \d+ missing, e\.g\. backbone\.\S+; \d+ of another shape, "
+         r"e\.g\. backbone\.\S+ \[.*\] instead of \[.*\]\)"),
     Case("pickled_checkpoint_payload", WARMUP, pickled_payload,
          r"error: data/checkpoints/warmup/last\.pt: not a readable training checkpoint \(it contains pickled "
          r"Python objects, which are refused \(weights_only=True\)\)", check=payload_not_run),
-    Case("nan_loss", WARMUP, params(**{"warmup.optim.model.lr": 1e30, "warmup.train.iters": 5}),
+    Case("nan_loss", WARMUP, params(**{"recipes.source_only.optim.model.lr": 1e30, "recipes.source_only.train.iters": 5}),
          r"error: iteration \d: loss '\w+' is (nan|inf|-inf); training stopped before the update and the last "
          r"good checkpoint is kept in data/checkpoints/warmup/last\.pt \(lower the learning rate or check the data\)",
          may_write=TRAINING, check=resumable_state_kept),
     Case("disk_full_during_checkpoint_write", WARMUP, params(), file_size_limit=8_000_000,
          message=r"error: data/checkpoints/warmup/last\.pt: could not be written \(File too large\); any earlier "
-                 r"version is left as it was", may_write=("metrics/warmup/train",)),
+                 r"version is left as it was", may_write=("metrics/train/warmup",)),
     Case("unwritable_output_folder", WARMUP, models_folder_is_a_file,
          r"error: data/models/warmup: could not be written \(data/models is a file, not a folder\); any earlier "
          r"version is left as it was", may_write=TRAINING, check=resumable_state_kept),
@@ -205,12 +215,12 @@ CASES = [
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """The tiny project every row copies: prepared gta and cs, a trained and evaluated warm-up."""
-    from lib.train.stage import run_training_stage
     from stages.evaluate import main as evaluate
+    from tests.tables import train
     root = L.prepare_gta_and_cityscapes(tmp_path_factory.mktemp("base"))
     (root / "params.yaml").write_text(yaml.safe_dump(PARAMS, sort_keys=False))
     with contextlib.chdir(root):
-        run_training_stage("warmup", PARAMS["warmup"])
+        train(PARAMS, "warmup")
         evaluate(["warmup", "cs"])
     return root
 
@@ -296,9 +306,9 @@ def test_a_full_disk_anywhere_else_is_one_line_too(capsys):
         raise error
 
     with pytest.raises(SystemExit) as exit_:
-        stage(OSError(errno.ENOSPC, "No space left on device", "metrics/warmup/train/metrics.json"))
+        stage(OSError(errno.ENOSPC, "No space left on device", "metrics/train/warmup/metrics.json"))
     assert exit_.value.code == 2
-    assert capsys.readouterr().err == ("error: metrics/warmup/train/metrics.json: could not be written "
+    assert capsys.readouterr().err == ("error: metrics/train/warmup/metrics.json: could not be written "
                                       "(No space left on device)\n")
     with pytest.raises(FileNotFoundError):
         stage(FileNotFoundError(errno.ENOENT, "No such file or directory", "x"))

@@ -1,5 +1,5 @@
-"""BAFFT (bafft.md §4-§7): regions, pooling, memories, matching, ISIA/AIM, version A, and the
-step-1 / step-2 training steps on a small DeepLabV2."""
+"""BAFFT (Yuan et al., "Birds of a Feather Flock Together", IEEE TIP 2022): regions, pooling, memories,
+matching, ISIA/AIM, version A, and the step-1 / step-2 training steps on a small DeepLabV2."""
 from __future__ import annotations
 
 import math
@@ -14,11 +14,28 @@ from torch import nn
 from lib.config import parse
 from lib.data.classes import CITYSCAPES19, IGNORE, SYNTHIA16
 from lib.errors import ConfigError
-from lib.losses.category import (STUFF_19, THING_19, RingBank, check_split, class_centroids,
-                                 classifier_agrees, connected_components, correct_prediction_mask,
-                                 isia_intra, isia_separation, masked_average_pool, mean_abs_distance,
-                                 nearest_distance, self_weighted, stuff_and_things, stuff_regions,
-                                 thing_regions, version_a_diff, version_a_same, version_a_separation)
+from lib.losses.category import (
+    STUFF_19,
+    THING_19,
+    RingBank,
+    check_split,
+    class_centroids,
+    classifier_agrees,
+    connected_components,
+    correct_prediction_mask,
+    isia_intra,
+    isia_separation,
+    masked_average_pool,
+    mean_abs_distance,
+    nearest_distance,
+    self_weighted,
+    stuff_and_things,
+    stuff_regions,
+    thing_regions,
+    version_a_diff,
+    version_a_same,
+    version_a_separation,
+)
 from lib.methods.base import method_class
 from lib.models import ModelParams, build_model
 
@@ -187,7 +204,7 @@ def test_classifier_gate():
 
 
 def test_classifier_gate_on_an_atrous_head_uses_the_centre_taps():
-    model = build_model(ModelParams(arch="deeplabv2", depth=18, weights="none", aux=False), 4)
+    model = build_model(ModelParams(arch="deeplabv2", depth=18, aux=False), 4)
     with torch.no_grad():
         vectors = torch.rand(6, 512)
         expected = sum(conv.weight[:, :, 1, 1] @ vectors.T + conv.bias[:, None] for conv in model.head.branches)
@@ -246,7 +263,7 @@ CROP = (32, 64)
 
 def build(name: str, raw: dict | None = None, head: str = "aspp_sum", seed: int = 0):
     torch.manual_seed(seed)
-    model = build_model(ModelParams(arch="deeplabv2", depth=18, weights="none", aux=True, head=head), C)
+    model = build_model(ModelParams(arch="deeplabv2", depth=18, aux=True, head=head), C)
     cls = method_class(name)
     return cls(model, parse(cls.params_type, raw or {}, name))
 
@@ -414,10 +431,34 @@ def test_params():
     step2 = parse(method_class("bafft_step2").params_type, {}, "selftrain.bafft_step2")
     assert (step2.adv_weight, step2.stuff_weight, step2.instance_weight, step2.isia_weight,
             step2.target_weight) == (1e-3, 1e-3, 1e-3, 1e-3, 1.0)
-    model = build_model(ModelParams(arch="deeplabv2", depth=18, weights="none", aux=False), 16)
+    model = build_model(ModelParams(arch="deeplabv2", depth=18, aux=False), 16)
     with pytest.raises(ConfigError, match="synthia16"):
         cls(model, parse(cls.params_type, {}, "bafft_step1"))
     stuff, things = stuff_and_things(SYNTHIA16)
     raw = {"stuff_classes": list(stuff), "thing_classes": list(things)}
     method = cls(model, parse(cls.params_type, raw, "bafft_step1"))
     assert method.stuff_bank.classes == stuff
+
+
+def test_both_steps_share_one_alignment():
+    """Step 1 and step 2 are one BAFFT alignment that differ in the target regions (the argmax of
+    the prediction, the pseudo-labels) and the target supervision (none, CE on the pseudo-labels)."""
+    from lib.methods.parts.bafft import (
+        BafftAlignment,
+        BafftParams,
+        SoftmaxDiscriminator,
+    )
+    step1, step2 = method_class("bafft_step1"), method_class("bafft_step2")
+    assert issubclass(step1, BafftAlignment) and issubclass(step2, BafftAlignment)
+    assert step1.params_type is BafftParams and issubclass(step2.params_type, BafftParams)
+    method = build("bafft_step1")
+    assert isinstance(method.adversarial, SoftmaxDiscriminator)
+    prob = torch.randn(1, C, 4, 4).softmax(1)
+    assert torch.equal(method.adversarial.discriminator_input(prob), prob)     # AdaptSegNet's softmax
+    out = method.model(torch.randn(2, 3, *CROP))
+    pseudo = road_and_two_cars()
+    assert torch.equal(method.target_regions(out, {"pseudo": pseudo}), out.logits.detach().argmax(1))
+    assert method.target_supervision(out, {"pseudo": pseudo}) == {}
+    regions = build("bafft_step2").target_regions(out, {"pseudo": pseudo})
+    assert regions.shape == out.logits.shape[:1] + out.logits.shape[2:]
+    assert set(regions.unique().tolist()) <= {ROAD, CAR, 2}

@@ -4,56 +4,123 @@ against model throughput on a tiny prepared project, and bench/gpu.py's CPU dry 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from ruamel.yaml import YAML
 
 from bench import gpu, loader_throughput
 from bench import optimizer as optimizer_bench
 from bench import precision as precision_bench
+from bench.loader_throughput import (
+    configured_workers,
+    require_inputs,
+    training_row,
+    with_workers,
+)
+from bench.pipeline_times import kind_of
 from bench.run_all import rows as bench_rows
-from bench.loader_throughput import configured_workers, stage_section
-from lib.errors import ConfigError
+from lib.config import ParamsLoader
+from lib.errors import ConfigError, DataError
+from lib.preset import tidy
+from lib.table import find_training_row
 from tests.layouts import prepare_gta_and_cityscapes
+from tests.tables import ensure_scratch, one_row
 from tests.test_pipeline import tiny_params
 
+DISCRIMINATOR = {"type": "adam", "lr": 0.0001, "betas": [0.9, 0.99], "weight_decay": 0.0, "head_lr_mult": 1.0}
 
-def test_sections_resolve_as_their_stages_do():
-    params = tiny_params(chain=True)
-    params["variants"] = {"minent": {"method": "minent"}}
-    assert stage_section(params, "warmup") == ("warmup", params["warmup"])
-    name, raw = stage_section(params, "selftrain")               # the first run
-    assert name == "selftrain" and raw["init"] == "warmup" and "runs" not in raw
-    name, raw = stage_section(params, "distill.2")
-    assert name == "distill_2" and raw["teacher"] == "distill_1"
-    params["finetune"] = {"dacs": {"init": "warmup", "method": "ciss"}}
-    name, raw = stage_section(params, "finetune.dacs")
-    assert name == "dacs" and raw["init"] == "warmup" and raw["method"] == "ciss" and "model" not in raw
-    name, raw = stage_section(params, "variants.minent")
-    assert name == "minent" and raw["method"] == "minent" and raw["data"] == params["warmup"]["data"]
-    with pytest.raises(ConfigError, match="expected warmup"):
-        stage_section(params, "evaluate")
-    with pytest.raises(ConfigError, match="selftrain.runs.nope"):
-        stage_section(params, "selftrain.nope")
+
+def plain(params) -> dict:
+    """The tiny params as DVC and the stages read them once written: plain dicts and lists, every
+    ``<<:`` merge resolved against the edited anchors."""
+    text = io.StringIO()
+    tidy(params)
+    YAML().dump(params, text)
+    return yaml.load(text.getvalue(), Loader=ParamsLoader)
+
+
+def test_models_resolve_as_their_stages_do(tmp_path):
+    params = plain(tiny_params(chain=True))
+    row = training_row(params, "warmup")
+    assert row == find_training_row(params, "warmup")
+    assert (row.table, row.stage, row.recipe, row.start) == ("models", "train@warmup", "source_only", "scratch")
+    assert row.raw == params["recipes"]["source_only"]
+    row = training_row(params, "kd1")                         # a self-trained row: its set and its start
+    assert (row.table, row.stage, row.recipe, row.start, row.pseudo) == (
+        "selftrained", "selftrain@kd1", "cpsl_kd", "stage1", "hard_stage1")
+    assert row.raw["pseudo_threshold"] == 0.95 and row.target == "synth_cityscapes"
+    params["models"]["more_workers"] = {"recipe": "source_only", "from": "warmup",
+                                        "overrides": {"data": {"workers": 5}, "train": {"processes": 2}}}
+    row = training_row(params, "more_workers")                # overrides laid over the recipe, one process
+    assert row.raw["data"] == {**params["recipes"]["source_only"]["data"], "workers": 5}
+    assert row.raw["train"]["processes"] == 1 and row.raw["train"]["iters"] == 6
+    assert configured_workers(row.raw) == 5
+    with pytest.raises(ConfigError, match="no model 'soft_warmup'"):      # a pseudo-label set is not a model
+        training_row(params, "soft_warmup")
+    with pytest.raises(ConfigError, match="no model 'nope'"):
+        training_row(params, "nope")
+
+    stage1 = training_row(params, "stage1")
+    changed = with_workers(stage1, 3)
+    assert changed.raw["data"]["workers"] == 3 and "target_data" not in changed.raw
+    assert dataclasses.replace(changed, raw=stage1.raw) == stage1     # only the recipe changed
+    assert stage1.raw["data"]["workers"] == 0                 # the row itself is left as it was
+    two = dataclasses.replace(stage1, raw={**stage1.raw, "target_data": {"crop": [16, 32], "workers": 1}})
+    assert with_workers(two, 3).raw["target_data"] == {"crop": [16, 32], "workers": 3}
     assert configured_workers({"data": {"workers": 1}, "target_data": {"workers": 3}}) == 3
     assert configured_workers({"data": {"workers": 1}, "target_data": {"crop": [8, 8]}}) == 1
+
+    with contextlib.chdir(tmp_path):                          # the inputs a row's stage reads, named by stage
+        with pytest.raises(DataError, match=r"dvc repro scratch"):
+            require_inputs(params, training_row(params, "warmup"))
+        with pytest.raises(DataError, match=r"dvc repro selftrain@stage1"):
+            require_inputs(params, training_row(params, "kd1"))
+        with pytest.raises(DataError, match=r"dvc repro train@warmup"):
+            require_inputs(params, training_row(params, "stage1"))
+        (tmp_path / "data/models/stage1").mkdir(parents=True)
+        (tmp_path / "data/models/stage1/model.pt").write_bytes(b"")
+        with pytest.raises(DataError, match=r"dvc repro pseudo_label@hard_stage1"):
+            require_inputs(params, training_row(params, "kd1"))
+
+
+def test_pipeline_stages_are_classified_by_kind():
+    kinds = {"synthesize": "data", "prepare@synth_gta5": "data", "stylize@synth_gta5_lab": "stylize",
+             "translate@gta5_cyclegan": "stylize", "scratch": "weights", "weights@imagenet_r101": "weights",
+             "train@warmup": "train", "selftrain@stage1": "train", "cyclegan_train@gta5_cyclegan": "train",
+             "pseudo_label@soft_warmup": "pseudo-label", "ensemble@advent_minent": "ensemble",
+             "evaluate@warmup-synth_gta5": "evaluate", "summary": "evaluate", "warmup": "other"}
+    assert {stage: kind_of(stage) for stage in kinds} == kinds
 
 
 @pytest.fixture(scope="module")
 def loader_project(tmp_path_factory):
-    return prepare_gta_and_cityscapes(tmp_path_factory.mktemp("bench"))
+    project = prepare_gta_and_cityscapes(tmp_path_factory.mktemp("bench"))
+    ensure_scratch(project)          # the start of the row, as the `scratch` stage writes it
+    return project
 
 
-def run_bench(project, script, args: list[str], workers: int = 0, **warmup_keys) -> tuple[dict, str]:
-    """``script.main(args + --out)`` in ``project`` with a tiny warm-up section (``warmup_keys`` replaced):
-    (its JSON, what it printed)."""
-    warmup = tiny_params()["warmup"]
-    warmup.update(source="gta", **warmup_keys)
-    warmup["data"].update(batch_size=2, crop=[32, 64], workers=workers)
-    (project / "params.yaml").write_text(yaml.safe_dump({"warmup": warmup}))
+def no_outputs(project: Path) -> bool:
+    """Nothing trained: data/models holds only the start, no checkpoint, no curves."""
+    return (sorted(p.name for p in (project / "data/models").iterdir()) == ["scratch"]
+            and not (project / "data/checkpoints").exists() and not (project / "metrics").exists())
+
+
+def run_bench(project, script, args: list[str], workers: int = 0, method: str = "source_only",
+              target: str | None = None) -> tuple[dict, str]:
+    """``script.main(args + --out)`` in ``project`` with one tiny model row ``warmup`` (recipe ``method``
+    from scratch, the tiny source-only blocks): (its JSON, what it printed)."""
+    recipe = plain(tiny_params()["recipes"]["source_only"])
+    recipe["data"].update(batch_size=2, crop=[32, 64], workers=workers)
+    if method == "advent":
+        recipe["optim"]["discriminator"] = DISCRIMINATOR
+    (project / "params.yaml").write_text(yaml.safe_dump(one_row("warmup", method, recipe, source="gta",
+                                                                target=target)))
     out = project / f"{script.__name__.rpartition('.')[2]}.json"
     printed = io.StringIO()
     with contextlib.chdir(project), contextlib.redirect_stdout(printed):
@@ -72,7 +139,8 @@ def loader_result(loader_project) -> dict:
 
 def test_loader_throughput_measures_the_stage_streams(loader_result):
     r = loader_result
-    assert r["method"] == "advent" and r["stage"] == "warmup"
+    assert r["method"] == "advent" and r["row"] == "warmup" and r["stage"] == "train@warmup"
+    assert r["table"] == "models"
     assert r["streams"] == {"source": [2, 3, 32, 64], "target": [2, 3, 32, 64]}
     assert r["images_per_iter"] == 4
     assert [row["workers"] for row in r["loader"]] == [0, 1, 2]
@@ -80,8 +148,7 @@ def test_loader_throughput_measures_the_stage_streams(loader_result):
 
 
 def test_loader_throughput_stops_the_stage_before_training(loader_result, loader_project):
-    assert not (loader_project / "data/models").exists() and not (loader_project / "data/checkpoints").exists()
-    assert not (loader_project / "metrics").exists()
+    assert no_outputs(loader_project)
 
 
 def test_loader_throughput_ratios_are_loader_over_model(loader_result):
@@ -92,12 +159,18 @@ def test_loader_throughput_ratios_are_loader_over_model(loader_result):
         assert row["images_per_s"] > 0 and len(row["runs"]) == 2
         assert row["ratio"] == pytest.approx(row["images_per_s"] / model)
     assert r["ratio"] == next(row["ratio"] for row in r["loader"] if row["configured"])
+    table = bench_rows({"train_overhead": {"ratio": 1.0}, "eval_speed": {"ratio": 0.5, "images": 1, "agree": True},
+                        "precision": {"native_bf16": False, "train": {"ratio": 1.0}, "inference": {"ratio": 1.0}},
+                        "optimizer": {"ratio": 0.5, "max_abs_parameter_difference": 0.0},
+                        "loader_throughput": {"warmup": r}})
+    assert [row[2] for row in table if row[0] == "loader vs model: warmup"] == [row["ratio"] for row in r["loader"]]
 
 
 def test_precision_bench_compares_the_same_model_in_both_precisions(loader_project):
     project = loader_project
     r, printed = run_bench(project, precision_bench, ["--steps", "1", "--repeats", "2", "--images", "2"])
     assert "bf16/fp32" in printed
+    assert r["row"] == "warmup" and r["method"] == "source_only"
     assert r["train"]["images_per_iter"] == 2 and r["inference"]["images"] == 2
     assert r["inference"]["size"] == [12, 16]                        # the prepared images' size (tests.layouts)
     for side in ("train", "inference"):
@@ -107,7 +180,7 @@ def test_precision_bench_compares_the_same_model_in_both_precisions(loader_proje
         assert r[side]["ratio"] == pytest.approx(medians["bf16"] / medians["fp32"])
     assert 0.9 <= r["inference"]["argmax_agreement"] <= 1.0
     assert r["engine_precision"] == ("bf16" if r["native_bf16"] else "fp32")
-    assert not (project / "data/models").exists() and not (project / "metrics").exists()
+    assert no_outputs(project)
 
 
 def test_optimizer_bench_times_the_engine_update_against_the_per_tensor_loop(loader_project):
@@ -115,7 +188,7 @@ def test_optimizer_bench_times_the_engine_update_against_the_per_tensor_loop(loa
     r, printed = run_bench(project, optimizer_bench, ["--steps", "2", "--repeats", "2"],   # model + discriminator
                            method="advent", target="cs")
     assert "ratio fused/per-tensor" in printed
-    assert r["method"] == "advent" and len(r["optimizers"]) == 2 and r["tensors"] > 0
+    assert r["row"] == "warmup" and r["method"] == "advent" and len(r["optimizers"]) == 2 and r["tensors"] > 0
     assert set(r["runs"]) == {"fused", "per_tensor"} and all(len(v) == 2 and min(v) > 0 for v in r["runs"].values())
     assert r["ratio"] == pytest.approx(r["seconds_per_update"]["fused"] / r["seconds_per_update"]["per_tensor"])
     assert 0 < r["max_abs_parameter_difference"] <= 1e-5 or r["max_abs_parameter_difference"] == 0.0
@@ -123,7 +196,7 @@ def test_optimizer_bench_times_the_engine_update_against_the_per_tensor_loop(loa
                         "precision": {"native_bf16": False, "train": {"ratio": 1.0}, "inference": {"ratio": 1.0}},
                         "optimizer": r, "loader_throughput": {}})
     assert [row[2] for row in table if row[0] == "optimizer update"] == [r["ratio"]]
-    assert not (project / "data/models").exists() and not (project / "metrics").exists()
+    assert no_outputs(project)
 
 
 def test_gpu_bench_refuses_without_cuda_in_one_line(monkeypatch, capsys):
@@ -131,6 +204,23 @@ def test_gpu_bench_refuses_without_cuda_in_one_line(monkeypatch, capsys):
     assert gpu.main([]) == 2
     printed = capsys.readouterr()
     assert printed.out == "" and printed.err.strip().count("\n") == 0 and "no CUDA device" in printed.err
+
+
+def test_gpu_bench_builds_its_rows_from_the_presets():
+    source_only, advent = gpu.deeplabv2_steps(shrink=False)
+    assert (source_only.row.where, source_only.row.recipe, source_only.start) == (
+        "models.source_only", "source_only", "weights")
+    assert (advent.row.where, advent.row.recipe, advent.start) == ("models.advent", "advent", "weights")
+    assert source_only.row.raw == advent.row.raw                     # the base's recipe, trained source-only
+    assert not source_only.soft_labels and not advent.soft_labels
+    cpsl = gpu.cpsl_step(shrink=False)
+    assert (cpsl.row.where, cpsl.row.recipe, cpsl.row.pseudo, cpsl.start, cpsl.soft_labels) == (
+        "selftrained.stage1", "cpsl_stage1", "soft_warmup", "model", True)
+    recipe, method_params = gpu.parse_recipe(cpsl.row)                # the published sizes
+    assert (recipe.data.batch_size, recipe.data.crop, recipe.model.depth) == (4, (512, 896), 101)
+    assert method_params.queue_length == 65536
+    recipe, _ = gpu.parse_recipe(advent.row)
+    assert (recipe.data.crop, recipe.stream_data("target").crop) == ((720, 1280), (512, 1024))
 
 
 def test_gpu_bench_dry_run_exercises_every_measurement(tmp_path, capsys):
@@ -141,9 +231,13 @@ def test_gpu_bench_dry_run_exercises_every_measurement(tmp_path, capsys):
     assert r["dry_run"] and r["device"].startswith("CPU")
     entries = {e["name"]: e for e in [*r["deeplabv2"], r["cpsl"]]}
     assert entries["gta5_cityscapes_deeplabv2"]["streams"] == {"source": [1, 32, 64]}
+    assert entries["gta5_cityscapes_deeplabv2"]["method"] == "source_only"
     assert entries["gta5_cityscapes_advent"]["streams"] == {"source": [1, 32, 64], "target": [1, 32, 64]}
+    assert entries["gta5_cityscapes_advent"]["method"] == "advent"
+    assert entries["gta5_cityscapes_advent"]["row"] == "models.advent"
     assert entries["cpsl_stage1"]["streams"] == {"source": [4, 32, 64], "target": [4, 32, 64]}
     assert entries["cpsl_stage1"]["method"] == "cpsl_stage1" and "cpsl head" in entries["cpsl_stage1"]["model"]
+    assert entries["cpsl_stage1"]["row"] == "selftrained.stage1"
     for entry in entries.values():
         runs = entry["runs"]
         assert set(runs) == {"fp32", "bf16+channels_last"}

@@ -1,10 +1,14 @@
-"""BlindNet and its RobustNet baselines (blindnet.md): the instance-normalised DeepLabV3+, the two
-photometric views, covariance alignment, IW / IRW / ISW with its k-means selection, CWCL and SDCL,
-and both methods trained through the engine."""
+"""BlindNet (Ahn et al., CVPR 2024) and its RobustNet baselines (Choi et al., CVPR 2021): the
+instance-normalised DeepLabV3+, the two photometric views, covariance alignment, IW / IRW / ISW with
+its k-means selection, CWCL and SDCL, and both methods trained through the engine."""
 from __future__ import annotations
 
 import itertools
 import math
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,29 +17,52 @@ import pytest
 import scipy.ndimage
 import torch
 import torchvision
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lib.config import parse
+from lib.config import load_params, parse
 from lib.data.classes import IGNORE
-from lib.data.photometric import ORIGINAL_VIEW, STYLE_VIEW, PhotometricParams, gaussian_blur, photometric_view
+from lib.data.photometric import (
+    ORIGINAL_VIEW,
+    STYLE_VIEW,
+    PhotometricParams,
+    gaussian_blur,
+    photometric_view,
+)
 from lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from lib.models.artifact import STATE_FILE, load_checked
-from lib.train.loop import TrainParams, train
-from lib.train.optim import OptimizerParams, ScheduleParams
-from lib.train.stage import parse_stage
 from lib.errors import ConfigError
-from lib.losses.contrastive import (DisentangleAnchors, class_wise_anchors, class_wise_nce, disentangle_anchors,
-                                    disentangle_nce, vulnerable_pixels)
-from lib.losses.covariance import (covariance, covariance_matching_loss, cross_covariance_loss, kmeans_1d,
-                                   relaxed_margin, sensitive_mask, strict_upper, view_variance, whitening_loss)
+from lib.losses.contrastive import (
+    DisentangleAnchors,
+    class_wise_anchors,
+    class_wise_nce,
+    disentangle_anchors,
+    disentangle_nce,
+    vulnerable_pixels,
+)
+from lib.losses.covariance import (
+    covariance,
+    covariance_matching_loss,
+    cross_covariance_loss,
+    kmeans_1d,
+    relaxed_margin,
+    sensitive_mask,
+    strict_upper,
+    view_variance,
+    whitening_loss,
+)
 from lib.methods.blindnet import BlindNet, BlindNetParams
 from lib.methods.robustnet import RobustNet, RobustNetParams, StyleSelection
 from lib.models import ModelParams, build_model
 from lib.models.backbone import INSTANCE_NORM_FEATURES, residual_sum
+from lib.models.files import load_checked
 from lib.models.projection import ProjectionHead
+from lib.models.weights import WeightsParams, import_weights, initialise, load_imported
+from lib.table import find_training_row
+from lib.train.checkpoint import STATE_FILE
+from lib.train.loop import TrainParams, train
+from lib.train.optim import OptimizerParams, ScheduleParams
+from lib.train.stage import parse_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 C = 5
@@ -43,8 +70,7 @@ NORMALIZE = (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def v3(**kw) -> ModelParams:
-    return ModelParams(**{"arch": "deeplabv3plus", "depth": 18, "weights": "none", "bn": "batch",
-                          "instance_norm": "in", **kw})
+    return ModelParams(**{"arch": "deeplabv3plus", "depth": 18, "bn": "batch", "instance_norm": "in", **kw})
 
 
 def instance_normed(b: int, c: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
@@ -98,7 +124,7 @@ def test_residual_sum_is_the_block_before_its_final_relu(block):
 
 
 def test_default_model_has_no_instance_norm():
-    plain = build_model(ModelParams(arch="deeplabv3plus", depth=18, weights="none"), C)
+    plain = build_model(ModelParams(arch="deeplabv3plus", depth=18), C)
     assert not any(isinstance(m, nn.InstanceNorm2d) for m in plain.modules())
     assert not any(k.startswith("backbone.instance_norms") for k in plain.state_dict())
     with torch.no_grad():
@@ -125,7 +151,11 @@ def test_imagenet_file_loads_into_an_instance_norm_backbone(tmp_path, mode):
     state = torchvision.models.resnet18(weights=None).state_dict()
     state["bn1.weight"] = torch.rand(64) + 0.5
     torch.save(state, path)
-    loaded = build_model(v3(weights=str(path), instance_norm=mode), C).backbone.state_dict()
+    import_weights("r18", WeightsParams(format="torchvision", file=str(path)), tmp_path / "r18")
+    imported, meta = load_imported(tmp_path / "r18")
+    model = build_model(v3(instance_norm=mode), C)
+    initialise(model, tmp_path / "r18", imported, meta)
+    loaded = model.backbone.state_dict()
     for key, value in loaded.items():
         if key.startswith("instance_norms."):
             assert torch.equal(value, torch.ones_like(value) if key.endswith("weight") else torch.zeros_like(value))
@@ -142,7 +172,7 @@ def test_imagenet_file_loads_into_an_instance_norm_backbone(tmp_path, mode):
 ])
 def test_instance_norm_params_errors(value, match):
     with pytest.raises(ConfigError, match=match) as err:
-        parse(ModelParams, {"weights": "none", **value}, "model")
+        parse(ModelParams, value, "model")
     assert "\n" not in str(err.value)
 
 
@@ -648,11 +678,27 @@ def test_resume_equals_uninterrupted(tmp_path, factory):
             assert torch.equal(value, resumed[module][key]), (module, key)
 
 
-def test_params_yaml_sections_parse():
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for method, cls in (("blindnet", BlindNetParams), ("robustnet", RobustNetParams)):
-        raw = dict(params["warmup"], method=method)
-        _, parsed = parse_stage(raw, "warmup")
-        assert isinstance(parsed, cls)
-    _, blind = parse_stage(dict(params["warmup"], method="blindnet"), "warmup")
+def blindnet_preset_params(tmp_path: Path) -> dict:
+    """params.yaml with presets/synthetic_blindnet.yaml applied (in a copy)."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    subprocess.run([sys.executable, "-m", "lib.preset", str(ROOT / "presets/synthetic_blindnet.yaml"),
+                    "--params", str(tmp_path / "params.yaml")], cwd=tmp_path, check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return load_params(tmp_path / "params.yaml")
+
+
+def test_params_yaml_sections_parse(tmp_path):
+    params = blindnet_preset_params(tmp_path)
+    recipe, blind = parse_recipe(find_training_row(params, "blindnet"))
     assert blind == BlindNetParams()          # the paper's values throughout
+    assert recipe.model.arch == "deeplabv3plus" and recipe.model.instance_norm == "in"
+    # the same recipe under either method's name parses that method's params (RobustNet: its defaults)
+    for method, cls in (("blindnet", BlindNetParams), ("robustnet", RobustNetParams)):
+        table = {**params, "recipes": {**params["recipes"], method: params["recipes"]["blindnet"]},
+                 "models": {"row": {"recipe": method, "from": "scratch"}}, "selftrained": {}}
+        _, parsed = parse_recipe(find_training_row(table, "row"))
+        assert isinstance(parsed, cls)
+    # the control: the same network without instance normalisation, plain cross-entropy
+    control, plain = parse_recipe(find_training_row(params, "source_only"))
+    assert control.model.arch == "deeplabv3plus" and control.model.instance_norm == "none"
+    assert plain.aux_weight == 0.4

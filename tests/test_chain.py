@@ -1,4 +1,5 @@
-"""End to end: the self-training chain (CPSL by default, BAFFT as a preset) under real DVC, tiny params."""
+"""End to end: the self-training chain (CPSL by default, BAFFT as a preset) under real DVC, tiny params,
+and what a change re-runs: exactly the rows that grow from it."""
 from __future__ import annotations
 
 import json
@@ -6,12 +7,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
+from ruamel.yaml import YAML
 
 from lib.preset import main as apply_preset
-from tests.test_pipeline import ROOT, make_project, sh, tiny_params
+from tests.test_pipeline import ROOT, edit_params, make_project, restore, sh, tiny_params
 
-CHAIN = ("warmup", "selftrain", "distill_1", "distill_2")
+CHAIN = ("warmup", "stage1", "kd1", "kd2")
 
 
 @pytest.fixture(scope="module")
@@ -25,83 +26,111 @@ def chain(tmp_path_factory):
     return project
 
 
+def ran(out: str) -> set[str]:
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
+
+
 def test_default_params_run_the_cpsl_chain_and_evaluate_every_stage(chain):
     methods = {m: json.loads((chain / "data/models" / m / "meta.json").read_text())["method"] for m in CHAIN}
-    assert methods == {"warmup": "source_only", "selftrain": "cpsl_stage1",
-                       "distill_1": "cpsl_kd", "distill_2": "cpsl_kd"}
+    assert methods == {"warmup": "source_only", "stage1": "cpsl_stage1", "kd1": "cpsl_kd", "kd2": "cpsl_kd"}
     for model in CHAIN:
-        result = json.loads((chain / "metrics" / model / "synth_cityscapes.json").read_text())
+        result = json.loads((chain / "metrics/eval" / model / "synth_cityscapes.json").read_text())
         assert result["images"] == 2 and 0 <= result["mIoU"] <= 100
-    shown = sh(chain, "dvc", "metrics", "show")
-    assert all(f"metrics/{m}/synth_cityscapes.json" in shown for m in CHAIN)
+    summary = json.loads((chain / "metrics/summary.json").read_text())
+    assert list(summary) == list(CHAIN)
+    assert "kd2.synth_cityscapes.mIoU" in sh(chain, "dvc", "metrics", "show")
 
 
-def test_pseudo_label_artifacts_of_the_chain(chain):
+def test_pseudo_label_sets_of_the_chain(chain):
     soft = chain / "data/pseudo/soft_warmup"
     meta = json.loads((soft / "meta.json").read_text())
     assert meta["form"] == "soft" and meta["dataset"] == "synth_cityscapes"
     prototypes, prior = np.load(soft / "prototypes.npy"), np.load(soft / "prior.npy")
     assert prototypes.shape == (19, 512) and prior.shape == (19,)   # ASPP model: layer4 of a ResNet-18
     assert prior.sum() == pytest.approx(1.0, abs=1e-5)
-    for name in ("hard_selftrain", "hard_distill_1"):
+    for name, labeller in (("hard_stage1", "stage1"), ("hard_kd1", "kd1")):
         hard = json.loads((chain / "data/pseudo" / name / "meta.json").read_text())
-        assert hard["form"] == "hard_threshold"
+        assert hard["form"] == "hard_threshold" and hard["model"] == labeller
         kept = pd.read_csv(chain / "metrics/pseudo" / name / "classes.csv")
         assert len(kept) == 19
+        # the labeller travels with its labels: the teacher the next round distils
+        copy = chain / "data/pseudo" / name / "labeller/model.pt"
+        assert copy.read_bytes() == (chain / "data/models" / labeller / "model.pt").read_bytes()
 
 
 def test_chain_stages_log_their_own_losses(chain):
-    curves = chain / "metrics/selftrain/train/plots/metrics/train/loss"
+    curves = chain / "metrics/train/stage1/plots/metrics/train/loss"
     assert {p.stem for p in curves.glob("*.tsv")} >= {"src", "sce", "cons", "sl"}
-    kd = pd.read_csv(chain / "metrics/distill_1/train/plots/metrics/train/loss/kd.tsv", sep="\t")
-    assert (kd["kd"] < 0).all()          # the released KD form is negative (cpsl.md §7)
+    kd = pd.read_csv(chain / "metrics/train/kd1/plots/metrics/train/loss/kd.tsv", sep="\t")
+    assert (kd["kd"] < 0).all()          # the released KD form is negative (CPSL's released code)
 
 
-def test_distill_params_rerun_only_the_distillation_rounds(chain):
-    out = sh(chain, "dvc", "exp", "run", "-S", "distill.cpsl_kd.kd_form=kl")
-    for stage in ("distill@1", "distill@2", "pseudo_label@hard_distill_1",
-                  "evaluate@distill_1-synth_cityscapes", "evaluate@distill_2-synth_cityscapes"):
-        assert f"Running stage '{stage}'" in out, stage
-    for stage in ("warmup", "selftrain@selftrain", "pseudo_label@soft_warmup", "pseudo_label@hard_selftrain",
-                  "evaluate@warmup-synth_cityscapes", "evaluate@selftrain-synth_cityscapes"):
-        assert f"Running stage '{stage}'" not in out, stage
-    kd = pd.read_csv(chain / "metrics/distill_1/train/plots/metrics/train/loss/kd.tsv", sep="\t")
-    assert (kd["kd"] >= 0).all()         # the true KL is not
-    sh(chain, "git", "checkout", "params.yaml", "dvc.lock")
-    sh(chain, "dvc", "checkout", "-f")
+def test_an_edit_to_a_method_the_chain_does_not_use_changes_no_stage(chain):
+    """Its recipe's params and its file: the default chain has nothing to re-run."""
+    def add_recipe(params):
+        params["recipes"]["blindnet"] = {"model": {"arch": "deeplabv3plus", "depth": 18}, "data": {"batch_size": 2},
+                                         "optim": {"model": {"type": "adamw", "lr": 0.001}}, "train": {"iters": 2}}
+    edit_params(chain, add_recipe)
+    method = chain / "lib/methods/blindnet.py"
+    method.write_text(method.read_text() + "\n# an edit\n")
+    try:
+        assert "Data and pipelines are up to date" in sh(chain, "dvc", "status")
+    finally:
+        sh(chain, "git", "checkout", "lib/methods/blindnet.py")
+        restore(chain)
 
 
-def test_an_iteration_matched_control_is_one_more_run(chain):
-    out = sh(chain, "dvc", "exp", "run",
-             "-S", "+selftrain.runs.control={init: warmup, pseudo: soft_warmup, method: advent, "
-                   "advent: {adv_main: 0.0, adv_aux: 0.0}}",
-             "-S", "evaluate.models=[warmup, selftrain, distill_1, distill_2, control]")
-    assert "Running stage 'selftrain@control'" in out
-    assert "Running stage 'selftrain@selftrain'" not in out and "Running stage 'warmup'" not in out
-    meta = json.loads((chain / "data/models/control/meta.json").read_text())
-    assert meta["method"] == "advent" and meta["params"]["train"]["iters"] == 4
-    assert (chain / "metrics/control/synth_cityscapes.json").is_file()
-    sh(chain, "git", "checkout", "params.yaml", "dvc.lock")
-    sh(chain, "dvc", "checkout", "-f")
+def test_an_edit_to_a_method_the_chain_uses_reruns_exactly_its_rows_and_what_grows_from_them(chain):
+    method = chain / "lib/methods/cpsl_kd.py"
+    method.write_text(method.read_text() + "\n# an edit\n")
+    try:
+        status = sh(chain, "dvc", "status")
+        changed = {line.rstrip(":") for line in status.splitlines() if line and not line.startswith("\t")}
+        assert changed == {"selftrain@kd1", "selftrain@kd2"}
+        out = sh(chain, "dvc", "repro")
+        assert ran(out) == {"selftrain@kd1", "pseudo_label@hard_kd1", "selftrain@kd2", "evaluate@kd1-synth_cityscapes",
+                            "evaluate@kd2-synth_cityscapes", "summary"}
+    finally:
+        sh(chain, "git", "checkout", "lib/methods/cpsl_kd.py")
+        restore(chain)
+
+
+def test_recipe_params_rerun_only_the_rows_of_that_recipe(chain):
+    out = sh(chain, "dvc", "exp", "run", "-S", "+recipes.cpsl_kd.method={kd_form: kl}")
+    assert ran(out) == {"selftrain@kd1", "pseudo_label@hard_kd1", "selftrain@kd2", "evaluate@kd1-synth_cityscapes",
+                        "evaluate@kd2-synth_cityscapes", "summary"}
+    kd = pd.read_csv(chain / "metrics/train/kd1/plots/metrics/train/loss/kd.tsv", sep="\t")
+    assert (kd["kd"] >= 0).all()         # the true KL is not negative
+    restore(chain)
+
+
+def test_an_iteration_matched_control_is_one_more_row(chain):
+    out = sh(chain, "dvc", "exp", "run", "-S",
+             "+selftrained.ctl_kd1={recipe: cpsl_stage1, from: stage1, pseudo: soft_warmup}")
+    assert ran(out) == {"selftrain@ctl_kd1", "evaluate@ctl_kd1-synth_cityscapes", "summary"}
+    meta = json.loads((chain / "data/models/ctl_kd1/meta.json").read_text())
+    assert meta["method"] == "cpsl_stage1" and meta["from"] == "stage1" and meta["params"]["train"]["iters"] == 4
+    assert "ctl_kd1" in json.loads((chain / "metrics/summary.json").read_text())
+    restore(chain)
 
 
 def test_bafft_preset_runs_step1_class_median_labels_and_step2(chain):
-    tiny_iters = yaml.safe_load((chain / "params.yaml").read_text())["warmup"]["train"]["iters"]
     apply_preset([str(ROOT / "presets/synthetic_bafft.yaml"), "--params", str(chain / "params.yaml")])
-    params = yaml.safe_load((chain / "params.yaml").read_text())
-    assert params["selftrain"]["method"] == "bafft_step2" and params["distill"]["rounds"] == {}
-    assert params["warmup"]["train"]["iters"] == 1000      # the preset's step-1 budget; the test keeps its tiny one
-    params["warmup"]["train"]["iters"] = tiny_iters
-    (chain / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    yaml_rt = YAML()
+    params = yaml_rt.load((chain / "params.yaml").read_text())
+    assert params["recipes"]["bafft_step1"]["train"]["iters"] == 6    # a copy of the (tiny) source-only recipe
+    assert set(params["selftrained"]) == {"step2"} and set(params["pseudo_labels"]) == {"median_step1"}
+    del params["models"]["step1_more"], params["models"]["step1_source_only"]   # the controls: another test's job
+    params["pseudo_labels"]["median_step1"]["options"].update(batch_size=2, workers=0)
+    edit_params(chain, lambda doc: doc.update(params))
     out = sh(chain, "dvc", "exp", "run")
-    for stage in ("warmup", "pseudo_label@median_warmup", "selftrain@selftrain"):
-        assert f"Running stage '{stage}'" in out, stage
-    assert "distill@" not in out
-    median = json.loads((chain / "data/pseudo/median_warmup/meta.json").read_text())
+    assert {"train@step1", "pseudo_label@median_step1", "selftrain@step2"} <= ran(out)
+    assert not any(stage.startswith(("selftrain@kd", "train@warmup")) for stage in ran(out))
+    median = json.loads((chain / "data/pseudo/median_step1/meta.json").read_text())
     assert median["form"] == "class_median"
     assert all(t <= 0.9 for t in median["thresholds"])
-    assert json.loads((chain / "data/models/selftrain/meta.json").read_text())["method"] == "bafft_step2"
-    curves = chain / "metrics/selftrain/train/plots/metrics/train/loss"
+    assert json.loads((chain / "data/models/step2/meta.json").read_text())["method"] == "bafft_step2"
+    curves = chain / "metrics/train/step2/plots/metrics/train/loss"
     assert (curves / "seg_target.tsv").is_file()
-    sh(chain, "git", "checkout", "params.yaml", "dvc.lock")
-    sh(chain, "dvc", "checkout", "-f")
+    assert set(json.loads((chain / "metrics/summary.json").read_text())) == {"step1", "step2"}
+    restore(chain)

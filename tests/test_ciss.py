@@ -1,5 +1,6 @@
-"""CISS (ciss.md): the invariance loss, the DACS machinery (EMA schedule, confidence weight, ClassMix,
-mixed-image augmentation, feature distance), paired stylized loading, and training through the engine."""
+"""CISS (Sakaridis et al., "Condition-Invariant Semantic Segmentation", 2023): the invariance loss,
+the DACS machinery (EMA schedule, confidence weight, ClassMix, mixed-image augmentation, feature
+distance), paired stylized loading, and training through the engine (rows of the model table)."""
 from __future__ import annotations
 
 import functools
@@ -17,14 +18,26 @@ from hypothesis import strategies as st
 
 from lib.config import parse
 from lib.data.classes import IGNORE
-from lib.data.classmix import (Augmentation, augment, blur_kernel_size, choose_classes, class_masks,
-                               draw_augmentation, mix)
+from lib.data.classmix import (
+    Augmentation,
+    augment,
+    blur_kernel_size,
+    choose_classes,
+    class_masks,
+    draw_augmentation,
+    mix,
+)
 from lib.data.dataset import PreparedDataset
 from lib.data.paired import STYLIZED, StylizedPairs, stylize
 from lib.data.sampling import Draw, uniform_stream
-from lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Compose, HorizontalFlip, Normalize, RandomCrop
-from lib.models.ema import warmup_momentum
-from lib.train.stage import run_training_stage
+from lib.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Compose,
+    HorizontalFlip,
+    Normalize,
+    RandomCrop,
+)
 from lib.errors import ConfigError
 from lib.io import read_rgb
 from lib.losses.feature_distance import downscale_label, feature_distance, thing_cells
@@ -33,8 +46,13 @@ from lib.losses.segmentation import weighted_cross_entropy
 from lib.methods.base import method_class
 from lib.methods.ciss import Ciss, CissParams, pseudo_weight
 from lib.models import ModelParams, build_model
+from lib.models.ema import warmup_momentum
+from lib.models.weights import WeightsParams, import_weights
 from lib.stylize.transfer import Transfer
+from lib.table import find_training_row
+from lib.train.stage import CURVES_ROOT, build_training_stage
 from tests import layouts as L
+from tests.tables import ensure_scratch, one_row, train
 
 C = 19
 CROP = (32, 64)
@@ -200,9 +218,9 @@ def test_feature_distance_is_the_mean_channel_norm_over_kept_cells():
 
 
 # ---------------------------------------------------------------- the method on a small DeepLabV2
-def build(raw: dict | None = None, weights: str = "none", seed: int = 0) -> Ciss:
+def build(raw: dict | None = None, seed: int = 0) -> Ciss:
     torch.manual_seed(seed)
-    model = build_model(ModelParams(arch="deeplabv2", depth=18, weights=weights, bn="batch", aux=True), C)
+    model = build_model(ModelParams(arch="deeplabv2", depth=18, bn="batch", aux=True), C)
     return Ciss(model, parse(CissParams, raw or {}, "ciss"), C, NORMALIZE)
 
 
@@ -268,12 +286,13 @@ def test_dacs_control_has_no_invariance_term_and_no_stylized_streams():
     for stream in ("source", "target"):
         del batch[stream][STYLIZED]
     assert set(step(method, batch)) == {"seg", "seg_mix", "pseudo_weight"}
-    assert build({"stylization": "reinhard"}).stream_stylization() == Transfer("reinhard")
-    assert build({"stylization": "fda", "fda_beta": 0.05}).stream_stylization() == Transfer("fda", 0.05)
+    assert build({"stylization": "reinhard", "fd_weight": 0.0}).stream_stylization() == Transfer("reinhard")
+    fda = build({"stylization": "fda", "fda_beta": 0.05, "fd_weight": 0.0})
+    assert fda.stream_stylization() == Transfer("fda", 0.05)
 
 
 def test_teacher_follows_the_dacs_schedule_and_ignores_its_dropout():
-    method = build()
+    method = build({"fd_weight": 0.0})
     start = {n: p.detach().clone() for n, p in method.model.named_parameters()}
     with torch.no_grad():
         for p in method.model.parameters():
@@ -281,7 +300,7 @@ def test_teacher_follows_the_dacs_schedule_and_ignores_its_dropout():
     method.after_step(0)                                    # alpha_1 = 1/2: the mean of both students
     for name, p in method.teacher.named_parameters():
         assert torch.allclose(p, start[name] + 0.5), name
-    cpsl = build_model(ModelParams(arch="deeplabv2", depth=18, weights="none", bn="batch", aux=False, head="cpsl",
+    cpsl = build_model(ModelParams(arch="deeplabv2", depth=18, bn="batch", aux=False, head="cpsl",
                                    head_width=32), C)
     method = Ciss(cpsl, CissParams(fd_weight=0.0), C, NORMALIZE)
     method.teacher.train()
@@ -291,34 +310,6 @@ def test_teacher_follows_the_dacs_schedule_and_ignores_its_dropout():
     torch.manual_seed(2)
     assert torch.equal(first, method._teacher_softmax(x))   # Dropout2d of the CPSL head is off
     assert method.teacher.training                          # BatchNorm keeps batch statistics
-
-
-def test_feature_distance_is_off_without_imagenet_weights(capsys):
-    method = build()
-    assert method.imagenet is None and "ImageNet feature distance off" in capsys.readouterr().out
-    build({"fd_weight": 0.0})
-    assert capsys.readouterr().out == ""
-
-
-def test_feature_distance_with_imagenet_weights_on_both_source_views(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
-    (tmp_path / "checkpoints").mkdir()
-    torch.manual_seed(3)
-    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "checkpoints" / url.rsplit("/", 1)[-1])
-    method = build(weights="imagenet")
-    assert set(method.frozen_modules()) == {"imagenet"}
-    reference = {n: p.clone() for n, p in method.imagenet.named_parameters()}
-    method.imagenet.eval()
-    batch = constant_batch()
-    batch["source"]["label"][:] = 13                          # car everywhere: every cell is a thing
-    losses = step(method, batch)
-    assert losses["fd"] > 0 and losses["fd_stylized"] > 0
-    assert all(p.grad is None for p in method.imagenet.parameters())
-    assert all(torch.equal(p, reference[n]) for n, p in method.imagenet.named_parameters())
-    batch["source"]["label"][:] = 0                           # road: no thing cell, no distance
-    losses = step(method, batch)
-    assert losses["fd"] == 0.0 and losses["fd_stylized"] == 0.0
 
 
 @pytest.mark.parametrize("raw, message", [
@@ -401,37 +392,85 @@ def test_fda_copy_is_not_clipped_and_beta_zero_is_the_image(project, monkeypatch
 
 
 # ---------------------------------------------------------------- through the engine
-def stage_params(**ciss) -> dict:
-    return {
-        "method": "ciss", "ciss": {"fd_weight": 0.005, **ciss}, "source": "gta", "target": "cs",
-        "model": {"arch": "deeplabv2", "depth": 18, "weights": "none", "bn": "batch", "aux": True},
-        "data": {"batch_size": 2, "crop": [8, 16], "sampling": "rare_class", "rcs_min_pixels": 2, "workers": 0},
-        "target_data": {"sampling": "uniform"},
-        "optim": {"model": {"type": "adamw", "lr": 6e-5, "weight_decay": 0.01, "head_lr_mult": 10.0}},
-        "schedule": {"power": 1.0, "warmup_iters": 2},
-        "train": {"iters": 3, "checkpoint_every": 3, "log_every": 1, "precision": "fp32"},
-    }
+RECIPE = {
+    "method": {"fd_weight": 0.005},
+    "model": {"arch": "deeplabv2", "depth": 18, "bn": "batch", "aux": True},
+    "data": {"batch_size": 2, "crop": [8, 16], "sampling": "rare_class", "rcs_min_pixels": 2, "workers": 0},
+    "target_data": {"sampling": "uniform"},
+    "optim": {"model": {"type": "adamw", "lr": 6e-5, "weight_decay": 0.01, "head_lr_mult": 10.0}},
+    "schedule": {"power": 1.0, "warmup_iters": 2},
+    "train": {"iters": 3, "checkpoint_every": 3, "log_every": 1, "precision": "fp32"},
+}
+DACS = {"method": {"source_weight": 0.0, "target_weight": 0.0, "fd_weight": 0.0}}   # the control: no invariance
 
 
-def logged(stage: str) -> set[str]:
-    return {p.stem for p in Path(f"metrics/{stage}/train/plots/metrics/train/loss").glob("*.tsv")}
+def table(**rows) -> dict:
+    """The model table of these tests: ``ciss_run`` (from scratch) and the rows given."""
+    return one_row("ciss_run", "ciss", RECIPE, "gta", "cs", models=rows)
+
+
+def logged(name: str) -> set[str]:
+    return {p.stem for p in (CURVES_ROOT / name / "plots/metrics/train/loss").glob("*.tsv")}
 
 
 def test_ciss_and_its_dacs_control_train_through_the_engine(project, monkeypatch, capsys):
     monkeypatch.chdir(project)
-    out = run_training_stage("ciss_run", stage_params())
+    params = table(dacs_run={"recipe": "ciss", "from": "scratch", "overrides": DACS},
+                   bad={"recipe": "ciss", "from": "scratch", "overrides": {"target_data": {"batch_size": 1}}})
+    out = train(params, "ciss_run")
     assert "ImageNet feature distance off" in capsys.readouterr().out
     meta = json.loads((out / "meta.json").read_text())
-    assert meta["method"] == "ciss" and (out / "model.pt").is_file()
+    assert meta["method"] == "ciss" and meta["stage"] == "train@ciss_run" and meta["from"] == "scratch"
+    assert (out / "model.pt").is_file()
     assert logged("ciss_run") == {"seg", "inv_source", "seg_mix", "inv_target", "pseudo_weight"}
-    table = pd.read_csv("metrics/ciss_run/train/plots/metrics/train/loss/inv_target.tsv", sep="\t")
-    assert len(table) == 3 and np.isfinite(table.iloc[:, -1]).all() and (table.iloc[:, -1] > 0).all()
+    curve = pd.read_csv(CURVES_ROOT / "ciss_run/plots/metrics/train/loss/inv_target.tsv", sep="\t")
+    assert len(curve) == 3 and np.isfinite(curve.iloc[:, -1]).all() and (curve.iloc[:, -1] > 0).all()
 
-    run_training_stage("dacs_run", stage_params(source_weight=0.0, target_weight=0.0, fd_weight=0.0))
+    train(params, "dacs_run")
     assert logged("dacs_run") == {"seg", "seg_mix", "pseudo_weight"}
-    seg = {s: pd.read_csv(f"metrics/{s}/train/plots/metrics/train/loss/seg.tsv", sep="\t").iloc[0, -1]
+    seg = {s: pd.read_csv(CURVES_ROOT / s / "plots/metrics/train/loss/seg.tsv", sep="\t").iloc[0, -1]
            for s in ("ciss_run", "dacs_run")}
     assert seg["ciss_run"] == pytest.approx(seg["dacs_run"])    # same first batch and init: streams agree
 
     with pytest.raises(ConfigError, match="batch_size must equal"):
-        run_training_stage("bad", dict(stage_params(), target_data={"batch_size": 1}))
+        train(params, "bad")
+
+
+# The ImageNet feature distance: on when the row starts from ImageNet weights (a `weights` entry,
+# laid on the backbone before the method copies the model), off otherwise.
+def test_feature_distance_is_off_without_imagenet_weights(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    ensure_scratch()
+    method = build_training_stage(find_training_row(table(), "ciss_run")).method
+    assert method.imagenet is None and method.frozen_modules() == {}
+    assert "ImageNet feature distance off" in capsys.readouterr().out
+    quiet = table(quiet={"recipe": "ciss", "from": "scratch", "overrides": {"method": {"fd_weight": 0.0}}})
+    assert build_training_stage(find_training_row(quiet, "quiet")).method.imagenet is None
+    assert "ImageNet feature distance off" not in capsys.readouterr().out
+
+
+def test_feature_distance_with_imagenet_weights_on_both_source_views(project, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(project)
+    torch.manual_seed(3)
+    published = torchvision.models.resnet18().state_dict()       # stands in for the ImageNet file
+    torch.save(published, tmp_path / "resnet18.pth")
+    entry = {"format": "torchvision", "file": str(tmp_path / "resnet18.pth")}
+    import_weights("imagenet", parse(WeightsParams, entry, "weights.imagenet"), Path("data/models/imagenet"))
+    params = table(fd={"recipe": "ciss", "from": "imagenet"})
+    params["weights"] = {"imagenet": entry}
+    method = build_training_stage(find_training_row(params, "fd")).method
+    assert "ImageNet feature distance off" not in capsys.readouterr().out
+    assert set(method.frozen_modules()) == {"imagenet"}
+    frozen = method.imagenet.backbone.state_dict()                # the copy holds the imported weights
+    assert all(torch.equal(frozen[k], v) for k, v in published.items() if not k.startswith("fc."))
+    reference = {n: p.clone() for n, p in method.imagenet.named_parameters()}
+    method.imagenet.eval()
+    batch = constant_batch()
+    batch["source"]["label"][:] = 13                          # car everywhere: every cell is a thing
+    losses = step(method, batch)
+    assert losses["fd"] > 0 and losses["fd_stylized"] > 0
+    assert all(p.grad is None for p in method.imagenet.parameters())
+    assert all(torch.equal(p, reference[n]) for n, p in method.imagenet.named_parameters())
+    batch["source"]["label"][:] = 0                           # road: no thing cell, no distance
+    losses = step(method, batch)
+    assert losses["fd"] == 0.0 and losses["fd_stylized"] == 0.0

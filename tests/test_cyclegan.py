@@ -1,10 +1,15 @@
-"""CycleGAN (bafft.md §9): networks, image pool, the training step's losses and gradient isolation,
+"""CycleGAN (Zhu et al., ICCV 2017): networks, image pool, the training step's losses and gradient isolation,
 the schedule of the default params, exact resume, and the translate stage on a tiny prepared dataset."""
 from __future__ import annotations
 
 import copy
 import itertools
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,20 +20,42 @@ from torch import nn
 from lib.config import load_params, parse
 from lib.data.dataset import PreparedDataset
 from lib.data.prepared import load_index
-from lib.models.artifact import STATE_FILE
-from lib.train.loop import TrainParams, train
-from lib.methods.base import ParamGroup
-from lib.train.optim import OptimizerParams, ScheduleParams, build_optimizer, build_scheduler
 from lib.errors import ConfigError, DataError
 from lib.io import read_rgb
 from lib.losses.adversarial import frozen
-from lib.models.cyclegan import (INIT_STD, CycleGANModelParams, PatchDiscriminator, ResnetGenerator,
-                                 build_generator)
+from lib.methods.base import ParamGroup
+from lib.models.cyclegan import (
+    INIT_STD,
+    CycleGANModelParams,
+    PatchDiscriminator,
+    ResnetGenerator,
+    build_generator,
+)
 from lib.models.output import SegOutput
-from lib.stylize.cyclegan import (CycleGAN, CycleGANParams, FrozenSegmenter, ImagePool, SemanticParams, _in_mse,
-                                  appearance_gap, appearance_stats,
-                                  apply_full, load_generator, parse_params, run_cyclegan_training, translate)
+from lib.stylize.cyclegan import (
+    CycleGAN,
+    CycleGANParams,
+    FrozenSegmenter,
+    ImagePool,
+    SemanticParams,
+    _in_mse,
+    appearance_gap,
+    appearance_stats,
+    parse_params,
+    run_cyclegan_training,
+)
+from lib.stylize.translate import apply_full, load_generator, translate
+from lib.train.checkpoint import STATE_FILE
+from lib.train.loop import TrainParams, train
+from lib.train.optim import (
+    OptimizerParams,
+    ScheduleParams,
+    build_optimizer,
+    build_scheduler,
+)
 from tests.test_dataset import write_prepared
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = CycleGANModelParams(ngf=4, ndf=4, n_blocks=1)
 ADAM = OptimizerParams(type="adam", lr=2e-4, betas=(0.5, 0.999), weight_decay=0.0, head_lr_mult=1.0)
@@ -324,9 +351,16 @@ def test_semantic_params_validation():
 
 # --- the default params --------------------------------------------------------------------
 
-def test_default_params_parse_and_schedule_is_constant_then_linear():
-    params = parse_params(load_params()["cyclegan"])
-    assert params.outputs == ()                          # off in the default pipeline
+def test_default_params_parse_and_schedule_is_constant_then_linear(tmp_path):
+    """CycleGAN is off in the default pipeline; presets/synthetic_cyclegan.yaml turns it on with the
+    reference losses and optimizers (Zhu et al. ICCV 2017) and a constant-then-linear schedule."""
+    assert load_params(ROOT / "params.yaml")["cyclegan"]["outputs"] == []
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    subprocess.run([sys.executable, "-m", "lib.preset", str(ROOT / "presets/synthetic_cyclegan.yaml"),
+                    "--params", str(tmp_path / "params.yaml")], cwd=tmp_path, check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    params = parse_params(load_params(tmp_path / "params.yaml")["cyclegan"])
+    assert params.outputs == ("synth_gta5_cyclegan",)
     assert params.cyclegan.lambda_cycle == 10 and params.cyclegan.lambda_identity == 0.5
     assert params.cyclegan.pool_size == 50 and params.cyclegan.semantic is None
     for opt in params.optim.values():

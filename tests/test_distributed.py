@@ -26,15 +26,19 @@ import yaml
 from torch import nn
 
 from lib.config import parse
-from lib.train import distributed
-from lib.models.artifact import STATE_FILE, load_checked
-from lib.train.loop import TrainParams, train
-from lib.train.optim import OptimizerParams, ScheduleParams
-from lib.train.stage import DataParams, across_world_sizes, run_training_stage, training_stream
+from lib.data.streams import DataParams, training_stream
 from lib.errors import ConfigError
 from lib.methods.base import Method
+from lib.models.files import load_checked
 from lib.models.output import SegOutput
+from lib.table import find_training_row
+from lib.train import distributed
+from lib.train.checkpoint import STATE_FILE, across_world_sizes
+from lib.train.loop import TrainParams, train
+from lib.train.optim import OptimizerParams, ScheduleParams
+from lib.train.stage import run_training_stage
 from tests.layouts import prepare_gta_and_cityscapes
+from tests.tables import ensure_scratch, one_row
 
 ROOT = Path(__file__).resolve().parents[1]
 ITERS, BATCH = 4, 2          # per process; the single-process reference uses 2 * BATCH
@@ -218,7 +222,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(two_processes, one_proc
 def test_sync_bn_converts_the_batchnorm_layers_that_use_batch_statistics():
     from lib.models import ModelParams, build_model
     for bn, converted in (("batch", True), ("frozen", False)):
-        model = build_model(ModelParams(depth=18, weights="none", bn=bn, extra_bn=True), 19).eval()
+        model = build_model(ModelParams(depth=18, bn=bn, extra_bn=True), 19).eval()
         keys = list(model.state_dict())
         distributed.sync_batchnorm([model])
         assert model.training and list(model.state_dict()) == keys
@@ -245,13 +249,13 @@ def test_the_fingerprint_counts_the_global_batch_not_the_processes():
 
 
 @pytest.mark.parametrize("train_raw, message", [
-    ({"processes": 0}, "warmup.train.processes must be > 0, got 0"),
-    ({"backend": "mpi"}, "warmup.train.backend = 'mpi' is not one of"),
-    ({"processes": "two"}, "warmup.train.processes must be of type int"),
+    ({"processes": 0}, "recipes.source_only.train.processes must be > 0, got 0"),
+    ({"backend": "mpi"}, "recipes.source_only.train.backend = 'mpi' is not one of"),
+    ({"processes": "two"}, "recipes.source_only.train.processes must be of type int"),
 ])
 def test_bad_launch_keys_are_one_line(train_raw, message):
     with pytest.raises(ConfigError, match=message) as err:
-        parse(TrainParams, {"iters": 2, **train_raw}, "warmup.train")
+        parse(TrainParams, {"iters": 2, **train_raw}, "recipes.source_only.train")
     assert "\n" not in str(err.value)
 
 
@@ -275,19 +279,21 @@ def test_a_torchrun_world_other_than_processes_is_refused(monkeypatch):
 
 
 def warmup_params(**train) -> dict:
-    return {"warmup": {
-        "method": "source_only", "source": "gta",
-        "model": {"arch": "deeplabv2", "depth": 18, "weights": "none", "bn": "frozen", "aux": False},
+    """The table of one row, ``warmup``: source-only from scratch on gta."""
+    return one_row("warmup", "source_only", {
+        "model": {"arch": "deeplabv2", "depth": 18, "bn": "frozen", "aux": False},
         "data": {"batch_size": 1, "crop": [8, 16], "workers": 0},
         "optim": {"model": {"lr": 1.0e-3}},
-        "train": {"iters": 2, "checkpoint_every": 1, "log_every": 1, "precision": "fp32", **train}}}
+        "train": {"iters": 2, "checkpoint_every": 1, "log_every": 1, "precision": "fp32", **train}},
+        source="gta")
 
 
-def run_stage(project: Path, params: dict) -> subprocess.CompletedProcess:
+def run_stage(project: Path, params: dict, name: str = "warmup") -> subprocess.CompletedProcess:
     (project / "params.yaml").write_text(yaml.safe_dump(params))
+    ensure_scratch(project)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "stages.warmup"], cwd=project, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "stages.train", name], cwd=project, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 def test_a_stage_asking_for_two_processes_runs_under_torchrun(project):
@@ -295,7 +301,7 @@ def test_a_stage_asking_for_two_processes_runs_under_torchrun(project):
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("wrote data/models/warmup") == 1        # rank 1 prints nothing
     assert json.loads((project / "data/models/warmup/meta.json").read_text())["world_size"] == 2
-    assert (project / "metrics/warmup/train/metrics.json").is_file()
+    assert (project / "metrics/train/warmup/metrics.json").is_file()
     assert json.loads((project / "data/checkpoints/warmup/finished.json").read_text())["iterations"] == 2
 
 
@@ -310,18 +316,19 @@ def test_failing_workers_end_the_stage_with_their_exit_code_and_one_line(monkeyp
             return 1
 
     monkeypatch.setattr(distributed.subprocess, "Popen", Torchrun)
-    monkeypatch.setattr(sys.modules["__main__"], "__spec__", SimpleNamespace(name="stages.selftrain"))
-    monkeypatch.setattr(sys, "argv", ["/project/stages/selftrain.py", "ctl"])
+    monkeypatch.setattr(sys.modules["__main__"], "__spec__", SimpleNamespace(name="stages.train"))
+    monkeypatch.setattr(sys, "argv", ["/project/stages/train.py", "ctl"])
     with pytest.raises(SystemExit) as ended:
         distributed.start(TrainParams(iters=2, processes=3), "ctl")
     assert ended.value.code == 1
     assert launched == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3",
-                         "-m", "stages.selftrain", "ctl"]]
+                         "-m", "stages.train", "ctl"]]
     assert capsys.readouterr().err.strip() == ("error: ctl: the 3 torchrun workers failed (exit code 1); "
                                                "their errors are above")
 
 
 def test_run_training_stage_in_process_refuses_to_relaunch(project, monkeypatch):
     monkeypatch.chdir(project)
+    ensure_scratch()
     with pytest.raises(ConfigError, match=r"processes = 2 needs the stage to run as `python -m stages.<name>`"):
-        run_training_stage("warmup", warmup_params(processes=2)["warmup"])
+        run_training_stage(find_training_row(warmup_params(processes=2), "warmup"))

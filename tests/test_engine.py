@@ -13,14 +13,21 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lib.config import parse
-from lib.models.artifact import STATE_FILE, load_checked, save_atomic
-from lib.train.loop import TrainingDiverged, TrainParams, train
-from lib.train.optim import (OptimizerParams, ParamGroup, ScheduleParams, build_optimizer, build_scheduler,
-                              lr_factor, update_kernel)
 from lib.errors import ConfigError, DataError, OutputError
-from lib.methods.base import Method, available_methods, method_class
+from lib.methods.base import Method, ParamGroup, available_methods, method_class
 from lib.methods.source_only import SourceOnly, SourceOnlyParams
+from lib.models.files import load_checked, save_atomic
 from lib.models.output import SegOutput
+from lib.train.checkpoint import STATE_FILE
+from lib.train.loop import TrainingDiverged, TrainParams, train
+from lib.train.optim import (
+    OptimizerParams,
+    ScheduleParams,
+    build_optimizer,
+    build_scheduler,
+    lr_factor,
+    update_kernel,
+)
 
 
 class TinySeg(nn.Module):
@@ -159,11 +166,11 @@ def test_update_kernel_is_fused_only_for_float_parameters_on_supported_devices()
 
 def test_optimizer_params_validation():
     with pytest.raises(ConfigError, match="lr"):
-        parse(OptimizerParams, {"lr": -1.0}, "warmup.optim.model")
+        parse(OptimizerParams, {"lr": -1.0}, "recipes.source_only.optim.model")
     with pytest.raises(ConfigError, match="type"):
-        parse(OptimizerParams, {"type": "rmsprop"}, "warmup.optim.model")
+        parse(OptimizerParams, {"type": "rmsprop"}, "recipes.source_only.optim.model")
     with pytest.raises(ConfigError, match="iters"):
-        parse(TrainParams, {"iters": -5}, "warmup.train")
+        parse(TrainParams, {"iters": -5}, "recipes.source_only.train")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -276,7 +283,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 def test_methods_are_found_by_module_name():
     assert "source_only" in available_methods()
     assert method_class("source_only") is SourceOnly
-    with pytest.raises(ConfigError, match="'nope' does not exist"):
+    with pytest.raises(ConfigError, match=r"recipe 'nope' names no method.*lib/methods/<name>\.py.*source_only"):
         method_class("nope")
 
 

@@ -23,7 +23,6 @@ from lib.models import ModelParams, build_model
 from lib.models.output import SegOutput, upsample
 
 
-
 class PointModel(nn.Module):
     """A 1x1 convolution: equivariant to translations (so to cropping) and to flips; stride 1."""
 
@@ -179,7 +178,7 @@ def test_input_size_resizes_the_image_before_the_forward(resize_mode):
 @pytest.mark.parametrize("arch", ["deeplabv2", "deeplabv3plus"])
 def test_channels_last_layout_predicts_what_the_default_layout_predicts(arch):
     torch.manual_seed(0)
-    model = build_model(ModelParams(arch=arch, depth=18, weights="none"), 5).eval()
+    model = build_model(ModelParams(arch=arch, depth=18), 5).eval()
     image = torch.randn(2, 3, 40, 56)
     reference = predict_logits(model, image, (40, 56))
     assert inference_layout(model, False) is model

@@ -1,6 +1,8 @@
 """Segmentation models: shapes and strides, heads, BN modes, parameter split and offline weights."""
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -13,13 +15,22 @@ from torch import nn
 from lib.config import parse
 from lib.errors import ConfigError, DataError
 from lib.models import ModelParams, SegOutput, build_model
+from lib.models.artifact import save_model
+from lib.models.backbone import load_backbone_state, read_state_dict
 from lib.models.deeplabv2 import ATROUS_RATES, AsppSum, CpslHead
+from lib.models.weights import (
+    WeightsParams,
+    import_weights,
+    initialise,
+    load_imported,
+    write_scratch,
+)
 
 C = 5  # classes: small, so the heads stay cheap
 
 
 def tiny(**kw) -> ModelParams:
-    return ModelParams(**{"depth": 18, "weights": "none", **kw})
+    return ModelParams(**{"depth": 18, **kw})
 
 
 def v2_size(n: int) -> int:
@@ -42,7 +53,7 @@ def ids(params) -> set[int]:
 @pytest.mark.parametrize("depth", [18, 50, 101])
 @pytest.mark.parametrize("arch", ["deeplabv2", "deeplabv3plus"])
 def test_output_shapes_and_strides(arch, depth):
-    model = build_model(ModelParams(arch=arch, depth=depth, weights="none"), C).eval()
+    model = build_model(ModelParams(arch=arch, depth=depth), C).eval()
     with torch.no_grad():  # batch 1 in eval mode must work for DeepLabV3+ too
         out = model(torch.randn(1, 3, 65, 65))
     assert isinstance(out, SegOutput)
@@ -72,7 +83,7 @@ def test_output_shapes_and_strides(arch, depth):
 @pytest.mark.parametrize("arch, dilations", [("deeplabv2", (1, 1, 2, 4)), ("deeplabv3plus", (1, 1, 1, 2))])
 @pytest.mark.parametrize("depth", [18, 50])
 def test_every_block_of_a_dilated_stage_is_dilated(arch, dilations, depth):
-    backbone = build_model(ModelParams(arch=arch, depth=depth, weights="none"), C).backbone
+    backbone = build_model(ModelParams(arch=arch, depth=depth), C).backbone
     for stage, dilation in zip(("layer1", "layer2", "layer3", "layer4"), dilations):
         convs = [m for m in getattr(backbone, stage).modules() if isinstance(m, nn.Conv2d)]
         assert all(c.dilation == (dilation, dilation) for c in convs if c.kernel_size == (3, 3))
@@ -216,6 +227,8 @@ def test_gradients_reach_every_trainable_parameter(params):
 
 
 # --- weights ---------------------------------------------------------------------------------------
+# A model's initialisation is its row's `from`: a weights artifact (lib.models.weights) holds the
+# backbone tensors of a published file in this project's names, and `initialise` lays them on a model.
 
 def save_resnet18(path: Path, wrap=lambda state: state) -> dict[str, torch.Tensor]:
     torch.manual_seed(1)
@@ -232,53 +245,137 @@ def assert_backbone_equals(model, state):
         torch.testing.assert_close(value, state[key], rtol=0, atol=0)
 
 
-def test_imagenet_weights_missing_names_the_file(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
-    with pytest.raises(ConfigError, match="TORCH_HOME") as err:
-        build_model(tiny(weights="imagenet"), C)
-    assert str(expected) in str(err.value) and "\n" not in str(err.value)
+def imported(path: Path, out: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Import ``path`` as torchvision weights into ``out`` and read the artifact back."""
+    written = import_weights(out.name, WeightsParams(format="torchvision", file=str(path)), out)
+    state, meta = load_imported(out)
+    assert meta == written == json.loads((out / "meta.json").read_text())
+    return state, meta
 
 
-def test_imagenet_weights_load_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    state = save_resnet18(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
-    assert_backbone_equals(build_model(tiny(weights="imagenet"), C), state)
+def started_from(params: ModelParams, path: Path, out: Path):
+    """A model built from ``params`` and initialised from the weights file ``path``."""
+    state, meta = imported(path, out)
+    model = build_model(params, C)
+    initialise(model, out, state, meta)
+    return model
+
+
+def test_torchvision_resnet_imports_and_initialises_the_backbone(tmp_path):
+    path = tmp_path / "r18.pth"
+    state = save_resnet18(path)
+    kept, meta = imported(path, tmp_path / "models/r18")
+    # the artifact: the backbone tensors under torchvision's names, the classifier left out and reported
+    assert set(kept) == set(state) - {"fc.weight", "fc.bias"}
+    assert all(torch.equal(kept[k], state[k]) for k in kept)
+    assert meta["kind"] == "weights" and meta["format"] == "torchvision" and meta["name"] == "r18"
+    assert meta["file"] == str(path) and meta["skipped"] == ["fc.bias", "fc.weight"]
+    assert meta["mapped"] == len(state) - 2 and meta["missing"] == []
+    assert meta["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    for params in (tiny(), tiny(arch="deeplabv3plus"), tiny(bn="frozen")):
+        model = build_model(params, C)
+        heads = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("backbone.")}
+        initialise(model, tmp_path / "models/r18", kept, meta)
+        assert_backbone_equals(model, state)
+        # only the backbone: the heads keep their own initialisation
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in heads.items())
+
+
+def test_scratch_changes_nothing(tmp_path):
+    meta = write_scratch(tmp_path / "scratch")
+    state, read = load_imported(tmp_path / "scratch")
+    assert state == {} and read == meta and meta["kind"] == "weights" and meta["format"] == "none"
+    torch.manual_seed(4)
+    model = build_model(tiny(), C)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    initialise(model, tmp_path / "scratch", state, meta)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_weights_file_with_wrapper_and_module_prefix(tmp_path):
     path = tmp_path / "ckpt.pth"
     state = save_resnet18(path, lambda s: {"state_dict": {f"module.{k}": v for k, v in s.items()}})
-    model = build_model(tiny(weights=str(path), arch="deeplabv3plus"), C)
+    read = read_state_dict(path)
+    assert set(read) == set(state) and all(torch.equal(read[k], state[k]) for k in state)
+    assert_backbone_equals(started_from(tiny(arch="deeplabv3plus"), path, tmp_path / "models/ckpt"), state)
+
+
+def test_load_backbone_state_ignores_the_classifier_and_loads_strictly(tmp_path):
+    path = tmp_path / "r18.pth"
+    state = save_resnet18(path)
+    model = build_model(tiny(), C)
+    load_backbone_state(model.backbone, read_state_dict(path), "r18")
     assert_backbone_equals(model, state)
+    extra = {**state, "layer5.weight": torch.zeros(1)}
+    with pytest.raises(ConfigError, match=r"^here: unexpected keys layer5\.weight$"):
+        load_backbone_state(model.backbone, extra, "here")
 
 
 def test_weights_file_missing_keys_is_an_error(tmp_path):
     path = tmp_path / "partial.pth"
     save_resnet18(path, lambda s: {k: v for k, v in s.items() if not k.startswith("layer4.1.")})
-    with pytest.raises(ConfigError, match=r"partial\.pth.*missing keys layer4\.1\.conv1\.weight"):
-        build_model(tiny(weights=str(path)), C)
+    with pytest.raises(ConfigError, match=r"partial\.pth.*missing keys layer4\.1\.conv1\.weight") as err:
+        started_from(tiny(), path, tmp_path / "models/partial")
+    assert "\n" not in str(err.value)
 
 
 def test_weights_file_of_another_depth_is_an_error(tmp_path):
     path = tmp_path / "r18.pth"
     save_resnet18(path)
-    with pytest.raises(ConfigError, match=r"r18\.pth: not a ResNet-50"):
-        build_model(ModelParams(depth=50, weights=str(path)), C)
+    with pytest.raises(ConfigError, match=r"r18\.pth\) does not fit the model's backbone: missing keys") as err:
+        started_from(ModelParams(depth=50), path, tmp_path / "models/r18")
+    assert "\n" not in str(err.value)
 
 
-def test_corrupt_weights_file_is_an_error(tmp_path):
+def test_missing_weights_file_is_one_error(tmp_path):
+    path = tmp_path / "no" / "such.pth"
+    with pytest.raises(DataError, match=r"such\.pth: weights file not found") as err:
+        import_weights("w", WeightsParams(format="torchvision", file=str(path)), tmp_path / "models/w")
+    assert "\n" not in str(err.value) and not (tmp_path / "models/w").exists()
+    with pytest.raises(ConfigError, match=r"such\.pth not found"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"not a checkpoint", r"bad\.pth: not a readable PyTorch weights file"),
+    ([1, 2], r"bad\.pth: expected a state dict of tensors"),
+    ({"conv.weight": torch.zeros(1), "step": 3}, r"bad\.pth: expected a state dict of tensors"),
+    ({"conv1.weight": torch.zeros(1), "fc.weight": torch.zeros(1)}, r"bad\.pth: not a ResNet state dict"),
+], ids=["corrupt", "list", "not-only-tensors", "not-a-resnet"])
+def test_wrong_weights_file_is_one_error(tmp_path, content, match):
     path = tmp_path / "bad.pth"
-    path.write_bytes(b"not a checkpoint")
-    with pytest.raises(DataError, match=r"bad\.pth"):
-        build_model(tiny(weights=str(path)), C)
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(DataError, match=match) as err:
+        import_weights("w", WeightsParams(format="torchvision", file=str(path)), tmp_path / "models/w")
+    assert "\n" not in str(err.value) and not (tmp_path / "models/w").exists()
+
+
+def test_load_imported_refuses_other_artifacts(tmp_path):
+    save_model(tmp_path / "trained", build_model(tiny(), C), {"kind": "model"})
+    with pytest.raises(DataError, match=r"trained/model\.pt: not a weights artifact"):
+        load_imported(tmp_path / "trained")
+    with pytest.raises(DataError, match=r"none/model\.pt: weights artifact not found"):
+        load_imported(tmp_path / "none")
+
+
+@pytest.mark.parametrize("value, match", [
+    ({"format": "caffe", "file": "x.pth"}, "weights.w.format"),
+    ({"format": "torchvision", "file": ""}, "weights.w.file"),
+    ({"format": "torchvision"}, "missing key 'weights.w.file'"),
+])
+def test_weights_params_errors(value, match):
+    with pytest.raises(ConfigError, match=match):
+        parse(WeightsParams, value, "weights.w")
 
 
 # --- params ---------------------------------------------------------------------------------------
 
 def test_params_parse_with_defaults():
-    params = parse(ModelParams, {"depth": 50, "weights": "none"}, "model")
-    assert params == ModelParams(depth=50, weights="none")
+    params = parse(ModelParams, {"depth": 50}, "model")
+    assert params == ModelParams(depth=50)
     assert params.arch == "deeplabv2" and params.bn == "frozen_affine" and params.aux
 
 
@@ -286,7 +383,7 @@ def test_params_parse_with_defaults():
     ({"arch": "deeplabv3plus", "head": "cpsl"}, "model.head"),
     ({"head": "cpsl", "aspp_two_branch_compat": True}, "model.aspp_two_branch_compat"),
     ({"arch": "deeplabv3plus", "aspp_two_branch_compat": True}, "model.aspp_two_branch_compat"),
-    ({"weights": "no/such/file.pth"}, "no/such/file.pth"),
+    ({"weights": "imagenet"}, "unknown key 'model.weights'"),      # a model starts from its row's `from`
     ({"depth": 34}, "model.depth"),
 ])
 def test_params_errors(value, match):

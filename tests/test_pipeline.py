@@ -16,6 +16,8 @@ import pytest
 import yaml
 from ruamel.yaml import YAML
 
+from lib.preset import tidy
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -42,11 +44,11 @@ def tiny_params(chain: bool = False):
     params["synthesize"].update(height=32, width=64, workers=1,
                                 counts={d: {"train": 4, "val": 2} for d in ("source", "target", "night")})
     params["prepare"]["workers"] = 1
-    blocks = params["blocks"]
-    for name in ("data", "chain_data"):
-        blocks[name].update(batch_size=2, crop=[32, 64], workers=0)
-    blocks["train"].update(iters=6, checkpoint_every=2, log_every=2)
-    blocks["chain_train"].update(iters=4, checkpoint_every=2, log_every=2)
+    warmup = params["recipes"]["source_only"]
+    warmup["data"].update(batch_size=2, crop=[32, 64], workers=0)
+    warmup["train"].update(iters=6, checkpoint_every=2, log_every=2)
+    params["blocks"]["chain_data"].update(batch_size=2, crop=[32, 64], workers=0)
+    params["blocks"]["chain_train"].update(iters=4, checkpoint_every=2, log_every=2)
     params["recipes"]["cpsl_stage1"]["method"].update(queue_length=64, samples_per_image=16)
     for row in params["pseudo_labels"].values():
         row["options"].update(batch_size=2, workers=0)
@@ -61,6 +63,7 @@ def write_params(path: Path, params) -> None:
     """Write params keeping anchors and merges (a round-trip ruamel document or a plain dict)."""
     yaml_rt = YAML()
     yaml_rt.width = 120
+    tidy(params)
     with open(path, "w") as f:
         yaml_rt.dump(params, f)
 
@@ -132,27 +135,46 @@ def test_dataset_param_change_reruns_only_that_dataset(project):
 # training and evaluation stages
 
 
-def metrics_of(project: Path) -> dict:
-    return {t: json.loads((project / "metrics/warmup" / f"{t}.json").read_text()) for t in TARGETS}
+def metrics_of(project: Path, model: str = "warmup") -> dict:
+    return {t: json.loads((project / "metrics/eval" / model / f"{t}.json").read_text()) for t in TARGETS}
+
+
+def edit_params(project: Path, change) -> None:
+    """Change params.yaml in place, keeping its anchors and merges (``change`` gets the document)."""
+    yaml_rt = YAML()
+    params = yaml_rt.load((project / "params.yaml").read_text())
+    change(params)
+    write_params(project / "params.yaml", params)
+
+
+def restore(project: Path) -> None:
+    sh(project, "git", "checkout", "params.yaml", "dvc.lock")
+    sh(project, "dvc", "checkout", "-f")
 
 
 def test_repro_trains_and_evaluates(project):
     assert (project / "data/models/warmup/model.pt").is_file()
     meta = json.loads((project / "data/models/warmup/meta.json").read_text())
-    assert meta["method"] == "source_only" and meta["num_classes"] == 19
+    assert meta["method"] == "source_only" and meta["num_classes"] == 19 and meta["from"] == "scratch"
+    assert meta["stage"] == "train@warmup" and meta["kind"] == "model"
     for target, result in metrics_of(project).items():
         assert set(result) >= {"mIoU", "mAcc", "pixel_acc", "images"}
         assert result["images"] == 2
-        classes = pd.read_csv(project / "metrics/warmup" / target / "classes.csv")
-        assert len(classes) == 19
-        assert (project / "metrics/warmup" / target / "confusion.png").is_file()
-        assert len(list((project / "metrics/warmup" / target / "panels").glob("*.png"))) == 1
-    curve = pd.read_csv(project / "metrics/warmup/train/plots/metrics/train/loss/seg.tsv", sep="\t")
+        report = project / "metrics/eval/warmup" / target
+        assert len(pd.read_csv(report / "classes.csv")) == 19
+        assert (report / "confusion.png").is_file() and (report / "provenance.json").is_file()
+        assert len(list((report / "panels").glob("*.png"))) == 1
+    curve = pd.read_csv(project / "metrics/train/warmup/plots/metrics/train/loss/seg.tsv", sep="\t")
     assert list(curve["step"]) == [2, 4, 6]
     # the finished run leaves no resumable state behind: a later code change must retrain
     assert [p.name for p in (project / "data/checkpoints/warmup").iterdir()] == ["finished.json"]
+    summary = json.loads((project / "metrics/summary.json").read_text())
+    assert summary == {"warmup": {t: {"mIoU": r["mIoU"], "mAcc": r["mAcc"]} for t, r in metrics_of(project).items()}}
     shown = sh(project, "dvc", "metrics", "show")
-    assert "metrics/warmup/synth_cityscapes.json" in shown and "mIoU" in shown
+    assert "metrics/summary.json" in shown and "warmup.synth_cityscapes.mIoU" in shown
+    assert "metrics/eval" not in shown and "metrics/train" not in shown    # reports and curves are no metrics
+    classes = pd.read_csv(project / "metrics/classes/synth_cityscapes.csv")
+    assert list(classes.columns) == ["class", "model", "iou"] and set(classes["model"]) == {"warmup"}
 
 
 def test_evaluate_param_reruns_only_evaluation(project):
@@ -160,34 +182,34 @@ def test_evaluate_param_reruns_only_evaluation(project):
              "-S", "+evaluate.averages.unseen=[synth_cityscapes, synth_acdc_night]")
     for target in TARGETS:
         assert f"Running stage 'evaluate@warmup-{target}'" in out
-    assert "Running stage 'average@warmup-unseen'" in out
-    assert "Running stage 'warmup'" not in out and "Running stage 'prepare" not in out
-    average = json.loads((project / "metrics/warmup-unseen.json").read_text())
-    unseen = {t: m["mIoU"] for t, m in metrics_of(project).items() if t != "synth_gta5"}
-    assert average == {"mIoU": round(sum(unseen.values()) / 2, 2), "targets": unseen}
+    assert "Running stage 'summary'" in out
+    assert "Running stage 'train@warmup'" not in out and "Running stage 'prepare" not in out
+    summary = json.loads((project / "metrics/summary.json").read_text())["warmup"]
+    unseen = [m["mIoU"] for t, m in metrics_of(project).items() if t != "synth_gta5"]
+    assert summary["unseen"] == {"mIoU": round(sum(unseen) / 2, 2)}
     diff = sh(project, "dvc", "metrics", "diff", "HEAD", "--all")
-    assert "metrics/warmup/synth_cityscapes.json" in diff and "mIoU" in diff
-    assert "metrics/warmup-unseen.json" in diff and "targets.synth_acdc_night" in diff
+    assert "metrics/summary.json" in diff and "warmup.synth_cityscapes.mIoU" in diff and "warmup.unseen.mIoU" in diff
     table = sh(project, "dvc", "exp", "show", "--no-pager", "--md")
-    assert "mIoU" in table and "evaluate.inference.flip" in table and "targets.synth_cityscapes" in table
+    assert "warmup.synth_cityscapes.mIoU" in table and "evaluate.inference.flip" in table
+    restore(project)
 
 
-def test_warmup_param_reruns_warmup_and_its_evaluations(project):
-    out = sh(project, "dvc", "exp", "run", "-S", "warmup.train.seed=1",
-             "-S", "++evaluate.averages.unseen=[synth_cityscapes, synth_acdc_night]")
-    assert "Running stage 'warmup'" in out
-    assert "Running stage 'evaluate@warmup-synth_gta5'" in out
-    assert "Running stage 'average@warmup-unseen'" in out
+def test_recipe_param_reruns_its_rows_and_their_evaluations(project):
+    out = sh(project, "dvc", "exp", "run", "-S", "recipes.source_only.train.seed=1")
+    assert "Running stage 'train@warmup'" in out
+    assert "Running stage 'evaluate@warmup-synth_gta5'" in out and "Running stage 'summary'" in out
     assert "Running stage 'prepare" not in out and "Running stage 'synthesize'" not in out
+    assert "Running stage 'stylize" not in out
+    restore(project)
 
 
 def test_fda_beta_reruns_stylize_and_what_reads_it_only(project):
-    sh(project, "dvc", "exp", "run", "-S", "warmup.source=synth_gta5_fda")
+    sh(project, "dvc", "exp", "run", "-S", "source=synth_gta5_fda")
     sh(project, "git", "add", "-A")
     sh(project, "git", "commit", "-qm", "warm-up on the FDA source")
-    out = sh(project, "dvc", "exp", "run", "-S", "warmup.source=synth_gta5_fda", "-S", "stylize.fda_beta=0.05")
+    out = sh(project, "dvc", "exp", "run", "-S", "stylize.fda_beta=0.05")
     assert "Running stage 'stylize@synth_gta5_fda'" in out
-    assert "Running stage 'warmup'" in out and "Running stage 'evaluate@warmup-synth_cityscapes'" in out
+    assert "Running stage 'train@warmup'" in out and "Running stage 'evaluate@warmup-synth_cityscapes'" in out
     assert "Running stage 'prepare" not in out and "Running stage 'synthesize'" not in out
     meta = json.loads((project / "data/prepared/synth_gta5_fda/meta.json").read_text())
     assert "0.05" in json.dumps(meta["stylization"])
@@ -195,51 +217,61 @@ def test_fda_beta_reruns_stylize_and_what_reads_it_only(project):
     sh(project, "dvc", "checkout", "-f")
 
 
-def test_adversarial_warmup_with_an_ensembled_variant(project):
-    out = sh(project, "dvc", "exp", "run", "-S", "warmup.method=advent",
-             "-S", "+variants.minent={method: minent}", "-S", "evaluate.models=[warmup, minent]",
-             "-S", "+evaluate.ensembles.advent_minent={warmup: 0.5, minent: 0.5}")
-    assert "Running stage 'variant@minent'" in out
-    assert "Running stage 'ensemble@advent_minent-synth_cityscapes'" in out
+def test_adversarial_models_and_their_ensemble(project):
+    """Two more rows (AdvEnt and MinEnt recipes) and an ensemble of them: one evaluation matrix
+    scores all three, and nothing of the existing row re-runs."""
+    def add(params):
+        for method in ("advent", "minent"):
+            recipe = json.loads(json.dumps(params["recipes"]["source_only"]))
+            recipe["optim"]["discriminator"] = {"type": "adam", "lr": 0.0001, "betas": [0.9, 0.99]}
+            params["recipes"][method] = recipe
+            params["models"][method] = {"recipe": method, "from": "scratch"}
+        params["ensembles"]["advent_minent"] = {"models": ["advent", "minent"], "weights": [0.5, 0.5]}
+    edit_params(project, add)
+    out = sh(project, "dvc", "exp", "run")
+    for stage in ("train@advent", "train@minent", "ensemble@advent_minent",
+                  "evaluate@advent_minent-synth_cityscapes", "summary"):
+        assert f"Running stage '{stage}'" in out, stage
+    assert "Running stage 'train@warmup'" not in out and "Running stage 'evaluate@warmup-" not in out
     assert json.loads((project / "data/models/minent/meta.json").read_text())["method"] == "minent"
-    assert json.loads((project / "data/models/warmup/meta.json").read_text())["method"] == "advent"
-    curves = project / "metrics/warmup/train/plots/metrics/train/loss"
+    curves = project / "metrics/train/advent/plots/metrics/train/loss"
     assert (curves / "adv_main.tsv").is_file() and (curves / "d_main.tsv").is_file()
-    ensemble = json.loads((project / "metrics/advent_minent/synth_cityscapes.json").read_text())
-    assert ensemble["images"] == 2 and 0 <= ensemble["mIoU"] <= 100
-    sh(project, "git", "checkout", "params.yaml", "dvc.lock")
-    sh(project, "dvc", "checkout", "-f")
+    ensemble = json.loads((project / "data/models/advent_minent/meta.json").read_text())
+    assert ensemble["kind"] == "ensemble" and ensemble["weights"] == [0.5, 0.5]
+    assert list(ensemble["members"]) == ["advent", "minent"]
+    scores = json.loads((project / "metrics/summary.json").read_text())
+    assert set(scores) == {"warmup", "advent", "minent", "advent_minent"}
+    assert scores["advent_minent"]["synth_cityscapes"]["mIoU"] is not None
+    restore(project)
 
 
-def test_finetune_trains_on_from_its_init_model(project):
-    """finetune@<name>: the warm-up's weights and architecture, trained on with another method; only
-    the new run and its evaluations execute, and a new warm-up re-runs it."""
-    warmup = project / "data/models/warmup"
+def test_a_row_starts_from_another_model(project):
+    """`from: warmup`: its weights and architecture, trained on; only the new row and its evaluations
+    run, and dvc.lock records the start model as a dependency."""
     sh(project, "dvc", "repro")          # whatever earlier tests left: an up-to-date workspace
-    out = sh(project, "dvc", "exp", "run", "-S", "+finetune.dacs={init: warmup, method: ciss, train: {iters: 2}, "
-             "ciss: {source_weight: 0.0, target_weight: 0.0}, source: synth_gta5}",
-             "-S", "evaluate.models=[warmup, dacs]")
-    assert "Running stage 'finetune@dacs'" in out and "Running stage 'warmup'" not in out
-    assert "Running stage 'evaluate@warmup-" not in out and "Running stage 'evaluate@dacs-synth_cityscapes'" in out
-    meta = json.loads((project / "data/models/dacs/meta.json").read_text())
-    assert meta["method"] == "ciss" and meta["params"]["init"] == "warmup"
-    assert meta["model"] == {**json.loads((warmup / "meta.json").read_text())["model"], "weights": "none"}
-    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["finetune@dacs"]
+    out = sh(project, "dvc", "exp", "run", "-S",
+             "+models.more={recipe: source_only, from: warmup, overrides: {train: {iters: 2}}}")
+    assert "Running stage 'train@more'" in out and "Running stage 'train@warmup'" not in out
+    assert "Running stage 'evaluate@warmup-" not in out and "Running stage 'evaluate@more-synth_cityscapes'" in out
+    meta = json.loads((project / "data/models/more/meta.json").read_text())
+    assert meta["from"] == "warmup" and meta["params"]["train"]["iters"] == 2
+    assert meta["model"] == json.loads((project / "data/models/warmup/meta.json").read_text())["model"]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]["train@more"]
     assert "data/models/warmup" in [d["path"] for d in lock["deps"]]
-    status = sh(project, "dvc", "status", "finetune@dacs")
+    assert "lib/methods/source_only.py" in [d["path"] for d in lock["deps"]]
+    assert set(lock["params"]["params.yaml"]) == {"models.more", "recipes.source_only", "source", "target"}
+    status = sh(project, "dvc", "status", "train@more")
     assert "up to date" in status or "Data and pipelines are up to date" in status
-    sh(project, "git", "checkout", "params.yaml", "dvc.lock")
-    sh(project, "dvc", "checkout", "-f")
+    restore(project)
 
 
 def test_bad_param_is_one_clear_line(project):
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["warmup"]["method"] = "nope"
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    res = subprocess.run([sys.executable, "-m", "stages.warmup"], cwd=project, env=ENV,
+    edit_params(project, lambda params: params["models"]["warmup"].update(recipe="nope"))
+    res = subprocess.run([sys.executable, "-m", "stages.train", "warmup"], cwd=project, env=ENV,
                          capture_output=True, text=True)
     assert res.returncode == 2
-    assert res.stderr.strip().splitlines()[-1].startswith("error: params: method 'nope' does not exist")
+    assert res.stderr.strip().splitlines()[-1].startswith(
+        "error: params: models.warmup.recipe 'nope' is not a key of `recipes`")
     sh(project, "git", "checkout", "params.yaml")
 
 
@@ -266,18 +298,17 @@ def sigkill_while_training(project: Path, dvc_args: tuple[str, ...], checkpoint:
 def test_killed_warmup_resumes_to_the_same_model(project):
     """SIGKILL the whole `dvc repro` mid-training; the next repro resumes and ends bit-identical.
     tests/test_faults.py does the same to the other training stages."""
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["warmup"]["train"].update(iters=40, checkpoint_every=4, seed=7)
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sigkill_while_training(project, ("repro", "warmup"), project / "data/checkpoints/warmup/last.pt", "warmup")
+    edit_params(project, lambda params: params["recipes"]["source_only"]["train"].update(
+        iters=40, checkpoint_every=4, seed=7))
+    sigkill_while_training(project, ("repro", "train@warmup"), project / "data/checkpoints/warmup/last.pt", "warmup")
     assert not (project / "data/models/warmup").exists()     # no output that looks finished
 
     out = sh(project, "dvc", "repro")
     assert "resuming from data/checkpoints/warmup/last.pt at iteration" in out
-    resumed = lock_hash(project, "warmup", "data/models/warmup")
+    resumed = lock_hash(project, "train@warmup", "data/models/warmup")
     resumed_metrics = metrics_of(project)
 
-    sh(project, "dvc", "repro", "-f", "-s", "warmup")      # uninterrupted, from scratch
-    assert lock_hash(project, "warmup", "data/models/warmup") == resumed
+    sh(project, "dvc", "repro", "-f", "-s", "train@warmup")      # uninterrupted, from scratch
+    assert lock_hash(project, "train@warmup", "data/models/warmup") == resumed
     assert "up to date" in sh(project, "dvc", "status")   # so no evaluation needs re-running
     assert metrics_of(project) == resumed_metrics

@@ -5,45 +5,45 @@ import pytest
 import torch
 from torch import nn
 
+from lib import device
 from lib.config import parse
-from lib.engine import precision
-from lib.infer.evaluation import InferenceParams
-from lib.infer.inference import predict_logits
-from lib.train.loop import TrainParams, train
-from lib.train.optim import OptimizerParams, ScheduleParams
 from lib.errors import ConfigError
+from lib.infer.inference import predict_logits
+from lib.infer.params import InferenceParams
 from lib.methods.source_only import SourceOnly, SourceOnlyParams
 from lib.models.output import SegOutput
+from lib.train.loop import TrainParams, train
+from lib.train.optim import OptimizerParams, ScheduleParams
 from tests.test_engine import TinySeg, stream
 
 
 @pytest.fixture(params=[True, False], ids=["native-bf16", "no-bf16"])
 def native(request, monkeypatch):
     """Run the test as on a CPU with and without native bf16 (the probe is the only CPU-specific part)."""
-    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: request.param)
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: request.param)
     return request.param
 
 
 def test_effective_precision(native):
-    assert precision.effective("fp32", "cpu") == "fp32"
-    assert precision.effective("bf16", "cpu") == ("bf16" if native else "fp32")
+    assert device.effective("fp32", "cpu") == "fp32"
+    assert device.effective("bf16", "cpu") == ("bf16" if native else "fp32")
     with pytest.raises(ValueError, match="precision must be one of"):
-        precision.effective("fp16", "cpu")
+        device.effective("fp16", "cpu")
 
 
 def test_cuda_follows_the_device_capability(monkeypatch):
     for supported in (True, False):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
-        assert precision.effective("bf16", "cuda") == ("bf16" if supported else "fp32")
-    assert precision.effective("fp32", torch.device("cuda")) == "fp32"
+        assert device.effective("bf16", "cuda") == ("bf16" if supported else "fp32")
+    assert device.effective("fp32", torch.device("cuda")) == "fp32"
 
 
 def test_autocast_runs_convolutions_in_bf16_only_where_native(native):
     conv = nn.Conv2d(3, 4, 3)
-    with precision.autocast("bf16", "cpu"):
+    with device.autocast("bf16", "cpu"):
         out = conv(torch.randn(1, 3, 8, 8))
     assert out.dtype == (torch.bfloat16 if native else torch.float32)
-    with precision.autocast("fp32", "cpu"):
+    with device.autocast("fp32", "cpu"):
         assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.float32
 
 

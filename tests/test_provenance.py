@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-from lib.engine import precision, provenance
+from lib import device, provenance
 from lib.infer.metrics import HEADLINE_KEYS
-from lib.train.stage import run_training_stage
 from stages.evaluate import main as evaluate_stage
 from tests import layouts as L
+from tests.tables import one_row, train
 
 KEYS = {"versions", "device", "world_size", "precision", "determinism", "seed", "git"}
 
@@ -56,7 +56,7 @@ def test_device_and_precision():
     assert cpu["count"] == os.cpu_count()
     # what a run records is the arithmetic it used (tests/test_precision.py covers the rule)
     assert provenance.effective_precision("fp32", "cpu") == "fp32"
-    assert provenance.effective_precision("bf16", "cpu") == ("bf16" if precision.cpu_has_native_bf16() else "fp32")
+    assert provenance.effective_precision("bf16", "cpu") == ("bf16" if device.cpu_has_native_bf16() else "fp32")
 
 
 def test_world_size(tmp_path, monkeypatch):
@@ -133,20 +133,20 @@ def project(tmp_path_factory) -> Path:
 
 
 def warmup_params(seed: int) -> dict:
-    return {
-        "method": "source_only", "source": "gta",
-        "model": {"arch": "deeplabv2", "depth": 18, "weights": "none", "bn": "batch", "aux": True},
+    """One row, ``warmup``: a source-only model trained from scratch on gta."""
+    return one_row("warmup", "source_only", {
+        "model": {"arch": "deeplabv2", "depth": 18, "bn": "batch", "aux": True},
         "data": {"batch_size": 2, "crop": [8, 16], "workers": 0},
         "optim": {"model": {"type": "adamw", "lr": 1e-3, "weight_decay": 0.0, "head_lr_mult": 1.0}},
         "train": {"iters": 2, "seed": seed, "checkpoint_every": 2, "log_every": 1, "precision": "bf16"},
-    }
+    }, source="gta")
 
 
 def test_evaluation_writes_provenance_beside_its_metrics(project, monkeypatch):
     monkeypatch.chdir(project)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     head = commit_all(project)
-    run_training_stage("warmup", warmup_params(seed=5))
+    train(warmup_params(seed=5), "warmup")
     trained = json.loads(Path("data/models/warmup/meta.json").read_text())["provenance"]
     assert set(trained) == KEYS - {"git"} and trained["seed"] == 5 and trained["world_size"] == 1
     assert trained["precision"] == provenance.effective_precision("bf16", "cuda" if torch.cuda.is_available()
@@ -156,19 +156,20 @@ def test_evaluation_writes_provenance_beside_its_metrics(project, monkeypatch):
     Path("notes.txt").write_text("an unrelated change")
     head = commit_all(project)
     shutil.rmtree("data/checkpoints/warmup")
-    run_training_stage("warmup", warmup_params(seed=5))
+    train(warmup_params(seed=5), "warmup")
     assert Path("data/models/warmup/model.pt").read_bytes() == bytes_before
 
-    Path("params.yaml").write_text(yaml.safe_dump(
-        {"evaluate": {"models": ["warmup"], "targets": ["gta"], "split": "train", "batch_size": 2,
-                      "workers": 0, "panels": 1}}))
+    params = warmup_params(seed=5)
+    params["evaluate"] = {"models": params["models"], "targets": ["gta"], "split": "train", "batch_size": 2,
+                          "workers": 0, "panels": 1}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
     evaluate_stage(["warmup", "gta"])
-    made = json.loads(Path("metrics/warmup/gta/provenance.json").read_text())
+    made = json.loads(Path("metrics/eval/warmup/gta/provenance.json").read_text())
     assert set(made) == {"evaluation", "models"}
     assert set(made["evaluation"]) == KEYS and made["evaluation"]["precision"] == "fp32"
     assert made["evaluation"]["seed"] is None and made["evaluation"]["git"]["revision"] == head
     assert set(made["evaluation"]["versions"]) >= {"python", "torch", "torchvision", "numpy", "dvc", "dvclive"}
     assert made["models"] == {"warmup": trained}
     # the metrics JSON keeps numbers only: `dvc metrics diff` stays free of provenance
-    metrics = json.loads(Path("metrics/warmup/gta.json").read_text())
+    metrics = json.loads(Path("metrics/eval/warmup/gta.json").read_text())
     assert set(metrics) == {*HEADLINE_KEYS, "images"}

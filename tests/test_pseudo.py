@@ -1,4 +1,4 @@
-"""Pseudo-label artifacts (lib/engine/pseudo.py): the three forms of the writer, the reader, the stage."""
+"""Pseudo-label sets (lib/pseudo): the forms of the writer, the labeller copy, the reader, the stream, the stage."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,20 +16,33 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lib.data.classes import IGNORE
+from lib.data.streams import DataParams
 from lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
-from lib.engine import pseudo as pseudo_module
-from lib.models.artifact import load_model, save_model
-from lib.infer.evaluation import InferenceParams
-from lib.pseudo.labels import (PseudoLabelledDataset, PseudoLabels, PseudoParams, apply_class_thresholds,
-                               check_ids, class_balanced_thresholds, class_feature_means,
-                               class_median_thresholds, class_prior, confidence_histogram,
-                               generate_pseudo_labels, kept_by_class_threshold, median_index, output_params,
-                               pseudo_stream, replay_prototypes)
-from lib.train.stage import DataParams
 from lib.errors import ConfigError, DataError
+from lib.infer.params import InferenceParams
 from lib.io import read_label_png, read_rgb, write_label_png, write_rgb
 from lib.models import ModelParams, build_model
+from lib.models.artifact import MODEL_FILE, load_model, save_model
 from lib.models.output import upsample
+from lib.pseudo import writer as pseudo_module
+from lib.pseudo.artifact import LABELLER, PseudoLabels
+from lib.pseudo.stream import PseudoLabelledDataset, pseudo_stream
+from lib.pseudo.writer import (
+    PseudoJob,
+    PseudoParams,
+    apply_class_thresholds,
+    check_ids,
+    class_balanced_thresholds,
+    class_feature_means,
+    class_median_thresholds,
+    class_prior,
+    confidence_histogram,
+    generate_pseudo_labels,
+    kept_by_class_threshold,
+    median_index,
+    pseudo_row,
+    replay_prototypes,
+)
 from stages import pseudo_label as stage
 
 H, W, N_IMAGES, C = 64, 128, 5, 19
@@ -58,12 +71,12 @@ def write_prepared(root: Path) -> None:
 
 def save_tiny_model(root: Path, name: str, head: str) -> None:
     torch.manual_seed(0)
-    params = ModelParams(arch="deeplabv2", depth=18, weights="none", bn="batch", aux=False, head=head)
+    params = ModelParams(arch="deeplabv2", depth=18, bn="batch", aux=False, head=head)
     model = build_model(params, C)
     with torch.no_grad():   # random init gives a near-uniform softmax; sharpen it so classes win clearly
         for p in (model.head.classifier.parameters() if head == "cpsl" else model.head.parameters()):
             p.mul_(30.0)
-    meta = {"stage": "warmup", "method": "source_only", "model": dataclasses.asdict(params),
+    meta = {"kind": "model", "stage": "train@warmup", "method": "source_only", "model": dataclasses.asdict(params),
             "num_classes": C, "class_set": "cityscapes19", "source": "x", "source_protocol": "cityscapes19",
             "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}
     save_model(root / "data/models" / name, model, meta)
@@ -102,7 +115,8 @@ def normalised_images(root: Path) -> list[torch.Tensor]:
 
 
 def manual_softmax(model, x: torch.Tensor, flip: bool) -> torch.Tensor:
-    """softmax(up(logits)), averaged with the mirrored view's softmax: cpsl.md §6 written out."""
+    """softmax(up(logits)), averaged with the mirrored view's softmax: CPSL's
+    (Li et al., CVPR 2022) hard pseudo-labels written out."""
     with torch.no_grad():
         p = torch.softmax(upsample(model(x).logits.float(), (H, W)), 1)
         if flip:
@@ -128,13 +142,33 @@ def test_soft_artifact_files(project):
     assert np.load(art / "prototypes.npy").shape == (C, 256)
     prior = np.load(art / "prior.npy")
     assert prior.dtype == np.float32 and prior.shape == (C,) and abs(prior.sum() - 1) < 1e-6
-    assert meta["form"] == "soft" and meta["model"] == "cpsl" and meta["model_stage"] == "warmup"
+    assert meta["form"] == "soft" and meta["model"] == "cpsl" and meta["model_stage"] == "train@warmup"
     assert meta["count"] == N_IMAGES and meta["threshold"]["load_time"] is None
 
 
+def assert_labeller_is(art: PseudoLabels, model_dir: Path) -> None:
+    """The set carries a copy of the model that labelled it (a distillation round's teacher)."""
+    assert art.labeller == art.path / LABELLER and art.labeller.is_dir()
+    assert sorted(p.name for p in art.labeller.iterdir()) == sorted([MODEL_FILE, "meta.json"])
+    for part in (MODEL_FILE, "meta.json"):
+        assert (art.labeller / part).read_bytes() == (model_dir / part).read_bytes(), part
+    copy, copy_meta = load_model(art.labeller)
+    model, meta = load_model(model_dir)
+    assert copy_meta == meta
+    state = model.state_dict()
+    assert all(torch.equal(value, state[key]) for key, value in copy.state_dict().items())
+    assert copy.state_dict().keys() == state.keys()
+
+
+@pytest.mark.parametrize("name", ["soft", "hard", "median", "balanced"])
+def test_every_set_carries_its_labeller(project, name):
+    assert_labeller_is(PseudoLabels.load(project / "data/pseudo" / name), project / "data/models/cpsl")
+
+
 def test_soft_prototypes_and_prior_equal_a_direct_forward(project):
-    """Prototypes: the running means of cpsl.md §4.2 over per-image class means of the embedding,
-    replayed ``passes`` times; prior: the argmax counts on the logit grid, normalised."""
+    """Prototypes: the running means of CPSL (Li et al., CVPR 2022, after ProDA) over per-image
+    class means of the embedding, replayed ``passes`` times; prior: the argmax counts on the logit
+    grid, normalised."""
     model, _ = load_model(project / "data/models/cpsl")
     observations, counts = [], np.zeros(C, np.int64)
     for x in normalised_images(project):
@@ -180,6 +214,7 @@ def test_soft_form_on_the_aspp_model_clusters_layer4(project, tmp_path):
     out = tmp_path / "soft_aspp"
     generate_pseudo_labels(Path("data/models/aspp"), DATASET, "train", "soft", SOFT, out, progress=False)
     assert PseudoLabels.load(out).prototypes.shape == (C, 512)
+    assert_labeller_is(PseudoLabels.load(out), project / "data/models/aspp")
 
 
 def test_replay_prototypes_hand_values():
@@ -470,25 +505,46 @@ def test_pseudo_stream_batches(project):
 # params and up-front checks
 
 
-def test_output_params_merge_the_section_and_its_output():
-    section = {"dataset": "d", "batch_size": 4, "threshold": 0.9,
-               "outputs": {"p1": {"model": "warmup", "form": "soft"},
-                           "p2": {"model": "stage1", "form": "hard_threshold", "threshold": 0.95,
-                                  "inference": {"mode": "whole"}}}}
-    job, params = output_params(section, "p2")
-    assert (job.model, job.form, job.dataset, job.split) == ("stage1", "hard_threshold", "d", "train")
-    assert params.threshold == 0.95 and params.batch_size == 4 and params.flip_for("hard_threshold")
-    assert not output_params(section, "p1")[1].flip_for("soft")
-    assert not PseudoParams().flip_for("class_median")
-    with pytest.raises(ConfigError, match="no output 'p3'"):
-        output_params(section, "p3")
+def pseudo_params(**rows) -> dict:
+    """params.yaml with a two-model table and the ``pseudo_labels`` rows given."""
+    return {"source": "s", "target": "d", "models": {"warmup": {"recipe": "source_only", "from": "scratch"}},
+            "selftrained": {"stage1": {"recipe": "cpsl_stage1", "from": "warmup", "pseudo": "p1"}},
+            "ensembles": {"both": {"models": ["warmup", "stage1"], "weights": [0.5, 0.5]}},
+            "pseudo_labels": rows}
+
+
+def test_pseudo_row_reads_the_row_and_its_options():
+    params = pseudo_params(
+        p1={"model": "warmup", "form": "soft"},
+        p2={"model": "stage1", "form": "hard_threshold",
+            "options": {"threshold": 0.9, "batch_size": 4, "inference": {"mode": "whole"}, "split": "val"}},
+        p3={"model": "both", "form": "class_balanced", "options": {"flip": False}})
+    job, options = pseudo_row(params, "p2")
+    # the dataset is the table's target; options.split picks the split (default train)
+    assert job == PseudoJob(model="stage1", form="hard_threshold", dataset="d", split="val")
+    assert options.threshold == 0.9 and options.batch_size == 4 and options.flip_for("hard_threshold")
+    assert options == PseudoParams(threshold=0.9, batch_size=4, inference=InferenceParams(mode="whole"))
+    job, options = pseudo_row(params, "p1")
+    assert job == PseudoJob(model="warmup", form="soft", dataset="d", split="train")
+    assert options == PseudoParams() and not options.flip_for("soft")
+    job, options = pseudo_row(params, "p3")          # an ensemble labels too
+    assert job.model == "both" and not options.flip_for("class_balanced")
+    assert not PseudoParams().flip_for("class_median") and PseudoParams().flip_for("class_balanced")
+    with pytest.raises(ConfigError, match="no pseudo-label set 'p4' under pseudo_labels"):
+        pseudo_row(params, "p4")
     with pytest.raises(ConfigError, match="is not one of"):
-        output_params({"dataset": "d", "outputs": {"x": {"model": "m", "form": "median"}}}, "x")
-    with pytest.raises(ConfigError, match="unknown key 'pseudo_label.outputs.x.tresh'"):
-        output_params({"dataset": "d", "outputs": {"x": {"model": "m", "form": "soft", "tresh": 1}}}, "x")
+        pseudo_row(pseudo_params(x={"model": "warmup", "form": "median"}), "x")
+    with pytest.raises(ConfigError, match="unknown key 'pseudo_labels.x.options.tresh'"):
+        pseudo_row(pseudo_params(x={"model": "warmup", "form": "soft", "options": {"tresh": 1}}), "x")
+    with pytest.raises(ConfigError, match="unknown key 'pseudo_labels.x.threshold'"):   # options go under options
+        pseudo_row(pseudo_params(x={"model": "warmup", "form": "soft", "threshold": 0.9}), "x")
     with pytest.raises(ConfigError, match="inference.flip"):
-        output_params({"dataset": "d", "inference": {"flip": True},
-                       "outputs": {"x": {"model": "m", "form": "hard_threshold"}}}, "x")
+        pseudo_row(pseudo_params(x={"model": "warmup", "form": "hard_threshold",
+                                    "options": {"inference": {"flip": True}}}), "x")
+    with pytest.raises(ConfigError, match="pseudo_labels.x.model 'nope' is not a model of the table"):
+        pseudo_row(pseudo_params(x={"model": "nope", "form": "soft"}), "x")
+    with pytest.raises(ConfigError, match="'target' must name the prepared dataset"):
+        pseudo_row({**pseudo_params(x={"model": "warmup", "form": "soft"}), "target": None}, "x")
 
 
 def test_up_front_checks(project, tmp_path):
@@ -512,15 +568,19 @@ def test_up_front_checks(project, tmp_path):
 
 
 def test_stage_writes_the_artifact_and_prints_one_line(project, capsys):
-    (project / "params.yaml").write_text(yaml.safe_dump({"pseudo_label": {
-        "dataset": DATASET, "batch_size": 5, "workers": 0,
-        "outputs": {"stage_out": {"model": "aspp", "form": "class_median", "inference": InferenceParams().__dict__}}}}))
+    (project / "params.yaml").write_text(yaml.safe_dump({
+        "source": "x", "target": DATASET,
+        "models": {"aspp": {"recipe": "source_only", "from": "scratch"}},
+        "pseudo_labels": {"stage_out": {"model": "aspp", "form": "class_median", "options": {
+            "batch_size": 5, "workers": 0, "inference": InferenceParams().__dict__}}}}))
     stage.main(["stage_out"])
     line = capsys.readouterr().out.strip()
     assert line.startswith("wrote data/pseudo/stage_out: 5 images of tiny/train labelled by aspp")
     assert "kept fraction" in line
     assert (project / "metrics/pseudo/stage_out/classes.csv").is_file()
-    assert PseudoLabels.load(project / "data/pseudo/stage_out").meta["model"] == "aspp"
+    art = PseudoLabels.load(project / "data/pseudo/stage_out")
+    assert art.meta["model"] == "aspp" and art.meta["dataset"] == DATASET and art.meta["split"] == "train"
+    assert_labeller_is(art, project / "data/models/aspp")
     with pytest.raises(SystemExit):
         stage.main(["missing"])
-    assert "error: params: no output 'missing'" in capsys.readouterr().err
+    assert "error: params: no pseudo-label set 'missing'" in capsys.readouterr().err

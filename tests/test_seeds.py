@@ -106,9 +106,10 @@ SCRIPT = """\
 import json, os, yaml
 p = yaml.safe_load(open("params.yaml"))
 s = p["train"]["seed"]
-os.makedirs("metrics/model", exist_ok=True)
-json.dump({"mIoU": round(20 + 3.5 * s + 0.75 * s * s, 2), "images": 2}, open("metrics/model/target.json", "w"))
-json.dump({"mIoU": 5.0 * s, "targets": {"a": s + 0.5}}, open("metrics/model-avg.json", "w"))
+os.makedirs("metrics/eval/model", exist_ok=True)
+json.dump({"mIoU": round(20 + 3.5 * s + 0.75 * s * s, 2), "images": 2}, open("metrics/eval/model/target.json", "w"))
+summary = {"model": {"a": {"mIoU": s + 0.5, "mAcc": 40.0}, "avg": {"mIoU": 5.0 * s}}}   # as the summary stage writes
+json.dump(summary, open("metrics/summary.json", "w"))
 """
 
 DVC_YAML = """\
@@ -118,8 +119,8 @@ stages:
     deps: [train.py]
     params: [train.seed]
     metrics:
-      - metrics/model/target.json: {cache: false}
-      - metrics/model-avg.json: {cache: false}
+      - metrics/eval/model/target.json: {cache: false}
+      - metrics/summary.json: {cache: false}
 """
 
 
@@ -162,21 +163,23 @@ def test_three_queued_seeds_aggregated(tmp_path, monkeypatch):
     assert set(states.values()) == {"success"}, sh(tmp_path, "dvc", "queue", "status").stdout
 
     res = sh(tmp_path, sys.executable, "-m", "lib.seeds", "seed-1", "seed-2", "seed-3", "--name", "three")
-    assert "4 metrics over 3 experiments" in res.stderr
+    assert "5 metrics over 3 experiments" in res.stderr
     summary = json.loads((tmp_path / "metrics/seeds/three.json").read_text())
     assert list(summary["experiments"]) == ["seed-1", "seed-2", "seed-3"]
     seeds_run = summary["params"]["train.seed"]
     assert seeds_run == [1, 2, 5] and set(summary["params"]) == {"train.seed"}
     miou = np.array([expected_miou(s) for s in seeds_run])
-    target = summary["metrics"]["metrics/model/target.json"]
+    target = summary["metrics"]["metrics/eval/model/target.json"]
     assert target["mIoU"]["values"] == list(miou) and target["mIoU"]["n"] == 3
     assert target["mIoU"]["mean"] == pytest.approx(np.mean(miou))
     assert target["mIoU"]["std"] == pytest.approx(np.std(miou, ddof=1))
     assert target["images"] == {"mean": 2.0, "std": 0.0, "n": 3, "values": [2, 2, 2]}
-    nested = summary["metrics"]["metrics/model-avg.json"]["targets.a"]
-    assert nested["mean"] == pytest.approx(np.mean(np.array(seeds_run) + 0.5))
+    nested = summary["metrics"]["metrics/summary.json"]
+    assert nested["model.a.mIoU"]["mean"] == pytest.approx(np.mean(np.array(seeds_run) + 0.5))
+    assert nested["model.avg.mIoU"]["values"] == [5.0 * s for s in seeds_run]
+    assert nested["model.a.mAcc"] == {"mean": 40.0, "std": 0.0, "n": 3, "values": [40.0, 40.0, 40.0]}
     table = (tmp_path / "metrics/seeds/three.md").read_text()
-    assert "| metrics/model/target.json: mIoU |" in table and "| metrics/model-avg.json: targets.a |" in table
+    assert "| metrics/eval/model/target.json: mIoU |" in table and "| metrics/summary.json: model.a.mIoU |" in table
 
     # the errors, on DVC's own table: an unknown name; the baseline commit, whose metrics files DVC
     # cannot read (never committed), against an experiment
@@ -185,5 +188,6 @@ def test_three_queued_seeds_aggregated(tmp_path, monkeypatch):
     head = sh(tmp_path, "git", "rev-parse", "HEAD").stdout.strip()
     branch = sh(tmp_path, "git", "branch", "--show-current").stdout.strip()
     with pytest.raises(ConfigError, match=f"^experiments differ in their metrics: {branch} lacks "
-                                          r"metrics/model/target.json:mIoU, .* \(\+1 more\) that seed-1 reports$"):
+                                          r"metrics/eval/model/target.json:mIoU, .* \(\+2 more\) "
+                                          "that seed-1 reports$"):
         seeds.summarize(seeds.find_runs(rows, ["seed-1", head]))

@@ -1,4 +1,4 @@
-"""The maths of CPSL's self-training (cpsl.md §5, §7): Sinkhorn, rectification, EMA, KD, memories."""
+"""The maths of CPSL's self-training (Li et al., CVPR 2022): Sinkhorn, rectification, EMA, KD, memories."""
 from __future__ import annotations
 
 import math
@@ -12,10 +12,19 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lib.data.classes import IGNORE
-from lib.models.ema import ema_update
-from lib.losses.clustering import (FifoQueue, consistency_kl, cosine_scores, prototype_weights,
-                                   queue_contrast, rectify, self_labelling_loss, sinkhorn, symmetric_ce)
+from lib.losses.clustering import (
+    FifoQueue,
+    consistency_kl,
+    cosine_scores,
+    prototype_weights,
+    queue_contrast,
+    rectify,
+    self_labelling_loss,
+    sinkhorn,
+    symmetric_ce,
+)
 from lib.losses.distillation import kd_kl, kd_loss, kd_released
+from lib.models.ema import ema_update
 
 
 # ---------------------------------------------------------------- Sinkhorn
@@ -209,9 +218,9 @@ def test_kd_released_gradient_raises_the_teachers_class():
 
 
 # ---------------------------------------------------------------- the two methods, one step each
-from lib.methods.cpsl_kd import CpslKd, CpslKdParams            # noqa: E402
+from lib.methods.cpsl_kd import CpslKd, CpslKdParams  # noqa: E402
 from lib.methods.cpsl_stage1 import CpslStage1, CpslStage1Params  # noqa: E402
-from lib.models import ModelParams, build_model                  # noqa: E402
+from lib.models import ModelParams, build_model  # noqa: E402
 
 C = 5
 NORMALIZE = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -219,7 +228,7 @@ NORMALIZE = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 def cpsl_model(seed: int = 0):
     torch.manual_seed(seed)
-    return build_model(ModelParams(arch="deeplabv2", depth=18, weights="none", aux=False, head="cpsl",
+    return build_model(ModelParams(arch="deeplabv2", depth=18, aux=False, head="cpsl",
                                    head_width=32), C)
 
 
@@ -297,10 +306,11 @@ def test_cpsl_stage1_on_an_aspp_model_clusters_layer4_and_checks_the_prototype_w
     """Under ASPP sum the embedding is layer4 (OUR CHOICE, lib/models/deeplabv2.py): stage 1 trains on it,
     and prototypes of another width are refused before any training."""
     from types import SimpleNamespace
+
     from lib.errors import ConfigError
     from lib.methods.base import StageContext
     torch.manual_seed(0)
-    model = build_model(ModelParams(arch="deeplabv2", depth=18, weights="none", aux=False, head="aspp_sum"), C)
+    model = build_model(ModelParams(arch="deeplabv2", depth=18, aux=False, head="aspp_sum"), C)
     assert model.embedding_channels == 512 and cpsl_model().embedding_channels == 32
     pseudo = SimpleNamespace(form="soft", prototypes=torch.randn(C, 512), prior=torch.full((C,), 1 / C))
     params = CpslStage1Params(queue_length=64, samples_per_image=16, ema=0.5, cutmix_p=0.0)
@@ -313,3 +323,62 @@ def test_cpsl_stage1_on_an_aspp_model_clusters_layer4_and_checks_the_prototype_w
     wrong = SimpleNamespace(form="soft", prototypes=torch.randn(C, 256), prior=pseudo.prior)
     with pytest.raises(ConfigError, match="prototypes are 256-d but the model's embedding has 512 channels"):
         CpslStage1.build(model, params, StageContext(num_classes=C, pseudo=wrong, normalize=NORMALIZE))
+
+
+# ---------------------------------------------------------------- a distillation row of the model table
+def test_a_distillation_rows_teacher_is_the_labeller_of_its_pseudo_label_set(tmp_path, monkeypatch):
+    """A cpsl_kd row names no teacher: it distils the model that labelled its pseudo-label set, read
+    from the set's own copy (<set>/labeller), which is part of the row's identity."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from lib.models.artifact import load_model
+    from lib.pseudo.artifact import PseudoLabels
+    from lib.pseudo.writer import PseudoParams, generate_pseudo_labels
+    from lib.table import find_training_row
+    from lib.train.stage import build_training_stage
+    from tests import layouts as L
+    from tests.tables import one_row, train
+
+    L.prepare_gta_and_cityscapes(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    model = {"arch": "deeplabv2", "depth": 18, "bn": "batch", "aux": False, "head": "cpsl", "head_width": 32}
+    data = {"batch_size": 2, "crop": [8, 16], "workers": 0}
+    recipe = {"model": model, "data": data, "optim": {"model": {"type": "adamw", "lr": 1e-3}},
+              "train": {"iters": 2, "checkpoint_every": 2, "log_every": 1, "precision": "fp32"}}
+    params = one_row("kd", "cpsl_kd", {**recipe, "pseudo_threshold": 0.5}, "gta", "cs", pseudo="set",
+                     recipes={"source_only": recipe},
+                     models={"warmup": {"recipe": "source_only", "from": "scratch"},
+                             "other": {"recipe": "source_only", "from": "scratch",
+                                       "overrides": {"train": {"seed": 1}}}},
+                     pseudo_labels={"set": {"model": "warmup", "form": "hard_threshold"}})
+    train(params, "warmup")
+    train(params, "other")
+    monkeypatch.setattr("lib.pseudo.writer.select_device", lambda: torch.device("cpu"))
+    generate_pseudo_labels(Path("data/models/warmup"), "cs", "train", "hard_threshold",
+                           PseudoParams(batch_size=1, workers=0), Path("data/pseudo/set"), progress=False)
+    labeller = PseudoLabels.load("data/pseudo/set").labeller
+    expected, _ = load_model(labeller)
+    shutil.rmtree("data/models/warmup")               # the set's copy is what the row reads
+
+    built = build_training_stage(find_training_row(params, "kd"))
+    teacher = built.method.teacher
+    assert not teacher.training                       # the loop keeps frozen modules in eval mode, gradients off
+    assert teacher.state_dict().keys() == expected.state_dict().keys()
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in teacher.state_dict().items())
+    assert built.method.frozen_modules() == {"teacher": teacher}
+    student = built.model.state_dict()                # from scratch: not the teacher
+    assert any(not torch.equal(v, student[k]) for k, v in teacher.state_dict().items() if v.is_floating_point())
+
+    # another labeller is another teacher, so another run (the checkpoint must not resume across it)
+    shutil.copyfile("data/models/other/model.pt", labeller / "model.pt")
+    other = build_training_stage(find_training_row(params, "kd"))
+    assert other.fingerprint != built.fingerprint
+    other_state, _ = load_model("data/models/other")
+    assert all(torch.equal(v, other_state.state_dict()[k]) for k, v in other.method.teacher.state_dict().items())
+
+    out = train(params, "kd")
+    meta = json.loads((out / "meta.json").read_text())
+    assert (meta["stage"], meta["method"], meta["from"], meta["pseudo"]) == (
+        "selftrain@kd", "cpsl_kd", "scratch", "set")

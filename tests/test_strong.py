@@ -1,4 +1,5 @@
-"""Strong views and their geometry (cpsl.md §2), CutMix boxes and paste (cpsl.md §5 step 2)."""
+"""Strong views and their geometry, CutMix boxes and paste: CPSL's (Li et al., CVPR 2022) strong view
+and the CutMix of its stage 1."""
 import math
 
 import pytest
@@ -9,8 +10,16 @@ from hypothesis import strategies as st
 
 from lib.data import strong
 from lib.data.classes import IGNORE
-from lib.data.strong import (Geometry, StrongParams, box_mask, cutmix_boxes, paste, strong_view, valid_mask,
-                             warp)
+from lib.data.strong import (
+    Geometry,
+    StrongParams,
+    box_mask,
+    cutmix_boxes,
+    paste,
+    strong_view,
+    valid_mask,
+    warp,
+)
 from lib.errors import ConfigError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

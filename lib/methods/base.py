@@ -44,13 +44,16 @@ class StageContext:
     - ``teacher``: a trained model loaded from ``<stage>.teacher`` (eval mode, frozen), or None;
     - ``pseudo``: the pseudo-label artifact of ``<stage>.pseudo`` (lib.pseudo.labels.PseudoLabels:
       its meta, and for the soft form the class prototypes and prior), or None;
-    - ``normalize``: the (mean, std) the stage's images were normalised with (strong views undo it).
+    - ``normalize``: the (mean, std) the stage's images were normalised with (strong views undo it);
+    - ``start``: what the row's ``from`` is: ``scratch``, imported ``weights`` or a trained ``model``
+      (its weights are already in the model the method gets).
     """
 
     num_classes: int
     teacher: nn.Module | None = None
     pseudo: Any = None
     normalize: tuple[tuple[float, ...], tuple[float, ...]] = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    start: str = "scratch"
 
 
 class Method:

@@ -29,7 +29,7 @@ Our choices, flagged (the spec describes HRDA on MiT-B5; we run DeepLab on a Res
   those of its x0.5 context view (§2.1, §4.6); the teacher labels the crop in one forward;
 - the invariance stages are ResNet stages, ``{layer1: 0.9, layer2: 0.1}`` standing for MiT stages 1
   and 2 (strides 4 and 8, §8); FD uses ``layer4`` for the last MiT stage;
-- FD runs only when the model starts from ImageNet weights (``model.weights: imagenet``); otherwise it
+- FD runs only when the row starts from imported (ImageNet) weights (``from: <weights entry>``); otherwise it
   is off, with one logged line;
 - a model with an auxiliary head adds ``aux_weight`` x its CE to both supervised terms (DAFormer's
   head has none);
@@ -128,7 +128,7 @@ class Ciss(Method):
     params_type = CissParams
 
     def __init__(self, model: nn.Module, params: CissParams, num_classes: int,
-                 normalize: tuple[tuple[float, ...], tuple[float, ...]]):
+                 normalize: tuple[tuple[float, ...], tuple[float, ...]], start: str = "scratch"):
         super().__init__(model, params)
         for c in params.fd_classes:
             if c >= num_classes:
@@ -138,15 +138,15 @@ class Ciss(Method):
         self.teacher = copy.deepcopy(model).requires_grad_(False)     # iteration 0: G' = G
         self.imagenet = None
         if params.fd_weight > 0:
-            if model.params.weights == "imagenet":
+            if start == "weights":     # the frozen copy holds the imported weights the row starts from
                 self.imagenet = copy.deepcopy(model).requires_grad_(False)
             else:
-                print(f"ciss: ImageNet feature distance off: the model starts from weights "
-                      f"'{model.params.weights}', not 'imagenet' (set ciss.fd_weight: 0 to silence this)")
+                print(f"ciss: ImageNet feature distance off: the row starts from {start}, not from imported "
+                      "ImageNet weights (set method.fd_weight: 0 to silence this)")
 
     @classmethod
     def build(cls, model, params, context: StageContext) -> "Ciss":
-        return cls(model, params, context.num_classes, context.normalize)
+        return cls(model, params, context.num_classes, context.normalize, context.start)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model, "teacher": self.teacher}

@@ -17,11 +17,7 @@ from torch import nn
 
 from lib.errors import ConfigError, DataError
 
-_RESNETS = {
-    18: (torchvision.models.resnet18, torchvision.models.ResNet18_Weights),
-    50: (torchvision.models.resnet50, torchvision.models.ResNet50_Weights),
-    101: (torchvision.models.resnet101, torchvision.models.ResNet101_Weights),
-}
+_RESNETS = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50, 101: torchvision.models.resnet101}
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 # Where RobustNet/BlindNet put instance normalisation (blindnet.md §1, ``--wt_layer 0 0 1 1 1 0 0``),
 # as the SegOutput feature names of the normalised, pre-ReLU maps.
@@ -62,7 +58,7 @@ class ResNetBackbone(nn.Module):
     def __init__(self, depth: int, dilations: tuple[int, int], ceil_pool: bool, bn: str,
                  instance_norm: str = "none"):
         super().__init__()
-        constructor, _ = _RESNETS[depth]
+        constructor = _RESNETS[depth]
         net = constructor(weights=None)
         # Same attribute names as torchvision, so its state-dict keys load unchanged.
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
@@ -150,17 +146,6 @@ def build_backbone(depth: int, dilations: tuple[int, int], ceil_pool: bool, bn: 
     return ResNetBackbone(depth, dilations, ceil_pool, bn, instance_norm)
 
 
-def imagenet_file(depth: int) -> Path:
-    """torchvision's IMAGENET1K_V1 file for this depth in the hub cache; never downloaded."""
-    _, weight_enum = _RESNETS[depth]
-    url = weight_enum.IMAGENET1K_V1.url
-    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
-    if not path.is_file():
-        raise ConfigError(f"model weights 'imagenet': {path} not found; download {url} to that path "
-                          f"(TORCH_HOME moves the cache folder) or set weights to 'none'")
-    return path
-
-
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a PyTorch weights file, loaded with ``weights_only=True``.
 
@@ -200,7 +185,7 @@ def load_backbone_state(backbone: ResNetBackbone, state: dict[str, torch.Tensor]
                 (("missing keys", missing), ("unexpected keys", unexpected),
                  ("wrong shapes for", mismatched)) if keys]
     if problems:
-        raise ConfigError(f"{where}: not the state dict of this ResNet backbone ({'; '.join(problems)})")
+        raise ConfigError(f"{where}: {'; '.join(problems)}")
     backbone.load_state_dict(state, strict=False)
 
 

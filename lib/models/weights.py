@@ -95,9 +95,10 @@ def load_imported(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return payload["state_dict"], meta
 
 
-def initialise(model: nn.Module, directory: Path, state: dict[str, torch.Tensor], meta: dict) -> None:
+def initialise(model: nn.Module, directory: Path, state: dict[str, torch.Tensor], meta: dict,
+               described_as: str = "the model's backbone") -> None:
     """Lay an imported artifact's tensors on ``model`` (its backbone); ``scratch`` changes nothing."""
     if meta["format"] == "none":
         return
-    load_backbone_state(model.backbone, state, f"{Path(directory) / MODEL_FILE} ({meta['format']} weights "
-                                                  f"of {meta['file']})")
+    load_backbone_state(model.backbone, state, f"{Path(directory) / MODEL_FILE} ({meta['format']} weights of "
+                                                  f"{meta['file']}) does not fit {described_as}")

@@ -134,12 +134,20 @@ class StageInputs:
                 inputs.paths.append(inputs.pseudo.labeller / MODEL_FILE)
         return inputs
 
+    @property
+    def start_kind(self) -> str:
+        """scratch | weights (imported) | model (trained): what the row's ``from`` is."""
+        if self.start_meta.get("kind", "model") != WEIGHTS_KIND:
+            return "model"
+        return "scratch" if self.start_meta.get("format") == "none" else "weights"
+
     def initialise(self, model, model_params: ModelParams) -> None:
         """Lay the start's weights on ``model``: a trained model's are copied whole (the
         architectures must agree), imported weights go to the backbone."""
         path = self.paths[0]
         if self.start_meta.get("kind", "model") == WEIGHTS_KIND:
-            initialise(model, path.parent, self.start_state, self.start_meta)
+            initialise(model, path.parent, self.start_state, self.start_meta,
+                       f"the ResNet-{model_params.depth} backbone of {self.row.where} (recipes.{self.row.recipe}.model)")
         else:
             load_weights(model, self.start_state, path,
                          f"a {model_params.arch}-{model_params.depth} ({self.row.where}: recipes.{self.row.recipe}.model)")
@@ -192,13 +200,13 @@ def build_training_stage(row: TrainingRow) -> BuiltStage:
         raise ConfigError(f"params: recipes.{row.recipe}.data.batch_size must be >= 2 for deeplabv3plus "
                           "(BatchNorm on its image-pooling branch needs two samples)")
 
-    distributed.start(recipe.train, row.where)   # under torchrun from here on when processes > 1
+    distributed.start(recipe.train, f"recipes.{row.recipe}")   # under torchrun from here on when processes > 1
 
     seed_everything(recipe.train.seed)
     model = build_model(recipe.model, class_set.num_classes)
     inputs.initialise(model, recipe.model)
     context = StageContext(num_classes=class_set.num_classes, teacher=inputs.teacher, pseudo=inputs.pseudo,
-                           normalize=(mean, std))
+                           normalize=(mean, std), start=inputs.start_kind)
     method = method_type.build(model, method_params, context)
     seeds = {s: stream_seed(recipe.train.seed, s) for s in needed}
     stylization = method.stream_stylization()
