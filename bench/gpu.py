@@ -52,12 +52,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.stepper import FixedBatchTrainer  # noqa: E402
-from lib.config import PARAMS_FILE, load_params, merged  # noqa: E402
+from lib.config import PARAMS_FILE, merged  # noqa: E402
 from lib.data.streams import NORMALIZATION  # noqa: E402
 from lib.io import write_json_atomic  # noqa: E402
 from lib.methods.base import StageContext, method_class  # noqa: E402
 from lib.models import build_model  # noqa: E402
-from lib.preset import chain, copy_node, empty, overlay  # noqa: E402
+from lib.preset import apply  # noqa: E402
+from ruamel.yaml import YAML  # noqa: E402
 from lib.pseudo.artifact import PseudoLabels  # noqa: E402
 from lib.table import SCRATCH, TrainingRow, find_training_row, table  # noqa: E402
 from lib.train.stage import Recipe, parse_recipe  # noqa: E402
@@ -76,16 +77,8 @@ TINY_METHOD = {"cpsl_stage1": {"queue_length": 64, "samples_per_image": 16}}
 
 def preset_params(name: str) -> dict:
     """params.yaml with presets/<name> (and its bases) laid over it, as ``python -m lib.preset`` lays
-    them: each layer's ``replace`` and ``copy`` first, then the overlay."""
-    params = load_params(ROOT / PARAMS_FILE)
-    for path, layer in chain(ROOT / "presets" / name):
-        layer = json.loads(json.dumps(layer))    # plain types: ruamel's scalars fail type checks
-        for dotted in layer.pop("replace", None) or []:
-            empty(params, str(dotted), path)
-        for dest, source in (layer.pop("copy", None) or {}).items():
-            copy_node(params, str(dest), str(source), path)
-        overlay(params, layer)
-    return params
+    them, as plain values (ruamel's scalars fail the params' type checks)."""
+    return json.loads(json.dumps(apply(YAML().load((ROOT / PARAMS_FILE).read_text()), ROOT / "presets" / name)))
 
 
 def start_kind(params: dict, row: TrainingRow) -> str:

@@ -81,6 +81,22 @@ def atomic_dir(final: str | os.PathLike):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def check_writable(final: str | os.PathLike) -> None:
+    """Fail now, not after hours of work, when ``final`` could not be written: its folder is made
+    and a temporary file created and removed there (a file in the way, a read-only mount, a full
+    disk are one OutputError naming ``final``)."""
+    final = Path(final)
+    probe = temporary_sibling(final, "probe")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+    except OSError as err:
+        raise output_error(final, err) from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+
+
 def write_json_atomic(path: str | os.PathLike, data) -> None:
     path = Path(path)
     tmp = temporary_sibling(path)

@@ -98,6 +98,19 @@ def chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
     return (chain(path.parent / base, (*seen, path)) if base else []) + [(path, preset)]
 
 
+def apply(params: CommentedMap, preset: Path) -> CommentedMap:
+    """Lay ``preset`` (and its bases) over the round-trip document ``params`` in place: each
+    layer's ``replace`` and ``copy`` first, then the overlay."""
+    for path, layer in chain(preset):
+        for dotted in layer.pop("replace", None) or []:
+            empty(params, str(dotted), path)
+        for dest, source in (layer.pop("copy", None) or {}).items():
+            copy_node(params, str(dest), str(source), path)
+        overlay(params, layer)
+    tidy(params)
+    return params
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,17 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     yaml = YAML()
     yaml.width = 120
-    layers = chain(args.preset)
+    chain(args.preset)     # a missing or looping preset is reported before params.yaml is read
     if not args.params.is_file():
         raise ConfigError(f"{args.params}: params file not found")
-    params = yaml.load(args.params.read_text())
-    for path, layer in layers:
-        for dotted in layer.pop("replace", None) or []:
-            empty(params, str(dotted), path)
-        for dest, source in (layer.pop("copy", None) or {}).items():
-            copy_node(params, str(dest), str(source), path)
-        overlay(params, layer)
-    tidy(params)
+    params = apply(yaml.load(args.params.read_text()), args.preset)
     with args.params.open("w") as f:
         yaml.dump(params, f)
     print(f"applied {args.preset} to {args.params}; run `dvc exp run -n {args.preset.stem}`", file=sys.stderr)

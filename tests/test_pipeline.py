@@ -148,7 +148,9 @@ def edit_params(project: Path, change) -> None:
 
 
 def restore(project: Path) -> None:
-    sh(project, "git", "checkout", "params.yaml", "dvc.lock")
+    """Back to the committed run: params, lock, the git-tracked reports and curves, the DVC outputs."""
+    sh(project, "git", "checkout", "params.yaml", "dvc.lock", "metrics")
+    sh(project, "git", "clean", "-fdq", "metrics")
     sh(project, "dvc", "checkout", "-f")
 
 

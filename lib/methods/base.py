@@ -41,9 +41,10 @@ class StageContext:
     """What a training stage hands a method besides its model and params.
 
     - ``num_classes``: of the source's class set;
-    - ``teacher``: a trained model loaded from ``<stage>.teacher`` (eval mode, frozen), or None;
-    - ``pseudo``: the pseudo-label artifact of ``<stage>.pseudo`` (lib.pseudo.labels.PseudoLabels:
-      its meta, and for the soft form the class prototypes and prior), or None;
+    - ``teacher``: for a method that ``needs_teacher``, the labeller of the row's pseudo-label set
+      (eval mode, frozen), else None;
+    - ``pseudo``: the row's pseudo-label set (lib.pseudo.artifact.PseudoLabels: its meta, and for
+      the soft form the class prototypes and prior), or None;
     - ``normalize``: the (mean, std) the stage's images were normalised with (strong views undo it);
     - ``start``: what the row's ``from`` is: ``scratch``, imported ``weights`` or a trained ``model``
       (its weights are already in the model the method gets).
@@ -59,7 +60,7 @@ class StageContext:
 class Method:
     #: streams the step reads, e.g. ("source",) or ("source", "target")
     streams: tuple[str, ...] = ("source",)
-    #: the dataclass of the method's own params (its ``<stage>.<method name>`` section)
+    #: the dataclass of the method's own params (``recipes.<method>.method``)
     params_type: type
 
     #: the stage must give this method a teacher model / a pseudo-label artifact

@@ -136,11 +136,11 @@ class CpslStage1(Method):
         pseudo = context.pseudo
         if pseudo is None or pseudo.form != "soft" or pseudo.prototypes is None or pseudo.prior is None:
             raise ConfigError("params: cpsl_stage1 needs soft pseudo-labels with prototypes and a class prior "
-                              "(a pseudo_label output with form: soft)")
+                              "(the row's `pseudo` must be a set of pseudo_labels with form: soft)")
         width = getattr(model, "embedding_channels", None)
         if width is not None and pseudo.prototypes.shape[1] != width:
             raise ConfigError(f"params: the soft pseudo-labels' prototypes are {pseudo.prototypes.shape[1]}-d but "
-                              f"the model's embedding has {width} channels (label with the init model)")
+                              f"the model's embedding has {width} channels (label with the model the row starts from)")
         return cls(model, params, pseudo.prototypes, pseudo.prior, context.normalize)
 
     def modules(self) -> dict[str, nn.Module]:

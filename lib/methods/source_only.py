@@ -5,7 +5,7 @@
 The warm-up of every recipe and the lower bound every adaptation number is read against.
 lambda_aux is ADVENT's LAMBDA_SEG_AUX (0.1) for the multi-level DeepLabV2; BlindNet's DeepLabV3+
 weights its auxiliary head with 0.4.  Training on a stylized source is the same method on another
-prepared dataset (``warmup.source``).
+prepared dataset (the params' ``source``).
 """
 from __future__ import annotations
 

@@ -38,6 +38,7 @@ from lib.data.streams import (
     training_stream,
 )
 from lib.errors import ConfigError
+from lib.io import check_writable
 from lib.methods.base import StageContext, method_class
 from lib.models import ModelParams, build_model
 from lib.models.artifact import load_model, load_weights
@@ -80,13 +81,13 @@ class Recipe:
 
 def parse_recipe(row: TrainingRow) -> tuple[Recipe, Any]:
     """(the recipe with the row's overrides, the method's params); unknown keys are errors."""
+    params_type = method_class(row.recipe).params_type     # first: is the recipe a method at all
     raw = dict(row.raw)
     where = f"recipes.{row.recipe}"
     if isinstance(raw.get("target_data"), dict) and isinstance(raw.get("data"), dict):
         # ADVENT reads the source at 720x1280 and the target at 512x1024: only the differences are given
         raw["target_data"] = {**raw["data"], **raw["target_data"]}
     recipe = parse(Recipe, raw, where)
-    params_type = method_class(row.recipe).params_type
     return recipe, parse(params_type, recipe.method, f"{where}.method")
 
 
@@ -180,6 +181,7 @@ def build_training_stage(row: TrainingRow) -> BuiltStage:
     Joins the process group first when the stage runs under torchrun (``train.processes`` > 1); a
     plain process asking for several is relaunched under torchrun here (lib.train.distributed)."""
     recipe, method_params = parse_recipe(row)
+    check_writable(MODELS_ROOT / row.name)       # before any work: the model must be writable at the end
     method_type = method_class(row.recipe)
     datasets = {"source": row.source, "target": row.target}
     needed = {s: datasets.get(s) for s in method_type.streams}
