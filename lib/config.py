@@ -7,6 +7,7 @@ key path, before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -26,6 +27,22 @@ class ParamsLoader(yaml.SafeLoader):
     and DVC do: ``dvc exp run -S lr=5e-5`` writes ``5e-05``, which YAML 1.1 takes for a string."""
 
 
+def _unique_mapping(loader: ParamsLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are unique: PyYAML keeps the last of two equal keys silently, DVC refuses them."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (first on line "
+                f"{seen[key] + 1}); expected every key once", key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+ParamsLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 ParamsLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
@@ -74,6 +91,11 @@ def parse(tp: Any, value: Any, where: str) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
+        present = [o for o in options if o is not type(None)]
+        if value is None and len(present) < len(options):
+            return None
+        if len(present) == 1:      # X | None: X's own error names the key and what was expected
+            return parse(present[0], value, where)
         for option in options:
             try:
                 return parse(option, value, where)
@@ -132,6 +154,8 @@ def _parse_dataclass(cls: type[T], value: Any, where: str) -> T:
 
 
 def positive(value: int | float, where: str, allow_zero: bool = False) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"params: {where} must be a finite number, got {value}")
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"params: {where} must be {bound}, got {value}")

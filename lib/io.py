@@ -112,8 +112,10 @@ def write_json_atomic(path: str | os.PathLike, data) -> None:
 
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; a missing or undecodable file is a DataError naming it."""
-    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    """(H, W, 3) uint8 RGB, the pixel array as stored; a missing or undecodable file is a DataError
+    naming it.  An EXIF orientation tag is ignored, as PIL (the reference loaders, and the prepare
+    stage that measures every image) ignores it: rotating the image would misalign it with its label."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         reason = "file not found" if not Path(path).exists() else "not a readable image"
         raise DataError(f"{path}: {reason} (expected an RGB image)")

@@ -50,6 +50,7 @@ class TrainingRow:
     source: str
     target: str | None
     raw: dict = field(default_factory=dict)   # recipe ⊕ overrides, as parsed by lib.train.stage
+    overrides: dict = field(default_factory=dict)
 
     @property
     def where(self) -> str:
@@ -139,7 +140,8 @@ def find_training_row(params: dict, name: str) -> TrainingRow:
                           f"(known: {', '.join(table(params, 'pseudo_labels')) or 'none'})")
     source, target = domains(params)
     return TrainingRow(name=name, table=table_name, recipe=row["recipe"], start=row["from"], pseudo=pseudo,
-                       source=source, target=target, raw=merged(recipe, row.get("overrides") or {}))
+                       source=source, target=target, raw=merged(recipe, row.get("overrides") or {}),
+                       overrides=row.get("overrides") or {})
 
 
 def domains(params: dict) -> tuple[str, str | None]:

@@ -4,27 +4,15 @@ models whose upsampled logits are summed 0.5 / 0.5; lib.models.ensemble)."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from pathlib import Path
 
 from lib.config import load_params, parse
 from lib.errors import ConfigError, exit_on_user_error
 from lib.models.artifact import write_ensemble
+from lib.models.ensemble import EnsembleParams
 from lib.table import table
 
 MODELS_ROOT = Path("data/models")
-
-
-@dataclass(frozen=True)
-class EnsembleParams:
-    models: list[str]
-    weights: list[float]
-
-    def validate(self, where: str) -> None:
-        # two members: dvc.yaml declares ${item.models[0]} and ${item.models[1]} as the stage's dependencies
-        if len(self.models) != 2 or len(self.weights) != 2 or len(set(self.models)) != 2:
-            raise ConfigError(f"params: {where} must name two distinct models and their two weights, "
-                              f"got models {self.models} and weights {self.weights}")
 
 
 @exit_on_user_error

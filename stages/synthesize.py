@@ -2,40 +2,14 @@
 ACDC layouts (data/raw/synthetic/{gta5,cityscapes,acdc}); the prepare stages read it like real data."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-from lib.config import load_params, positive, section
-from lib.data.synthetic import DOMAINS, write_benchmark
-from lib.errors import ConfigError, exit_on_user_error
+from lib.config import load_params, section
+from lib.data.synthetic import SynthesizeParams, write_benchmark
+from lib.errors import exit_on_user_error
 from lib.io import atomic_dir
 
 OUT = Path("data/raw/synthetic")
-
-
-@dataclass(frozen=True)
-class SplitCounts:
-    train: int
-    val: int
-
-    def validate(self, where: str) -> None:
-        positive(self.train, f"{where}.train", allow_zero=True)
-        positive(self.val, f"{where}.val", allow_zero=True)
-
-
-@dataclass(frozen=True)
-class SynthesizeParams:
-    counts: dict[str, SplitCounts]
-    height: int = 128
-    width: int = 256
-    seed: int = 0
-    workers: int = 2
-
-    def validate(self, where: str) -> None:
-        if sorted(self.counts) != sorted(DOMAINS):
-            raise ConfigError(f"params: {where}.counts must name exactly the domains {', '.join(DOMAINS)}")
-        for key in ("height", "width", "workers"):
-            positive(getattr(self, key), f"{where}.{key}")
 
 
 @exit_on_user_error

@@ -116,6 +116,49 @@ class OpensAFile:
         return (open, ("pwned", "w"))
 
 
+def drop_iend(path: Path) -> None:
+    """A PNG cut just before its IEND chunk: PIL decodes it, OpenCV does not."""
+    data = path.read_bytes()
+    path.write_bytes(data[: data.rfind(b"IEND") - 4])
+
+
+def duplicate_dataset_key(project: Path) -> None:
+    text = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(text.replace("datasets:\n", "datasets:\n  gta: {layout: gta5, root: raw/gta5}\n", 1))
+
+
+def every_label_resized(project: Path) -> None:
+    for label in sorted((project / "raw/gta5/labels").glob("*.png")):
+        label_with(7, 5, 7)(label)
+    params(**{"prepare.size_mismatch": "skip"})(project)
+
+
+def random_bytes(path: Path) -> None:
+    path.unlink()       # a new file: the base project's copy is hard-linked
+    path.write_bytes(np.random.default_rng(0).bytes(512))
+
+
+def foreign_model_meta(project: Path) -> None:
+    path = project / "data/models/warmup/model.pt"
+    payload = torch.load(path, weights_only=True)
+    path.unlink()       # a new file: the base project's copy is hard-linked
+    torch.save({"state_dict": payload["state_dict"], "meta": {"kind": "model", "made_by": "another tool"}}, path)
+
+
+def diverged_model(project: Path) -> None:
+    path = project / "data/models/warmup/model.pt"
+    payload = torch.load(path, weights_only=True)
+    path.unlink()
+    payload["state_dict"] = {k: torch.full_like(v, float("inf")) if v.is_floating_point() else v
+                             for k, v in payload["state_dict"].items()}
+    torch.save(payload, path)
+
+
+def curves_folder_is_a_file(project: Path) -> None:
+    (project / "data/checkpoints/warmup").mkdir(parents=True, exist_ok=True)
+    (project / "data/checkpoints/warmup/curves").write_text("a file where the curves folder must be\n")
+
+
 def pickled_payload(project: Path) -> None:
     torch.save({"format": 1, "fingerprint": "x", "iteration": 1, "rng": OpensAFile()},
                project / "data/checkpoints/warmup/last.pt")
@@ -144,7 +187,7 @@ class Case:
 
 PREPARE, WARMUP, EVALUATE = ("stages.prepare", "gta"), ("stages.train", "warmup"), ("stages.evaluate", "warmup", "cs")
 GTA5 = r"\(expected the GTA5 layout: images/NNNNN\.png and labels/NNNNN\.png, optional split\.mat\)"
-TRAINING = ("data/checkpoints/warmup", "metrics/train/warmup")
+TRAINING = ("data/checkpoints/warmup",)     # the resumable state and the run's own curves
 CASES = [
     Case("missing_dataset_root", PREPARE, params(**{"datasets.gta.root": "raw/nowhere"}),
          rf"error: raw/nowhere: dataset folder not found {GTA5}"),
@@ -203,10 +246,47 @@ CASES = [
          may_write=TRAINING, check=resumable_state_kept),
     Case("disk_full_during_checkpoint_write", WARMUP, params(), file_size_limit=8_000_000,
          message=r"error: data/checkpoints/warmup/last\.pt: could not be written \(File too large\); any earlier "
-                 r"version is left as it was", may_write=("metrics/train/warmup",)),
+                 r"version is left as it was", may_write=TRAINING),
     Case("unwritable_output_folder", WARMUP, models_folder_is_a_file,
          r"error: data/models/warmup: could not be written \(data/models is a file, not a folder\); any earlier "
          r"version is left as it was"),      # found before training, not after it
+    Case("png_without_its_end", PREPARE, rewrite("raw/gta5/images/00002.png", drop_iend),
+         r"error: raw/gta5/images/00002\.png: corrupt image \(OpenCV, the decoder training reads it with, cannot "
+         r"decode it\)"),
+    Case("duplicate_param_key", PREPARE, duplicate_dataset_key,
+         r"error: params\.yaml: not valid YAML \(line \d+: duplicate key 'gta' \(first on line \d+\); expected "
+         r"every key once\)"),
+    Case("tilde_in_dataset_root", PREPARE, params(**{"datasets.gta.root": "~/gta5"}),
+         r"error: params: datasets\.gta\.root = '~/gta5': '~' is not expanded \(DVC takes the root as the stage's "
+         r"dependency literally\); write the full path"),
+    Case("every_frame_skipped", PREPARE, every_label_resized,
+         r"error: raw/gta5: every one of the 6 frames was skipped \(prepare\.size_mismatch: skip; first: "
+         r"raw/gta5/labels/00001\.png: label size 7x5 differs .*\); expected labels of their images' size"),
+    Case("nan_learning_rate", WARMUP, params(**{"recipes.source_only.optim.model.lr": float("nan")}),
+         r"error: params: recipes\.source_only\.optim\.model\.lr must be a finite number, got nan"),
+    Case("negative_seed", WARMUP, params(**{"recipes.source_only.train.seed": -1}),
+         r"error: params: recipes\.source_only\.train\.seed must be >= 0, got -1"),
+    Case("mistake_inside_an_optional_block", WARMUP, params(**{"recipes.source_only.target_data": {"crop": [0, 16]}}),
+         r"error: params: recipes\.source_only\.target_data\.crop must be two positive numbers, got \[0, 16\]"),
+    Case("mistake_in_a_row_override", WARMUP,
+         params(**{"models.warmup.overrides": {"data": {"crops": [8, 16]}}}),
+         r"error: params: unknown key 'models\.warmup\.overrides\.data\.crops' \(known keys: .*crop,.*\)"),
+    Case("model_with_foreign_metadata", EVALUATE, foreign_model_meta,
+         r"error: data/models/warmup/model\.pt: its meta does not describe a model of this pipeline \(missing or bad "
+         r"'model'\)"),
+    Case("random_bytes_as_a_model", EVALUATE, rewrite("data/models/warmup/model.pt", random_bytes),
+         r"error: data/models/warmup/model\.pt: not a readable model checkpoint \(not a PyTorch file: expected one "
+         r"written by torch\.save\)"),
+    Case("diverged_last_update", WARMUP,
+         params(**{"recipes.source_only.optim.model": {"type": "sgd", "lr": 1e300}, "recipes.source_only.train.iters": 1}),
+         r"error: iteration 0: model\.\S+ holds non-finite values after the update; training stopped and no "
+         r"checkpoint had been written yet \(lower the learning rate or check the data\)", may_write=TRAINING),
+    Case("diverged_model_evaluated", EVALUATE, diverged_model,
+         r"error: data/models/warmup: its prediction is not finite on a batch starting with sample \S+ \(a diverged "
+         r"model: nothing is scored\)"),
+    Case("curves_folder_blocked", WARMUP, curves_folder_is_a_file,
+         r"error: data/checkpoints/warmup/curves: could not be written \(.*\); any earlier version is left as it was",
+         may_write=TRAINING),
 ]
 
 

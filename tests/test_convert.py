@@ -253,3 +253,33 @@ def test_parallel_equals_serial(tmp_path):
     for ra, rb in zip(a.itertuples(), b.itertuples()):
         np.testing.assert_array_equal(read_label_png(ra.label), read_label_png(rb.label))
     assert (out_a / "centroids.csv").read_text() == (out_b / "centroids.csv").read_text()
+
+
+def test_exif_orientation_is_ignored_as_the_reference_loaders_ignore_it(tmp_path):
+    """A JPEG tagged 180° (EXIF Orientation 3): training reads the stored pixel array, as PIL (the
+    reference loaders, and prepare's size checks) does; rotating it would turn the image upside down
+    against its label."""
+    root = tmp_path / "bdd"
+    L.make_bdd100k(root, np.random.default_rng(3), {"train": 2}, "")
+    image_path = sorted((root / "images/train").glob("*.jpg"))[0]
+    stored = np.asarray(Image.open(image_path).convert("RGB"))
+    tag = Image.Exif()
+    tag[0x0112] = 3
+    Image.fromarray(stored).save(image_path, exif=tag, quality=100)
+    stored = np.asarray(Image.open(image_path).convert("RGB"))
+    assert Image.open(image_path).getexif()[0x0112] == 3
+    assert not np.array_equal(stored, np.asarray(ImageOps.exif_transpose(Image.open(image_path)).convert("RGB")))
+    np.testing.assert_array_equal(read_rgb(image_path), stored)
+    index, _, out = run(tmp_path, "bdd", {"layout": "bdd100k", "root": str(root), "splits": ["train"]})
+    data = PreparedDataset(out, "train", transforms=None, seed=0)
+    row = index.index[index["image"] == str(image_path)][0]
+    np.testing.assert_array_equal(data.load(row)["image"], stored)
+
+
+def test_macos_appledouble_files_are_not_frames(tmp_path):
+    root = tmp_path / "GTA5"
+    expected = L.make_gta5(root, np.random.default_rng(5), n=2)
+    for folder in ("images", "labels"):
+        (root / folder / "._00001.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble metadata")
+    index, _, _ = run(tmp_path, "gta5", {"layout": "gta5", "root": str(root)})
+    assert_labels(index, expected)

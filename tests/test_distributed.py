@@ -33,7 +33,7 @@ from lib.models.files import load_checked
 from lib.models.output import SegOutput
 from lib.table import find_training_row
 from lib.train import distributed
-from lib.train.checkpoint import STATE_FILE, across_world_sizes
+from lib.train.checkpoint import STATE_FILE, training_identity
 from lib.train.loop import TrainParams, train
 from lib.train.optim import OptimizerParams, ScheduleParams
 from lib.train.stage import run_training_stage
@@ -238,7 +238,7 @@ def test_the_fingerprint_counts_the_global_batch_not_the_processes():
         raw = {"data": {"batch_size": batch}, "train": {"iters": 5, "processes": processes, "backend": "gloo"}}
         if target_batch is not None:
             raw["target_data"] = {"batch_size": target_batch}
-        return across_world_sizes(raw, DataParams(batch_size=batch), TrainParams(iters=5, processes=processes))
+        return training_identity(raw, DataParams(batch_size=batch), TrainParams(iters=5, processes=processes))
 
     assert seen(2, 2) == seen(4, 1) == {"data": {"batch_size": 4}, "train": {"iters": 5}}
     assert seen(2, 2, target_batch=1) == seen(4, 1, target_batch=2)

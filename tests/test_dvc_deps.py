@@ -106,7 +106,7 @@ def is_method_file(path: str) -> bool:
     return path.startswith("lib/methods/") and path.count("/") == 2 and path != "lib/methods/base.py"
 
 
-ENTRY_POINTS = {"synthesize": "stages/synthesize.py", "prepare": "stages/prepare.py", "stylize": "stages/stylize.py",
+ENTRY_POINTS = {"check": "stages/check.py", "synthesize": "stages/synthesize.py", "prepare": "stages/prepare.py", "stylize": "stages/stylize.py",
                 "scratch": "stages/weights.py", "weights": "stages/weights.py", "pseudo_label": "stages/pseudo_label.py",
                 "ensemble": "stages/ensemble.py", "evaluate": "stages/evaluate.py", "summary": "stages/summary.py",
                 "cyclegan_train": "stages/cyclegan_train.py", "translate": "stages/translate.py"}

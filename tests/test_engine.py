@@ -1,9 +1,14 @@
 """The training engine: schedule values, parameter groups, exact resume, NaN guard, checkpoint safety."""
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,12 +18,18 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lib.config import parse
+from lib.data.streams import DataParams
 from lib.errors import ConfigError, DataError, OutputError
 from lib.methods.base import Method, ParamGroup, available_methods, method_class
 from lib.methods.source_only import SourceOnly, SourceOnlyParams
 from lib.models.files import load_checked, save_atomic
 from lib.models.output import SegOutput
-from lib.train.checkpoint import STATE_FILE
+from lib.train.checkpoint import (
+    STATE_FILE,
+    code_digest,
+    training_identity,
+    training_lock,
+)
 from lib.train.loop import TrainingDiverged, TrainParams, train
 from lib.train.optim import (
     OptimizerParams,
@@ -28,6 +39,8 @@ from lib.train.optim import (
     lr_factor,
     update_kernel,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class TinySeg(nn.Module):
@@ -206,10 +219,86 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert list(table["step"]) == [2, 4, 6, 8, 10, 12]
 
 
-def test_checkpoint_of_another_configuration_is_not_resumed(tmp_path, capsys):
-    run(tmp_path, 6, fingerprint="a")
-    run(tmp_path, 6, fingerprint="b")
-    assert "another configuration" in capsys.readouterr().out
+def test_checkpoint_of_another_configuration_is_set_aside_and_taken_back(tmp_path, capsys):
+    """A run of configuration b finds a's checkpoint: set aside, not resumed.  Back to a, it resumes."""
+    class Crash(SourceOnly):
+        def training_step(self, batch, it):
+            if it == 4:
+                raise KeyboardInterrupt
+            return super().training_step(batch, it)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, 8, method_cls=Crash, fingerprint="a" * 64)        # a's checkpoint at iteration 3
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, 8, method_cls=Crash, fingerprint="b" * 64)        # b starts from scratch
+    out = capsys.readouterr().out
+    assert "another configuration" in out and "resuming" not in out
+    assert (tmp_path / "ckpt/set_aside" / f"{'a' * 16}.pt").is_file()
+    straight = run(tmp_path / "straight", 8, fingerprint="a" * 64)
+    resumed = run(tmp_path, 8, fingerprint="a" * 64)                   # takes a's back, sets b's aside
+    assert "this configuration's own is taken back" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "ckpt/set_aside").iterdir()] == [f"{'b' * 16}.pt"]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_keys_that_change_no_weight_keep_the_checkpoint():
+    """Loader workers, checkpoint and log periods, processes and backend are out of the identity."""
+    raw = {"data": {"batch_size": 2, "workers": 2}, "target_data": {"workers": 2, "crop": [8, 8]},
+           "train": {"iters": 5, "checkpoint_every": 1, "log_every": 1, "processes": 1, "backend": "gloo"},
+           "method": {"ema": 0.9}}
+    other = {"data": {"batch_size": 2, "workers": 0}, "target_data": {"workers": 7, "crop": [8, 8]},
+             "train": {"iters": 5, "checkpoint_every": 9, "log_every": 3}, "method": {"ema": 0.9}}
+    data, train_params = DataParams(batch_size=2), TrainParams(iters=5)
+    assert training_identity(raw, data, train_params) == training_identity(other, data, train_params)
+    changed = dict(other, method={"ema": 0.99})
+    assert training_identity(changed, data, train_params) != training_identity(other, data, train_params)
+
+
+def test_the_code_a_run_loaded_is_part_of_its_identity(tmp_path, monkeypatch):
+    """A module of lib/ or stages/ edited between a kill and the resume makes another configuration."""
+    (tmp_path / "lib").mkdir()
+    module = tmp_path / "lib/edited_for_the_test.py"
+    module.write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    spec = importlib.util.spec_from_file_location("lib_edited_for_the_test", module)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    monkeypatch.setitem(sys.modules, "lib_edited_for_the_test", loaded)
+    before = code_digest(tmp_path)
+    assert code_digest(tmp_path) == before
+    module.write_text("VALUE = 1  # a comment\n")
+    assert code_digest(tmp_path) != before
+
+
+def test_diverged_weights_are_never_checkpointed_or_published(tmp_path):
+    """The last update diverges (a finite loss, then inf weights): the run stops with one line and the
+    last good checkpoint stays; before, the stage ended well and published the broken model."""
+    class LastStepExplodes(SourceOnly):
+        def after_step(self, it):
+            if it == 5:
+                with torch.no_grad():
+                    self.model.head.weight.fill_(float("inf"))
+
+    with pytest.raises(TrainingDiverged, match=r"iteration 5: model\.head\.weight holds non-finite values after "
+                                               r"the update; training stopped and the last good checkpoint is kept"):
+        run(tmp_path, 6, method_cls=LastStepExplodes)
+    state = load_checked(tmp_path / "ckpt" / STATE_FILE, "training checkpoint")
+    assert state["iteration"] == 3 and torch.isfinite(state["modules"]["model"]["head.weight"]).all()
+
+
+def test_two_trainings_of_one_model_cannot_run_at_once(tmp_path):
+    with training_lock(tmp_path / "ckpt", "train@m"):
+        assert (tmp_path / "ckpt/.lock").read_text() == f"pid {os.getpid()}"
+        holder = subprocess.run([sys.executable, "-c",
+                                 "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path;"
+                                 "from lib.train.checkpoint import training_lock;"
+                                 "training_lock(Path(sys.argv[2]), 'train@m').__enter__()",
+                                 str(ROOT), str(tmp_path / "ckpt")], capture_output=True, text=True)
+        assert holder.returncode != 0 and f"ckpt: train@m is already being trained (pid {os.getpid()})" in holder.stderr
+    assert not (tmp_path / "ckpt/.lock").exists()
+    with training_lock(tmp_path / "ckpt", "train@m"):      # free again
+        pass
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

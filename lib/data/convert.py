@@ -30,7 +30,7 @@ from lib.data import prepared
 from lib.data.classes import IGNORE, UNKNOWN, color_to_train_ids
 from lib.data.readers import READERS, LabelFormat, RawSample
 from lib.errors import ConfigError, DataError
-from lib.io import atomic_dir, write_json_atomic, write_label_png, write_rgb
+from lib.io import atomic_dir, read_rgb, write_json_atomic, write_label_png, write_rgb
 
 FORMAT_VERSION = 1
 Image.MAX_IMAGE_PIXELS = None  # Mapillary images reach 20+ megapixels
@@ -88,6 +88,9 @@ def parse_dataset_spec(name: str, raw: Any) -> DatasetSpec:
     for key in ("layout", "root"):
         if not isinstance(raw.get(key), str):
             raise ConfigError(f"params: missing or non-text key '{where}.{key}'")
+    if raw["root"].startswith("~"):
+        raise ConfigError(f"params: {where}.root = {raw['root']!r}: '~' is not expanded (DVC takes the root "
+                          "as the stage's dependency literally); write the full path")
     layout = raw["layout"]
     if layout not in READERS:
         raise ConfigError(f"params: {where}.layout = '{layout}' is not a known layout "
@@ -186,11 +189,21 @@ def decode_label(path: Path, fmt: LabelFormat) -> np.ndarray:
 
 
 def verify_image(path: Path) -> None:
+    """Decode the image with PIL and with the decoder training reads it with (lib.io.read_rgb): a file
+    one of them refuses (a PNG without its IEND chunk passes PIL) fails here, not hours later."""
     try:
         with Image.open(path) as im:
             im.load()
+            size = im.size
     except Exception as err:
         raise DataError(f"{path}: corrupt or truncated image ({type(err).__name__}: {err})") from None
+    try:
+        decoded = read_rgb(path)
+    except DataError:
+        raise DataError(f"{path}: corrupt image (OpenCV, the decoder training reads it with, cannot decode it)") from None
+    if decoded.shape[1::-1] != size:
+        raise DataError(f"{path}: OpenCV decodes {decoded.shape[1]}x{decoded.shape[0]}, PIL {size[0]}x{size[1]} "
+                        "(expected one image size)")
 
 
 def read_image(path: Path) -> Image.Image:
@@ -309,6 +322,9 @@ def prepare_dataset(spec: DatasetSpec, out_dir: Path, params: PrepareParams) -> 
             raise DataError(f"{s.image}: sample id '{s.id}' also used by {seen[s.id].image}")
         seen[s.id] = s
     samples, sizes, skipped = check_headers(samples, fmt, params.size_mismatch)
+    if not samples:
+        raise DataError(f"{spec.root}: every one of the {len(skipped)} frames was skipped (prepare.size_mismatch: "
+                        f"skip; first: {skipped[0]['reason']}); expected labels of their images' size")
     resize = spec.resize_crop
     if resize is not None:
         sizes = {sample_id: (resize.crop, resize.crop) for sample_id in sizes}

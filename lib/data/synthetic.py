@@ -44,10 +44,37 @@ import numpy as np
 import scipy.io
 from tqdm import tqdm
 
+from lib.config import positive
 from lib.data.classes import CITYSCAPES19, CLASS_INDEX, LABELID_LUT, TRAIN_TO_LABELID
+from lib.errors import ConfigError
 from lib.io import write_id_png, write_label_png, write_rgb
 
 DOMAINS = ("source", "target", "night")
+
+
+@dataclass(frozen=True)
+class SplitCounts:
+    train: int
+    val: int
+
+    def validate(self, where: str) -> None:
+        positive(self.train, f"{where}.train", allow_zero=True)
+        positive(self.val, f"{where}.val", allow_zero=True)
+
+
+@dataclass(frozen=True)
+class SynthesizeParams:
+    counts: dict[str, SplitCounts]
+    height: int = 128
+    width: int = 256
+    seed: int = 0
+    workers: int = 2
+
+    def validate(self, where: str) -> None:
+        if sorted(self.counts) != sorted(DOMAINS):
+            raise ConfigError(f"params: {where}.counts must name exactly the domains {', '.join(DOMAINS)}")
+        for key in ("height", "width", "workers"):
+            positive(getattr(self, key), f"{where}.{key}")
 SPLITS = ("train", "val")
 DEFAULT_HEIGHT, DEFAULT_WIDTH = 128, 256
 CAMERA_HEIGHT = 1.6  # metres above the road

@@ -58,7 +58,8 @@ def run_evaluation(model_name: str, target: str, params: EvaluateParams, out_jso
         loader = _mapped(loader, lut)
     matrix, panels = evaluate_split(
         model, loader, class_set.num_classes, device, inference_kwargs=_inference_kwargs(params.inference),
-        panel_ids=params.panels, mean=mean, std=std, desc=f"evaluate {model_name} on {target}")
+        panel_ids=params.panels, mean=mean, std=std, desc=f"evaluate {model_name} on {target}",
+        model_name=str(MODELS_ROOT / model_name))
     subsets = protocol_subsets(class_set.name, synthia_source=meta["source_protocol"].startswith("synthia"))
     trained = meta.get("members") or {model_name: meta}
     made_with = {"evaluation": provenance.collect(device, effective_precision(params.inference.precision, device)),

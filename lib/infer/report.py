@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from lib.data.classes import IGNORE, TRAIN_TO_LABELID, ClassSet, colorize
 from lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lib.errors import DataError
 from lib.infer.inference import predict_logits
 from lib.infer.metrics import HEADLINE_KEYS, ConfusionMatrix, summarize
 from lib.io import atomic_dir, write_json_atomic, write_label_png, write_rgb
@@ -59,7 +60,7 @@ def evaluate_split(models, loader: Iterable[dict], num_classes: int, device: str
                    inference_kwargs: Mapping | None = None, panel_ids: set[str] | int = 4,
                    progress: bool = True, *, mean: Sequence[float] = IMAGENET_MEAN,
                    std: Sequence[float] = IMAGENET_STD, desc: str = "evaluate",
-                   panel_width: int | None = 512) -> tuple[ConfusionMatrix, list[dict]]:
+                   panel_width: int | None = 512, model_name: str = "the model") -> tuple[ConfusionMatrix, list[dict]]:
     """Predict every batch of ``loader``, argmax, and count it into a ConfusionMatrix on ``device``.
 
     Batches are PreparedDataset items collated: ``image`` (N, 3, H, W) normalised with
@@ -81,6 +82,9 @@ def evaluate_split(models, loader: Iterable[dict], num_classes: int, device: str
         image = batch["image"].to(device, non_blocking=True)
         label = batch["label"].to(device, non_blocking=True)
         logits = predict_logits(models, image, tuple(label.shape[-2:]), **kwargs)
+        if not torch.isfinite(logits).all():
+            raise DataError(f"{model_name}: its prediction is not finite on a batch starting with sample "
+                            f"{batch['id'][0]} (a diverged model: nothing is scored)")
         if logits.shape[1] != num_classes:
             raise ValueError(f"the model predicts {logits.shape[1]} classes, the evaluation "
                              f"expects {num_classes}")

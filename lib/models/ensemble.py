@@ -10,12 +10,27 @@ input size.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from lib.errors import ConfigError
 from lib.models.output import SegOutput, upsample
 
 ENSEMBLE_KIND = "ensemble"
+
+
+@dataclass(frozen=True)
+class EnsembleParams:
+    models: list[str]
+    weights: list[float]
+
+    def validate(self, where: str) -> None:
+        # two members: dvc.yaml declares ${item.models[0]} and ${item.models[1]} as the stage's dependencies
+        if len(self.models) != 2 or len(self.weights) != 2 or len(set(self.models)) != 2:
+            raise ConfigError(f"params: {where} must name two distinct models and their two weights, "
+                              f"got models {self.models} and weights {self.weights}")
 
 
 class Ensemble(nn.Module):

@@ -16,6 +16,8 @@ from lib.errors import DataError
 from lib.io import output_error, remove_stale_temporaries, temporary_sibling
 
 MODEL_FILE = "model.pt"
+ZIP_MAGIC = b"PK\x03\x04"      # torch.save's zip format
+PICKLE_MAGIC = b"\x80"          # its legacy format: a pickle stream (protocol 2 and up)
 
 
 def save_atomic(obj: dict, path: str | os.PathLike) -> None:
@@ -45,12 +47,18 @@ def load_checked(path: str | os.PathLike, what: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: {what} not found")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:4] != ZIP_MAGIC and head[:1] != PICKLE_MAGIC:
+        raise DataError(f"{path}: not a readable {what} (not a PyTorch file: expected one written by torch.save)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        if "Unsupported global" in str(err) or "Unsupported operand" in str(err):
             first = "it contains pickled Python objects, which are refused (weights_only=True)"
+        elif "weights_only" in str(err):
+            first = f"a damaged or truncated PyTorch file: {type(err).__name__}"
         raise DataError(f"{path}: not a readable {what} ({first})") from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: not a {what} (expected a dict, found {type(obj).__name__})")

@@ -17,6 +17,7 @@ this equals the reference's "step G, then step D".
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 from dataclasses import dataclass
@@ -55,7 +56,7 @@ from lib.stylize.translate import (
     to_symmetric,
 )
 from lib.train import distributed
-from lib.train.checkpoint import across_world_sizes, fingerprint, publish_model
+from lib.train.checkpoint import fingerprint, publish_model, training_identity, training_lock
 from lib.train.loop import TrainParams, seed_everything, train
 from lib.train.optim import OptimizerParams, ScheduleParams
 
@@ -298,7 +299,7 @@ def run_cyclegan_training(name: str, raw: Any) -> Path:
         require_prepared(dataset)
     stage = f"cyclegan_{name}"
     training_raw = {k: v for k, v in raw.items() if k not in NOT_TRAINING_KEYS}
-    identity: dict = {"params": across_world_sizes(training_raw, params.data, params.train)}
+    identity: dict = {"params": training_identity(training_raw, params.data, params.train)}
     distributed.start(params.train, "cyclegan")   # under torchrun from here on when processes > 1
     segmenter = None
     if params.cyclegan.semantic is not None:
@@ -309,20 +310,19 @@ def run_cyclegan_training(name: str, raw: Any) -> Path:
     streams = {s: training_stream(dataset, params.data, "symmetric", stream_seed(params.train.seed, s), labelled=False)
                for s, dataset in (("source", params.source), ("target", params.target))}
     checkpoint_dir = Path("data/checkpoints") / stage
-    train(method, streams, params.train, params.optim, params.schedule, checkpoint_dir=checkpoint_dir,
-          live_dir=metrics_dir(name) / "train", fingerprint=fingerprint(identity, [params.source, params.target]),
-          desc=stage)
-
     out = model_dir(name)
-    if not distributed.is_main():
-        return out
-    write_samples(method, params, metrics_dir(name))
-    mean, std = NORMALIZATION["symmetric"]
-    meta = {"kind": GENERATOR_KIND, "stage": f"cyclegan_train@{name}", "direction": "source -> target",
-            "source": params.source, "target": params.target, "model": dataclasses.asdict(params.model),
-            "normalize": {"mean": list(mean), "std": list(std)}, "scale_width": params.data.scale_width,
-            "params": training_raw, "world_size": distributed.world_size()}
-    publish_model(out, method.G, meta, checkpoint_dir, params.train.iters)
+    with training_lock(checkpoint_dir, f"cyclegan_train@{name}") if distributed.is_main() else contextlib.nullcontext():
+        train(method, streams, params.train, params.optim, params.schedule, checkpoint_dir=checkpoint_dir,
+              live_dir=None, fingerprint=fingerprint(identity, [params.source, params.target]), desc=stage)
+        if not distributed.is_main():
+            return out
+        write_samples(method, params, metrics_dir(name))
+        mean, std = NORMALIZATION["symmetric"]
+        meta = {"kind": GENERATOR_KIND, "stage": f"cyclegan_train@{name}", "direction": "source -> target",
+                "source": params.source, "target": params.target, "model": dataclasses.asdict(params.model),
+                "normalize": {"mean": list(mean), "std": list(std)}, "scale_width": params.data.scale_width,
+                "params": training_raw, "world_size": distributed.world_size()}
+        publish_model(out, method.G, meta, checkpoint_dir, params.train.iters, curves=metrics_dir(name) / "train")
     return out
 
 

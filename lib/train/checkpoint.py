@@ -8,9 +8,14 @@ scratch.  ``publish_model`` writes the model artifact and retires the state.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import random
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +30,15 @@ from lib.models.files import load_checked, save_atomic
 from lib.train import distributed
 
 STATE_FILE = "last.pt"
+CURVES = "curves"            # the run's DVCLive curves, published with the model
+SET_ASIDE = "set_aside"      # a checkpoint of another configuration
+LOCK = ".lock"
 CHECKPOINT_FORMAT = 1
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class TrainingDiverged(UserError):
+    """A loss or the weights became NaN or infinite; the last good checkpoint is kept."""
 
 
 def rng_state() -> dict:
@@ -72,17 +85,32 @@ def save(path: Path, fingerprint: str, done: int, modules, optimizers, scheduler
 def resume(path: Path, fingerprint: str, modules, optimizers, schedulers) -> int:
     """Load the checkpoint if it belongs to this configuration; return the iteration to start at.
 
-    Every rank reads the same file.  Rank r > 0 takes its own RNG state if the checkpoint has one
-    (it was written by at least r + 1 processes), else it keeps its fresh per-rank seed."""
+    A checkpoint of another configuration is set aside, not deleted (``set_aside/<its fingerprint>.pt``,
+    the latest one only), so going back to that configuration resumes it; a set-aside checkpoint of
+    this configuration is taken back.  Every rank reads the same file.  Rank r > 0 takes its own RNG
+    state if the checkpoint has one (it was written by at least r + 1 processes), else it keeps its
+    fresh per-rank seed."""
+    kept = path.parent / SET_ASIDE / f"{fingerprint[:16]}.pt"
+    if not path.is_file() and not kept.is_file():
+        return 0
+    if path.is_file():
+        state = load_checked(path, "training checkpoint")
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
+            distributed.barrier()   # every rank has read it before it moves
+            if distributed.is_main():
+                set_aside(path, str(state.get("fingerprint")), keep=kept)
+            distributed.barrier()
+            print(f"note: {path} was written by another configuration (params, inputs or code); set aside in "
+                  f"{path.parent / SET_ASIDE}, and "
+                  + ("this configuration's own is taken back" if kept.is_file() else "training starts from scratch"))
+            if not kept.is_file():
+                return 0
     if not path.is_file():
-        return 0
-    state = load_checked(path, "training checkpoint")
-    if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
-        print(f"note: {path} was written by another configuration; training from scratch")
-        distributed.barrier()   # every rank has read it before it goes
+        state = load_checked(kept, "training checkpoint")
+        distributed.barrier()
         if distributed.is_main():
-            path.unlink()
-        return 0
+            kept.replace(path)
+        distributed.barrier()
     for kind, targets in (("modules", modules), ("optimizers", optimizers), ("schedulers", schedulers)):
         if set(state[kind]) != set(targets):
             raise UserError(f"{path}: holds {kind} {sorted(state[kind])}, this method has {sorted(targets)}")
@@ -96,22 +124,53 @@ def resume(path: Path, fingerprint: str, modules, optimizers, schedulers) -> int
     return int(state["iteration"])
 
 
-def across_world_sizes(raw: dict, data, train) -> dict:
-    """``raw`` as a checkpoint's fingerprint sees it: without the launch keys (processes, backend)
-    and with the global batch (processes x per-process batch) in place of each per-process one.  A
-    run can so be resumed by another number of processes with the same global batch; a run whose
-    global batch changed is another configuration and trains from scratch."""
-    out = dict(raw, train={k: v for k, v in (raw.get("train") or {}).items() if k not in ("processes", "backend")},
-               data=dict(raw.get("data") or {}, batch_size=data.batch_size * train.processes))
+def set_aside(path: Path, its_fingerprint: str, keep: Path) -> None:
+    """Move the checkpoint ``path`` to ``set_aside/<fingerprint>.pt``; of the others set aside before,
+    only ``keep`` (the one about to be taken back) stays."""
+    folder = path.parent / SET_ASIDE
+    for old in folder.glob("*.pt"):
+        if old != keep:
+            old.unlink()
+    folder.mkdir(exist_ok=True)
+    path.replace(folder / f"{its_fingerprint[:16]}.pt")
+
+
+# Keys that change how a run is launched or reported, never the weights it ends with.
+NOT_TRAINING = {"train": ("processes", "backend", "checkpoint_every", "log_every"), "data": ("workers",),
+                "target_data": ("workers",)}
+
+
+def training_identity(raw: dict, data, train) -> dict:
+    """``raw`` as a checkpoint's fingerprint sees it: without the keys that do not change the weights
+    (loader workers, checkpoint and log periods, the launch keys processes and backend), and with the
+    global batch (processes x per-process batch) in place of each per-process one.  A run can so be
+    resumed with other loader workers or by another number of processes with the same global batch;
+    a run whose global batch changed is another configuration."""
+    out = {k: ({kk: vv for kk, vv in v.items() if kk not in NOT_TRAINING.get(k, ())} if isinstance(v, dict) else v)
+           for k, v in raw.items()}
+    out["data"] = dict(out.get("data") or {}, batch_size=data.batch_size * train.processes)
     if isinstance(raw.get("target_data"), dict) and "batch_size" in raw["target_data"]:
-        out["target_data"] = dict(raw["target_data"], batch_size=raw["target_data"]["batch_size"] * train.processes)
+        out["target_data"] = dict(out["target_data"], batch_size=raw["target_data"]["batch_size"] * train.processes)
     return out
 
 
+def code_digest(root: Path = PROJECT_ROOT) -> str:
+    """sha256 of the project's modules loaded in this process (lib/ and stages/): the code a run
+    trains with.  A checkpoint written by other code is another configuration, as in dvc.lock."""
+    digest = hashlib.sha256()
+    files = sorted({Path(m.__file__).resolve() for m in list(sys.modules.values())
+                    if getattr(m, "__file__", None) and Path(m.__file__).resolve().is_relative_to(root)
+                    and Path(m.__file__).resolve().relative_to(root).parts[0] in ("lib", "stages")})
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def fingerprint(raw_params: Any, datasets: list[str], files: list[Path] = ()) -> str:
-    """Identity of a training configuration: its params, the prepared data and the input artifacts
-    (start, teacher, pseudo-labels) it reads."""
+    """Identity of a training configuration: its params, the prepared data, the input artifacts
+    (start, teacher, pseudo-labels) it reads and the code it runs (:func:`code_digest`)."""
     digest = hashlib.sha256(json.dumps(raw_params, sort_keys=True, default=str).encode())
+    digest.update(code_digest().encode())
     for name in datasets:
         for part in ("meta.json", "index.csv", "class_counts.csv", "centroids.csv"):
             digest.update((PREPARED_ROOT / name / part).read_bytes())
@@ -122,12 +181,51 @@ def fingerprint(raw_params: Any, datasets: list[str], files: list[Path] = ()) ->
     return digest.hexdigest()
 
 
-def publish_model(out: Path, model, meta: dict, checkpoint_dir: Path, iters: int) -> None:
-    """Write the model artifact ``out`` atomically, then retire the resumable state of its training."""
+def check_finite(modules: dict, path: Path, iteration: int) -> None:
+    """Every parameter and floating buffer is finite: a diverged update is never checkpointed or published."""
+    for name, module in modules.items():
+        for key, tensor in (*module.named_parameters(), *module.named_buffers()):
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                kept = f"the last good checkpoint is kept in {path}" if path.is_file() else "no checkpoint had been written yet"
+                raise TrainingDiverged(f"iteration {iteration}: {name}.{key} holds non-finite values after the update; "
+                                       f"training stopped and {kept} (lower the learning rate or check the data)")
+
+
+def publish_model(out: Path, model, meta: dict, checkpoint_dir: Path, iters: int, curves: Path | None = None) -> None:
+    """Write the model artifact ``out`` atomically and its training curves to ``curves`` (the run keeps
+    them in ``checkpoint_dir/curves`` until it ends), then retire the resumable state."""
     with atomic_dir(out) as tmp:
         save_model(tmp, model, meta)
+    if curves is not None:
+        with atomic_dir(curves) as tmp:
+            shutil.copytree(checkpoint_dir / CURVES, tmp, dirs_exist_ok=True)
     # The resumable state only serves an interrupted run; left behind, it would let a re-run after
     # a code change "resume" at the last iteration and skip training.  A small note replaces it.
     (checkpoint_dir / STATE_FILE).unlink(missing_ok=True)
+    shutil.rmtree(checkpoint_dir / CURVES, ignore_errors=True)
+    shutil.rmtree(checkpoint_dir / SET_ASIDE, ignore_errors=True)
     write_json_atomic(checkpoint_dir / "finished.json",
                       {"iterations": iters, "note": "training finished; the model is in " + str(out)})
+
+
+@contextlib.contextmanager
+def training_lock(checkpoint_dir: Path, name: str):
+    """One training per checkpoint folder at a time: a second one is a one-line error, not two runs
+    writing the same checkpoint."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    with open(checkpoint_dir / LOCK, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{checkpoint_dir}: {name} is already being trained ({holder}); wait for it or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            (checkpoint_dir / LOCK).unlink(missing_ok=True)     # a finished or failed run leaves no lock behind
+            fcntl.flock(handle, fcntl.LOCK_UN)

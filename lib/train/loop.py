@@ -15,7 +15,7 @@ reads its slice of the global batch, gradients are averaged before the optimizer
 follow rank 0's, and rank 0 alone logs and writes checkpoints.  The stream restarts at global draw
 ``it * processes * batch_size``; the checkpoint's fingerprint counts the global batch, not the
 number of processes, so a run can be resumed by another number of processes with the same global
-batch (lib.train.stage.across_world_sizes).
+batch (lib.train.checkpoint.training_identity).
 """
 from __future__ import annotations
 
@@ -35,19 +35,17 @@ from tqdm import tqdm
 from lib import device as hardware
 from lib.config import positive
 from lib.data.streams import StreamFactory
-from lib.errors import ConfigError, UserError
+from lib.errors import ConfigError
+from lib.io import output_error
 from lib.methods.base import Method
 from lib.train import checkpoint, distributed
+from lib.train.checkpoint import TrainingDiverged
 from lib.train.optim import (
     OptimizerParams,
     ScheduleParams,
     build_optimizer,
     build_scheduler,
 )
-
-
-class TrainingDiverged(UserError):
-    """A loss became NaN or infinite; the last good checkpoint is kept."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +63,7 @@ class TrainParams:
 
     def validate(self, where: str) -> None:
         positive(self.iters, f"{where}.iters")
+        positive(self.seed, f"{where}.seed", allow_zero=True)
         positive(self.processes, f"{where}.processes")
         positive(self.checkpoint_every, f"{where}.checkpoint_every")
         positive(self.log_every, f"{where}.log_every")
@@ -89,12 +88,15 @@ def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
 
 def train(method: Method, streams: dict[str, StreamFactory], params: TrainParams,
           optim: dict[str, OptimizerParams], schedule: ScheduleParams,
-          checkpoint_dir: str | Path, live_dir: str | Path, fingerprint: str, desc: str = "train") -> None:
+          checkpoint_dir: str | Path, live_dir: str | Path | None, fingerprint: str, desc: str = "train") -> None:
     """Train ``method`` for ``params.iters`` iterations, resuming from ``checkpoint_dir`` if possible.
 
-    ``fingerprint`` identifies the configuration (params and inputs); a checkpoint made by another
-    configuration is ignored and replaced.  ``live_dir`` receives DVCLive's training curves.
+    ``fingerprint`` identifies the configuration (params, inputs, code); a checkpoint made by another
+    configuration is set aside.  DVCLive's training curves go to ``live_dir`` (by default
+    ``checkpoint_dir/curves``, which lib.train.checkpoint.publish_model publishes with the model: a
+    run that fails or is killed never touches the curves of the last finished one).
     """
+    live_dir = Path(checkpoint_dir) / checkpoint.CURVES if live_dir is None else Path(live_dir)
     device = hardware.select_device()
     cuda = device.type == "cuda"
     channels_last = cuda and params.channels_last
@@ -125,7 +127,7 @@ def train(method: Method, streams: dict[str, StreamFactory], params: TrainParams
     start = checkpoint.resume(checkpoint_path, fingerprint, modules, optimizers, schedulers)
     distributed.broadcast_from_main([t for m in modules.values() for t in (*m.parameters(), *m.buffers())])
     synchronised = distributed.trained_parameters(optimizers.values())
-    live = _open_live(Path(live_dir), start) if main else None
+    live = _open_live(live_dir, start) if main else None
     iterators = {name: streams[name](start) for name in method.streams}
 
     autocast = hardware.autocast(params.precision, device)
@@ -158,14 +160,18 @@ def train(method: Method, streams: dict[str, StreamFactory], params: TrainParams
             elapsed = time.perf_counter() - tick
             means = {name: float(np.mean(v)) for name, v in window.items()}
             if main:
-                _log(live, done, means, optimizers, world * images / max(elapsed, 1e-9))
+                _log(live, live_dir, done, means, optimizers, world * images / max(elapsed, 1e-9))
             progress.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
             window, tick, images = {}, time.perf_counter(), 0
         if done % params.checkpoint_every == 0 or done == params.iters:
+            checkpoint.check_finite(modules, checkpoint_path, it)     # never keep or publish diverged weights
             checkpoint.save(checkpoint_path, fingerprint, done, modules, optimizers, schedulers)
     progress.close()
     if live is not None:
-        live.end()
+        try:
+            live.end()
+        except OSError as err:
+            raise output_error(live_dir, err) from None
 
 
 def _check_finite(losses: dict[str, torch.Tensor], it: int, checkpoint_path: Path) -> dict[str, float]:
@@ -192,20 +198,27 @@ def _open_live(live_dir: Path, start: int) -> Live:
     dvc.yaml, DVCLive must not edit it.
     """
     resume = start > 0
-    if resume:
-        for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
-            table = pd.read_csv(tsv, sep="\t")
-            table[table["step"] <= start].to_csv(tsv, sep="\t", index=False)
-    live = Live(str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None)
+    try:
+        if resume:
+            for tsv in (live_dir / "plots" / "metrics").rglob("*.tsv"):
+                table = pd.read_csv(tsv, sep="\t")
+                table[table["step"] <= start].to_csv(tsv, sep="\t", index=False)
+        live = Live(str(live_dir), resume=resume, save_dvc_exp=False, dvcyaml=None)
+    except OSError as err:
+        raise output_error(live_dir, err) from None
     live.step = start
     return live
 
 
-def _log(live: Live, step: int, losses: dict[str, float], optimizers, images_per_s: float) -> None:
-    live.step = step
-    for name, value in losses.items():
-        live.log_metric(f"train/loss/{name}", value)
-    for name, opt in optimizers.items():
-        live.log_metric(f"train/lr/{name}", opt.param_groups[0]["lr"])
-    live.log_metric("train/images_per_s", images_per_s)
-    live.make_summary()
+def _log(live: Live, live_dir: Path, step: int, losses: dict[str, float], optimizers, images_per_s: float) -> None:
+    """One row of the curves; a write that fails (a full disk) names the curves folder."""
+    try:
+        live.step = step
+        for name, value in losses.items():
+            live.log_metric(f"train/loss/{name}", value)
+        for name, opt in optimizers.items():
+            live.log_metric(f"train/lr/{name}", opt.param_groups[0]["lr"])
+        live.log_metric("train/images_per_s", images_per_s)
+        live.make_summary()
+    except OSError as err:
+        raise output_error(live_dir, err) from None

@@ -18,6 +18,7 @@ It writes ``data/models/<name>/`` (the model artifact), keeps its resumable stat
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,7 @@ from lib.pseudo.artifact import PSEUDO_ROOT, PseudoLabels
 from lib.pseudo.stream import pseudo_stream
 from lib.table import TrainingRow
 from lib.train import distributed
-from lib.train.checkpoint import across_world_sizes, fingerprint, publish_model
+from lib.train.checkpoint import fingerprint, publish_model, training_identity, training_lock
 from lib.train.loop import TrainParams, seed_everything, train
 from lib.train.optim import OptimizerParams, ScheduleParams
 
@@ -87,8 +88,31 @@ def parse_recipe(row: TrainingRow) -> tuple[Recipe, Any]:
     if isinstance(raw.get("target_data"), dict) and isinstance(raw.get("data"), dict):
         # ADVENT reads the source at 720x1280 and the target at 512x1024: only the differences are given
         raw["target_data"] = {**raw["data"], **raw["target_data"]}
-    recipe = parse(Recipe, raw, where)
-    return recipe, parse(params_type, recipe.method, f"{where}.method")
+    try:
+        recipe = parse(Recipe, raw, where)
+        return recipe, parse(params_type, recipe.method, f"{where}.method")
+    except ConfigError as err:
+        raise ConfigError(in_overrides(str(err), row)) from None
+
+
+def in_overrides(message: str, row: TrainingRow) -> str:
+    """A recipe error caused by a key of the row's ``overrides`` names that key where it is written."""
+    prefix = f"recipes.{row.recipe}."
+    for path in sorted(leaf_paths(row.overrides), key=len, reverse=True):
+        if prefix + path in message:
+            return message.replace(prefix + path, f"{row.where}.overrides.{path}")
+    return message
+
+
+def leaf_paths(tree: dict, prefix: str = "") -> list[str]:
+    """Dotted paths of every key in a nested mapping (inner keys too)."""
+    paths = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        paths.append(path)
+        if isinstance(value, dict):
+            paths += leaf_paths(value, f"{path}.")
+    return paths
 
 
 @dataclass
@@ -237,7 +261,7 @@ def build_training_stage(row: TrainingRow) -> BuiltStage:
         "normalize": {"mean": list(mean), "std": list(std)},
         "params": row.raw,
     }
-    identity = across_world_sizes(row.raw, recipe.data, recipe.train)
+    identity = training_identity(row.raw, recipe.data, recipe.train)
     return BuiltStage(row, recipe, model, method, streams,
                       fingerprint(identity, list(needed.values()), inputs.paths), meta)
 
@@ -276,11 +300,12 @@ def run_training_stage(row: TrainingRow) -> Path:
     built = build_training_stage(row)
     recipe = built.recipe
     checkpoint_dir = CHECKPOINTS_ROOT / row.name
-    train(built.method, built.streams, recipe.train, recipe.optim, recipe.schedule, checkpoint_dir=checkpoint_dir,
-          live_dir=CURVES_ROOT / row.name, fingerprint=built.fingerprint, desc=row.stage)
-    meta = {**built.meta, "world_size": distributed.world_size()}
-    meta["provenance"] = provenance.training(recipe.train.precision, recipe.train.seed, world=meta["world_size"])
-    out = MODELS_ROOT / row.name
-    if distributed.is_main():
-        publish_model(out, built.model, meta, checkpoint_dir, recipe.train.iters)
+    with training_lock(checkpoint_dir, row.stage) if distributed.is_main() else contextlib.nullcontext():
+        train(built.method, built.streams, recipe.train, recipe.optim, recipe.schedule, checkpoint_dir=checkpoint_dir,
+              live_dir=None, fingerprint=built.fingerprint, desc=row.stage)
+        meta = {**built.meta, "world_size": distributed.world_size()}
+        meta["provenance"] = provenance.training(recipe.train.precision, recipe.train.seed, world=meta["world_size"])
+        out = MODELS_ROOT / row.name
+        if distributed.is_main():
+            publish_model(out, built.model, meta, checkpoint_dir, recipe.train.iters, curves=CURVES_ROOT / row.name)
     return out

@@ -51,7 +51,9 @@ def require_dir(path: Path, expect: str) -> Path:
 
 
 def files(folder: Path, pattern: str) -> list[Path]:
-    return sorted(p for p in folder.glob(pattern) if p.is_file())
+    """The files of ``folder`` matching ``pattern``, less macOS's AppleDouble companions (``._name``:
+    metadata a copy from a Mac leaves beside every file, not images)."""
+    return sorted(p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith("._"))
 
 
 def strip_suffix(name: str, suffix: str) -> str:
