@@ -7,7 +7,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from lib.config import load_params, parse, section
+from lib.config import load_params, parse, positive, section
 from lib.errors import ConfigError
 
 
@@ -46,7 +46,7 @@ def test_parse_builds_nested_objects():
     ({"name": "x", "inner": {"n": 1}, "mode": "c"}, "cfg.mode = 'c' is not one of 'a', 'b'"),
     ({"name": "x", "inner": {"n": 1}, "tags": "t"}, "cfg.tags must be a list"),
     ({"name": "x", "inner": {"n": 1}, "parts": {"p": {"m": 1}}}, "unknown key 'cfg.parts.p.m'"),
-    ({"name": "x", "inner": {"n": 1}, "size": "big"}, "cfg.size must be int or null"),
+    ({"name": "x", "inner": {"n": 1}, "size": "big"}, "cfg.size must be of type int, got .big."),
     ({"name": "x", "inner": {"n": -1}}, "cfg.inner.n must be >= 0"),
     ("x", "cfg must be a mapping"),
 ])
@@ -87,3 +87,20 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path):
     assert params == {"a": 5e-05, "b": 1000.0, "c": -250.0, "d": 6e-5, "e": "5e", "f": "e5", "g": 10, "h": "5e-05"}
     assert all(isinstance(params[k], float) for k in "abcd") and isinstance(params["g"], int)
     assert yaml.safe_load("a: 5e-05")["a"] == "5e-05"          # the stock loader is left as it is
+
+
+def test_duplicate_keys_are_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys without a word (DVC refuses them): a dataset listed twice
+    is one line naming the line."""
+    path = tmp_path / "params.yaml"
+    path.write_text("datasets:\n  a: {root: x}\n  a: {root: y}\nbase: &b {n: 1}\nmerged: {<<: *b, m: 2}\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml: not valid YAML \(line 3: duplicate key 'a' \(first on line 2\)"):
+        load_params(path)
+    path.write_text("base: &b {n: 1}\nmerged: {<<: *b, n: 2}\n")      # a merge key may be overridden
+    assert load_params(path)["merged"] == {"n": 2}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_numbers_are_refused(value):
+    with pytest.raises(ConfigError, match="must be a finite number"):
+        positive(value, "x.lr")

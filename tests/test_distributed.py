@@ -301,7 +301,7 @@ def test_a_stage_asking_for_two_processes_runs_under_torchrun(project):
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("wrote data/models/warmup") == 1        # rank 1 prints nothing
     assert json.loads((project / "data/models/warmup/meta.json").read_text())["world_size"] == 2
-    assert (project / "metrics/train/warmup/metrics.json").is_file()
+    assert (project / "metrics/train/warmup/plots/metrics/train/loss/seg.tsv").is_file()
     assert json.loads((project / "data/checkpoints/warmup/finished.json").read_text())["iterations"] == 2
 
 

@@ -277,6 +277,29 @@ def test_bad_param_is_one_clear_line(project):
     sh(project, "git", "checkout", "params.yaml")
 
 
+def test_a_params_typo_costs_no_output_and_the_fix_retrains_nothing(project):
+    """DVC removes a stage's outputs just before it runs it: the check stage, upstream of every stage,
+    stops `dvc repro` at the typo before anything is removed.  A model deleted by hand comes back
+    from DVC's run cache (the training outputs keep it working), not from a retraining."""
+    sh(project, "dvc", "repro")
+    trained = lock_hash(project, "train@warmup", "data/models/warmup")
+    edit_params(project, lambda params: params["recipes"]["source_only"]["data"].update(crops=[8, 16]))
+    res = subprocess.run(["dvc", "repro"], cwd=project, env=ENV, capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "error: params: unknown key 'recipes.source_only.data.crops'" in res.stderr
+    assert "Running stage 'train@warmup'" not in res.stdout
+    assert (project / "data/models/warmup/model.pt").is_file()           # nothing was removed
+    sh(project, "git", "checkout", "params.yaml")                        # the fix
+    out = sh(project, "dvc", "repro")
+    assert "Running stage 'train@warmup'" not in out
+    assert lock_hash(project, "train@warmup", "data/models/warmup") == trained
+    shutil.rmtree(project / "data/models/warmup")
+    out = sh(project, "dvc", "repro")
+    assert "Stage 'train@warmup' is cached - skipping run" in out and "Running stage 'train@warmup'" not in out
+    assert lock_hash(project, "train@warmup", "data/models/warmup") == trained
+    assert "up to date" in sh(project, "dvc", "status")
+
+
 def lock_hash(project: Path, stage: str, path: str) -> str:
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == path)

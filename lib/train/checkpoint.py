@@ -193,12 +193,14 @@ def check_finite(modules: dict, path: Path, iteration: int) -> None:
 
 def publish_model(out: Path, model, meta: dict, checkpoint_dir: Path, iters: int, curves: Path | None = None) -> None:
     """Write the model artifact ``out`` atomically and its training curves to ``curves`` (the run keeps
-    them in ``checkpoint_dir/curves`` until it ends), then retire the resumable state."""
+    them in ``checkpoint_dir/curves`` until it ends), then retire the resumable state.  Only the model
+    is a cached output and the curves are plots, so DVC's run cache keeps every finished training:
+    a model deleted by hand, or a configuration run again, is restored instead of retrained."""
     with atomic_dir(out) as tmp:
         save_model(tmp, model, meta)
-    if curves is not None:
+    if curves is not None:       # the curves (DVCLive's plots/), not its summary of the last values
         with atomic_dir(curves) as tmp:
-            shutil.copytree(checkpoint_dir / CURVES, tmp, dirs_exist_ok=True)
+            shutil.copytree(checkpoint_dir / CURVES / "plots", tmp / "plots")
     # The resumable state only serves an interrupted run; left behind, it would let a re-run after
     # a code change "resume" at the last iteration and skip training.  A small note replaces it.
     (checkpoint_dir / STATE_FILE).unlink(missing_ok=True)
