@@ -1,7 +1,7 @@
-"""Builders of tiny raw datasets in each real layout, and the label maps copied from the specs.
+"""Builders of tiny raw datasets in each real layout, and the label maps of the methods' released code.
 
-The maps here are written out from ``shared/methods/*.md`` on purpose, independently of
-``lib/data/classes.py``, so that the converter tests check our tables against the specs.
+The maps here are written out from the released code on purpose, independently of
+``lib/data/classes.py``, so that the converter tests check our tables against the originals.
 """
 from __future__ import annotations
 
@@ -13,25 +13,25 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-# globallocal_advent.md §4 / blindnet.md §6: Cityscapes (and GTA5) label ID -> train ID.
+# Cityscapes (and GTA5) label ID -> train ID (the released code, valeoai/ADVENT, root0yang/BlindNet).
 SPEC_LABELID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10,
                          24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-# blindnet.md §6: SYNTHIA raw ID -> 19 train IDs.
+# SYNTHIA raw ID -> 19 train IDs (the released code, root0yang/BlindNet).
 SPEC_SYNTHIA_TO_19 = {0: 255, 1: 10, 2: 2, 3: 0, 4: 1, 5: 4, 6: 8, 7: 5, 8: 13, 9: 7, 10: 11, 11: 18,
                       12: 17, 13: 255, 14: 255, 15: 6, 16: 9, 17: 12, 18: 14, 19: 15, 20: 16, 21: 3,
                       22: 255}
-# globallocal_advent.md §4 (DADA): SYNTHIA raw ID -> 16 renumbered train IDs.
+# SYNTHIA raw ID -> 16 renumbered train IDs (the released code, valeoai/DADA).
 SPEC_SYNTHIA_TO_16 = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 9, 10: 10, 17: 11,
                       8: 12, 19: 13, 12: 14, 11: 15}
-# cpsl.md §2: the 13-class ids in train-ID order.
+# The 13-class SYNTHIA ids in train-ID order (the released code, lslrh/CPSL).
 SPEC_SYNTHIA_13_ORDER = [3, 4, 2, 15, 9, 6, 1, 10, 17, 8, 19, 12, 11]
-# blindnet.md §6: GTAV colour -> train ID.
+# GTAV colour -> train ID (the released code, root0yang/BlindNet).
 SPEC_GTAV_COLORS = {(128, 64, 128): 0, (244, 35, 232): 1, (70, 70, 70): 2, (102, 102, 156): 3,
                     (190, 153, 153): 4, (153, 153, 153): 5, (250, 170, 30): 6, (220, 220, 0): 7,
                     (107, 142, 35): 8, (152, 251, 152): 9, (70, 130, 180): 10, (220, 20, 60): 11,
                     (255, 0, 0): 12, (0, 0, 142): 13, (0, 0, 70): 14, (0, 60, 100): 15,
                     (0, 80, 100): 16, (0, 0, 230): 17, (119, 11, 32): 18}
-# blindnet.md §6: Mapillary v1.2 ID -> train ID.
+# Mapillary v1.2 ID -> train ID (the released code, root0yang/BlindNet).
 SPEC_MAPILLARY = {13: 0, 24: 0, 41: 0, 2: 1, 15: 1, 17: 2, 6: 3, 3: 4, 45: 5, 47: 5, 48: 6, 50: 7,
                   30: 8, 29: 9, 27: 10, 19: 11, 20: 12, 21: 12, 22: 12, 55: 13, 61: 14, 54: 15,
                   58: 16, 57: 17, 52: 18}

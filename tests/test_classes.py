@@ -1,4 +1,4 @@
-"""Class tables against the specs and the official cityscapesscripts table."""
+"""Class tables against the methods' released code and the official cityscapesscripts table."""
 from __future__ import annotations
 
 import numpy as np

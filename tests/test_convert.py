@@ -1,4 +1,5 @@
-"""Converters on tiny fixtures in each real layout: train IDs checked pixel by pixel against the specs."""
+"""Converters on tiny fixtures in each real layout: train IDs checked pixel by pixel against the label
+maps of the methods' released code."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -153,8 +154,8 @@ def test_mapillary_66_to_19(tmp_path, release):
 
 
 def protocol_reference(image: Image.Image, label: np.ndarray, height: int, crop: int):
-    """blindnet.md §7 with PIL operations, as RobustNet's ResizeHeight + CenterCropPad do it, except
-    the pad (ours: centred, label 255)."""
+    """BlindNet's Mapillary protocol (the released code, root0yang/BlindNet) with PIL operations, as
+    RobustNet's ResizeHeight + CenterCropPad do it, except the pad (ours: centred, label 255)."""
     w, h = image.size
     width = int(w / h * height)
     image = image.resize((width, height), Image.BICUBIC)

@@ -1,9 +1,10 @@
 """Class tables, defined once for the whole project.
 
 The 19 Cityscapes train classes (names, colours, label-ID -> train-ID map) come from the official
-``cityscapesscripts`` table; the SYNTHIA and Mapillary maps follow ``shared/methods/blindnet.md`` §6
-and ``globallocal_advent.md`` §4.  Every map is materialised as a 256-entry lookup table so that a
-conversion is one numpy indexing operation.
+``cityscapesscripts`` table; the SYNTHIA and Mapillary maps follow the released code of BlindNet
+(root0yang/BlindNet), the 16-class SYNTHIA protocol that of DADA (valeoai/DADA, by ADVENT's
+authors).  Every map is materialised as a 256-entry lookup table so that a conversion is one numpy
+indexing operation.
 """
 from __future__ import annotations
 
@@ -104,7 +105,8 @@ def synthia_lut(protocol: ClassSet) -> np.ndarray:
                          SYNTHIA_RAW_IDS)
 
 
-# Mapillary Vistas v1.2 (66 IDs, 0..65) -> Cityscapes 19 train IDs (blindnet.md §6).
+# Mapillary Vistas v1.2 (66 IDs, 0..65) -> Cityscapes 19 train IDs (the released code,
+# root0yang/BlindNet).
 MAPILLARY66_TO_19 = {13: 0, 24: 0, 41: 0, 2: 1, 15: 1, 17: 2, 6: 3, 3: 4, 45: 5, 47: 5, 48: 6,
                      50: 7, 30: 8, 29: 9, 27: 10, 19: 11, 20: 12, 21: 12, 22: 12, 55: 13, 61: 14,
                      54: 15, 58: 16, 57: 17, 52: 18}

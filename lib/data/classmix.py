@@ -1,4 +1,5 @@
-"""ClassMix and the strong augmentation of mixed images, as DACS/DAFormer apply them (ciss.md §4.3, §4.4).
+"""ClassMix and the strong augmentation of mixed images, as DACS (Tranheden et al., WACV 2021) and
+DAFormer (Hoyer et al., CVPR 2022) apply them.
 
 ClassMix pastes the pixels of half of the source classes onto the target crop:
 
@@ -11,7 +12,7 @@ CISS inherits; a sample may draw classes it does not contain.
 The mixed image is then colour-jittered (p 0.8, strength 0.2) and blurred (p 0.5, sigma ~ U(0.15, 1.15),
 kernel ~10% of the side, odd).  The on/off decisions are drawn once per iteration and shared by the
 batch; factors and sigma are drawn per sample.  CISS augments its stylized mix with the same decisions
-and freshly drawn factors (ciss.md §1 step 8): call :func:`augment` twice with the same decisions.
+and freshly drawn factors (the released code, SysCV/CISS): call :func:`augment` twice with the same decisions.
 
 Our choice: the jitter follows torchvision's ColorJitter (multiplicative brightness, factors
 U[1-s, 1+s], hue shift U[-s, s] turns, the four in a random order) on the [0, 1] image; DACS calls

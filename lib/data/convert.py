@@ -53,7 +53,8 @@ class PrepareParams:
 
 @dataclass(frozen=True)
 class ResizeCrop:
-    """BlindNet's Mapillary evaluation protocol (blindnet.md §7), applied when preparing the dataset.
+    """BlindNet's Mapillary evaluation protocol (the released code, root0yang/BlindNet), applied when
+    preparing the dataset.
 
     The image is resized to ``height`` rows, aspect kept (width ``int(w / h * height)``), bicubic
     (PIL); the label the same way, nearest; then both are centre-cropped to ``crop`` x ``crop``, the

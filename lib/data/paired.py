@@ -1,4 +1,5 @@
-"""CISS's paired source/target samples (ciss.md §3.1): each training sample also carries a stylized copy.
+"""CISS's paired source/target samples, as in the released code (SysCV/CISS): each training sample
+also carries a stylized copy.
 
 Draw k of the source stream and draw k of the target stream form a pair.  The source image is
 restyled by the target's full image and the target by the source's (FDA or Reinhard, on the full
@@ -11,7 +12,7 @@ Each stream finds its partner's row for draw k by asking the partner's sampler f
 sampler is a pure function of (seed, k), lib.data.sampling), so the two streams stay separate loaders
 that agree on the pairs without talking to each other.  Source and target therefore need one batch
 size.  Our choice: a style image of another size is resized to the content's (bilinear) before FDA;
-CISS centre-crops both to one 1024x1920 canvas first (ciss.md §3.1, §8: any equal-size resize works).
+CISS centre-crops both to one 1024x1920 canvas first (any equal-size resize works).
 FDA's output is not clipped (CISS); Reinhard's is.
 """
 from __future__ import annotations

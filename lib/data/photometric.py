@@ -1,10 +1,11 @@
 """Photometric views of a batch on its device: colour jitter and Gaussian blur, no geometry
-(blindnet.md §2 items 3-4).
+(the two views of BlindNet's released code, root0yang/BlindNet).
 
 BlindNet trains on two views of every crop that differ only in colour: the "original" view x (mild
 jitter with probability 0.5, then blur) and the "style" view x_a (strong jitter always, then blur).
 Neither moves a pixel, so pixel (u, v) of x and x_a show the same scene point and share the label.
-RobustNet trains on the mild view and measures its style statistics on the strong one (§5.3).
+RobustNet trains on the mild view and measures its style statistics on the strong one (its released
+code, shachoi/RobustNet).
 
 Per image, as torchvision's ColorJitter and RobustNet's RandomGaussianBlur:
 

@@ -6,8 +6,9 @@ without replaying earlier draws, so a run resumed at draw k sees exactly the dra
 seen had it never stopped.
 
 - ``uniform_stream``: a fresh random permutation every epoch.
-- ``class_uniform_stream``: RobustNet's class-uniform epochs (blindnet.md §3).
-- ``rare_class_stream``: DAFormer's rare-class sampling, RCS (ciss.md §4.7).
+- ``class_uniform_stream``: RobustNet's class-uniform epochs (the released code, shachoi/RobustNet;
+  after Zhu et al., CVPR 2019).
+- ``rare_class_stream``: DAFormer's rare-class sampling, RCS (Hoyer et al., CVPR 2022).
 """
 from __future__ import annotations
 

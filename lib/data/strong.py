@@ -1,16 +1,16 @@
-"""Strong views of a batch on its device, with their geometry recorded (cpsl.md §2), and CutMix boxes
-(cpsl.md §5 step 2).
+"""Strong views of a batch on its device, with their geometry recorded, and CutMix boxes, as CPSL's
+released code (lslrh/CPSL) draws them.
 
 A method calls :func:`strong_view` inside its training step on the already-normalised weak crops.
-Per sample, in the spec's order (cpsl.md §2, "Strong augmentation"):
+Per sample, in the released code's order:
 
 1. horizontal flip, p ``flip_p``;
 2. Gaussian blur (PIL radius 1, taken as sigma 1), p ``blur_p``;
 3. colour jitter (brightness = contrast = saturation = hue = ``jitter``, torchvision's ranges, the
    four in a random order), p ``jitter_p``;
 4. ``ops`` RandAugment ops drawn with replacement from FixMatch's pool, each applied with p ``op_p``
-   at an integer level v in {1..9}: value = v·max/10 + bias (FixMatch's max and bias per op; the
-   spec gives only the geometric maxima, 27°, 0.27 and 27 % at v = 9), rotate / shear / translate
+   at an integer level v in {1..9}: value = v·max/10 + bias (FixMatch's max and bias per op, Sohn et al.,
+   NeurIPS 2020; at v = 9 the geometric ones give 27°, 0.27 and 27 %), rotate / shear / translate
    with a random sign;
 5. a grey square cutout of side ``cutout``·min(H, W), always (``cutout`` 0 turns it off).
 
@@ -59,7 +59,7 @@ GEOMETRIC = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
 
 @dataclass(frozen=True)
 class StrongParams:
-    """The strong view of cpsl.md §2 (CPSL's RandAugmentMC n=2, m=10, jitter 0.4).
+    """CPSL's strong view (the released code's RandAugmentMC n=2, m=10, jitter 0.4).
 
     ``max_rotate`` (degrees), ``max_shear`` and ``max_translate`` (fraction of the side) are the
     largest values applied, at level 9 (v·30/10, v·0.3/10 in FixMatch's terms).  ``fill`` is the
@@ -326,7 +326,7 @@ def warp(maps: torch.Tensor, geometry: Geometry, mode: str | None = None, fill: 
 # ----------------------------------------------------------------------------------- CutMix
 def cutmix_boxes(n: int, height: int, width: int, generator: torch.Generator, area: float = 0.5,
                  p: float = 0.5) -> torch.Tensor:
-    """CutMix boxes for a batch (cpsl.md §5 step 2), (N, 4) int64 (y0, x0, y1, x1) pixels, CPU.
+    """CutMix boxes for a batch (as CPSL's released code draws them), (N, 4) int64 (y0, x0, y1, x1) pixels, CPU.
 
     With probability ``p`` (one draw for the batch: CPSL's L_con is gated per iteration) every
     sample gets a box of ``area`` of the image: height fraction area**u, u ~ U(0, 1), width

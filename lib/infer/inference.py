@@ -2,8 +2,8 @@
 
 ``predict_logits`` returns logits at the label size; the argmax is the caller's.  Conventions:
 
-- **Ensemble** (ADVENT "single" mode, ``globallocal_advent.md`` §2.7): the weighted *sum* of every
-  model's upsampled logits (weights are not normalised; ADVENT's AdvEnt+MinEnt uses 0.5/0.5).
+- **Ensemble** (the "single" test mode of ADVENT's released code, valeoai/ADVENT): the weighted *sum*
+  of every model's upsampled logits (weights are not normalised; ADVENT's AdvEnt+MinEnt uses 0.5/0.5).
 - **Whole**: the image, optionally resized to ``input_size`` first (ADVENT feeds 1024x512 and
   upsamples to 2048x1024), one forward, main logits upsampled to ``out_size`` with
   ``lib.models.output.upsample`` (bilinear, align_corners=True, as ADVENT, CPSL and BlindNet do).

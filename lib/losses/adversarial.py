@@ -1,4 +1,5 @@
-"""Adversarial losses of output-space alignment (AdaptSegNet, AdvEnt; spec globallocal_advent.md §2).
+"""Adversarial losses of output-space alignment (AdaptSegNet: Tsai et al., CVPR 2018; AdvEnt: Vu et al.,
+CVPR 2019).
 
 Domain labels follow ADVENT's code: source 0, target 1.  The generator "fools" a discriminator by
 asking it to call target outputs source.

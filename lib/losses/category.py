@@ -1,11 +1,12 @@
-"""Category- and instance-level alignment of BAFFT (spec bafft.md §4, §5): pure functions plus the
-ring-buffer memory.
+"""Category- and instance-level alignment of BAFFT (Yuan et al., IEEE TIP 2022): pure functions plus
+the ring-buffer memory.
 
-Vocabulary (bafft.md §4): *stuff* classes are aligned through one pooled feature per class and
-image (a prototype), *thing* classes through one pooled feature per connected region (an
-instance).  Features are the backbone's layer4 maps, D channels: 2048 for ResNet-101 as in the
-paper, 512 for ResNet-18.  Every "/2048" of the released code is written "/D" here, so the
-normalisations equal the original's for R101 and scale with the feature dimension otherwise.
+Vocabulary, as in the released code (HibiscusYB/BAFFT): *stuff* classes are aligned through one
+pooled feature per class and image (a prototype), *thing* classes through one pooled feature per
+connected region (an instance).  Features are the backbone's layer4 maps, D channels: 2048 for
+ResNet-101 as in the paper, 512 for ResNet-18.  Every "/2048" of the released code is written "/D"
+here, so the normalisations equal the original's for R101 and scale with the feature dimension
+otherwise.  "Code version A" is an early step-2 script of the released code with its own ISIA/AIM.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from torch import nn
 from lib.data.classes import CITYSCAPES19, CLASS_SETS, IGNORE, ClassSet
 from lib.errors import ConfigError
 
-# bafft.md §4.3/§4.4, 19-class train IDs
+# Stuff and thing classes of the released code (HibiscusYB/BAFFT), 19-class train IDs
 STUFF_19 = (0, 1, 2, 3, 4, 8, 9, 10)                     # road .. fence, vegetation, terrain, sky
 THING_19 = (5, 6, 7, 11, 12, 13, 14, 15, 16, 17, 18)     # pole, light, sign, person .. bicycle
 STUFF_NAMES = frozenset(CITYSCAPES19.names[c] for c in STUFF_19)
@@ -29,7 +30,7 @@ STUFF_NAMES = frozenset(CITYSCAPES19.names[c] for c in STUFF_19)
 # --- class split -----------------------------------------------------------------------------
 
 def stuff_and_things(class_set: ClassSet) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """§4's split carried over to another protocol by class name (e.g. SYNTHIA's 16 classes)."""
+    """The split above carried over to another protocol by class name (e.g. SYNTHIA's 16 classes)."""
     stuff = tuple(i for i, name in enumerate(class_set.names) if name in STUFF_NAMES)
     things = tuple(i for i, name in enumerate(class_set.names) if name not in STUFF_NAMES)
     return stuff, things
@@ -60,14 +61,14 @@ def resize_labels(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def correct_prediction_mask(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """M of §4.2: the ground truth brought to the logits' grid, kept where it equals argmax P,
-    255 elsewhere.  (N, C, h, w), (N, H, W) -> (N, h, w)."""
+    """The released code's correct-prediction mask M: the ground truth brought to the logits' grid,
+    kept where it equals argmax P, 255 elsewhere.  (N, C, h, w), (N, H, W) -> (N, h, w)."""
     label = resize_labels(label, tuple(logits.shape[-2:]))
     return torch.where(label == logits.argmax(dim=1), label, torch.full_like(label, IGNORE))
 
 
 def connected_components(mask: np.ndarray, top_k: int, connectivity: int = 2) -> np.ndarray:
-    """The ``top_k`` largest connected regions of a boolean (h, w) mask, largest first (§4.4).
+    """The ``top_k`` largest connected regions of a boolean (h, w) mask, largest first.
 
     ``connectivity`` 2 is 8-connectivity (diagonal neighbours join), as the released code calls
     ``skimage.measure.label``; ties in size keep scikit-image's raster order.  Returns (k, h, w) bool.
@@ -96,7 +97,7 @@ def thing_regions(labels: np.ndarray, classes: Sequence[int], top_k: int) -> tup
 
 
 def masked_average_pool(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """v = Σ f·m / max(Σ m, 1e-12) for each mask (§4.3): features (D, *S), masks (K, *S) -> (K, D).
+    """v = Σ f·m / max(Σ m, 1e-12) for each mask (as released): features (D, *S), masks (K, *S) -> (K, D).
 
     The spatial shape S may include a batch axis (pooling over several images at once)."""
     m = masks.flatten(1).to(features.dtype)
@@ -106,7 +107,7 @@ def masked_average_pool(features: torch.Tensor, masks: torch.Tensor) -> torch.Te
 
 def class_centroids(features: torch.Tensor, labels: torch.Tensor, num_classes: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class centroids of a batch, c_i of §5.1: features (N, D, h, w), labels (N, h, w) ->
+    """Per-class centroids of a batch, c_i of the paper's L_ISIA: features (N, D, h, w), labels (N, h, w) ->
     (C, D) centroids (0 for absent classes) and the (C,) mask of classes present."""
     masks = labels[None] == torch.arange(num_classes, device=labels.device).view(-1, 1, 1, 1)
     return masked_average_pool(features.transpose(0, 1), masks), masks.flatten(1).any(dim=1)
@@ -115,8 +116,8 @@ def class_centroids(features: torch.Tensor, labels: torch.Tensor, num_classes: i
 # --- the memory ------------------------------------------------------------------------------
 
 class RingBank(nn.Module):
-    """Per-class ring buffers of detached source features (§4.3: 50 slots per stuff class,
-    §4.4: 500 per thing class).
+    """Per-class ring buffers of detached source features (as released: 50 slots per
+    stuff class, 500 per thing class).
 
     A write goes to slot ``writes mod capacity``, then ``writes`` grows by one; a class is used
     for matching only once it has had more than ``capacity`` writes (``ready``), as the released
@@ -156,7 +157,7 @@ class RingBank(nn.Module):
 # --- matching ---------------------------------------------------------------------------------
 
 def mean_abs_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """d(a, b) = (1/D) Σ_k |a_k - b_k| (§4.7), over the last axis."""
+    """d(a, b) = (1/D) Σ_k |a_k - b_k| (as released), over the last axis."""
     return (a - b).abs().mean(dim=-1)
 
 
@@ -167,7 +168,7 @@ def nearest_distance(queries: torch.Tensor, entries: torch.Tensor) -> torch.Tens
 
 
 def self_weighted(distance: torch.Tensor) -> torch.Tensor:
-    """AIM's self-weighting (§5.2): the weight of a match is its own distance, not detached,
+    """AIM's self-weighting of code version A: the weight of a match is its own distance, not detached,
     so the term is d² and its gradient 2·d·∇d."""
     return distance * distance
 
@@ -180,7 +181,7 @@ def head_logits(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def classifier_agrees(head: nn.Module, vectors: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
-    """The classifier-agreement gate of §4.3: argmax head(v) == c with v fed as a 1x1 map (so an
+    """The released code's classifier-agreement gate: argmax head(v) == c with v fed as a 1x1 map (so an
     atrous head uses only its centre taps).  (K, D), K classes -> (K,) bool.
 
     The head runs in eval mode (our choice: only the CPSL head's dropout is affected; the ASPP
@@ -196,7 +197,7 @@ def classifier_agrees(head: nn.Module, vectors: torch.Tensor, classes: Sequence[
     return logits.argmax(dim=1) == torch.as_tensor(list(classes), device=logits.device)
 
 
-# --- ISIA (§5.1, recommended form §5.5) --------------------------------------------------------
+# --- ISIA (the paper's terms, in our form) ----------------------------------------------------
 
 def rescaled_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """D_sim = (1 + cos)/2 in [0, 1] for every pair of rows: (A, D), (B, D) -> (A, B)."""
@@ -206,20 +207,21 @@ def rescaled_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def isia_intra(source: torch.Tensor, target: torch.Tensor, source_present: torch.Tensor,
                target_present: torch.Tensor) -> torch.Tensor:
     """Intra-class aggregation Σ_i d(c_s,i, c_t,i) over classes present in both domains
-    (mean-absolute d, §5.5; the paper's ‖·‖₁ up to the 1/D normalisation)."""
+    (mean-absolute d, our choice; the paper's ‖·‖₁ up to the 1/D normalisation)."""
     both = source_present & target_present
     return mean_abs_distance(source[both].float(), target[both].float()).sum()
 
 
 def isia_separation(source: torch.Tensor, target: torch.Tensor, source_present: torch.Tensor,
                     target_present: torch.Tensor) -> torch.Tensor:
-    """Inter-class separation Σ_i Σ_{k≠i} (1 + cos(c_s,i, c_t,k))/2 over present classes (§5.1)."""
+    """Inter-class separation Σ_i Σ_{k≠i} (1 + cos(c_s,i, c_t,k))/2 over present classes (the paper's
+    L_ISIA)."""
     s_ids, t_ids = source_present.nonzero()[:, 0], target_present.nonzero()[:, 0]
     similarity = rescaled_cosine(source[s_ids], target[t_ids])
     return (similarity * (s_ids[:, None] != t_ids[None, :])).sum()
 
 
-# --- code version A (§5.2), for comparison only -------------------------------------------------
+# --- code version A of the released code, for comparison only ----------------------------------
 
 def version_a_same(p_s: torch.Tensor, p_t: torch.Tensor, dim: int) -> torch.Tensor:
     """L_same = Σ_c Σ_x |p_s^c(x) - p_t^c(x)| / D on softmax maps of one grid, pixel-aligned
@@ -230,7 +232,7 @@ def version_a_same(p_s: torch.Tensor, p_t: torch.Tensor, dim: int) -> torch.Tens
 def version_a_diff(p_s: torch.Tensor, p_t: torch.Tensor, dim: int) -> torch.Tensor:
     """L_diff = Σ_{i≠j} mean_x (0.5 + 0.5·cos(p_s^i(x), p_t^j(x))) / D with the cosine taken over
     a singleton axis, exactly as released: it is 1 wherever both probabilities exceed the cosine's
-    eps, so the term is ≈ C(C-1)/D with essentially no gradient (§5.2)."""
+    eps, so the term is ≈ C(C-1)/D with essentially no gradient."""
     classes = p_s.shape[1]
     cos = F.cosine_similarity(p_s.float()[:, :, None, None], p_t.float()[:, None, :, None], dim=3)
     pairs = ~torch.eye(classes, dtype=torch.bool, device=p_s.device)
@@ -241,7 +243,7 @@ def version_a_diff(p_s: torch.Tensor, p_t: torch.Tensor, dim: int) -> torch.Tens
 def version_a_separation(stuff: torch.Tensor, instances: torch.Tensor, instance_classes: Sequence[int],
                          dim: int) -> torch.Tensor:
     """L_sep = Σ_{c stuff} Σ_{k thing} (1/n_k) Σ_r 500·(0.5 + 0.5·cos(v^c, v^r))/D on target
-    features of one image (§5.2): stuff centroids (B, D), instances (R, D) of the given classes."""
+    features of one image (version A): stuff centroids (B, D), instances (R, D) of the given classes."""
     if len(stuff) == 0 or len(instances) == 0:
         return stuff.new_zeros((), dtype=torch.float32)
     similarity = rescaled_cosine(stuff, instances)                 # (B, R)

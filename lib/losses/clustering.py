@@ -1,5 +1,6 @@
-"""CPSL's class-balanced self-labelling pieces (cpsl.md §5): Sinkhorn-Knopp with a class prior,
-prototype assignments, the FIFO memory and the symmetric cross-entropy.
+"""CPSL's class-balanced self-labelling pieces (Li et al., CVPR 2022), as the released code
+(lslrh/CPSL) computes them: Sinkhorn-Knopp with a class prior, prototype assignments, the FIFO
+memory and the symmetric cross-entropy.
 
 All functions are pure (no state) except :class:`FifoQueue`, a module whose buffers are
 checkpointed so a resumed run sees the same memory.
@@ -18,7 +19,7 @@ from lib.data.classes import IGNORE
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, prior: torch.Tensor, epsilon: float = 0.05,
              iterations: int = 3) -> torch.Tensor:
-    """Class-balanced Sinkhorn-Knopp (cpsl.md §5 step 7): (B, K) scores -> (B, K) soft assignments.
+    """Class-balanced Sinkhorn-Knopp (the released code's stage 1): (B, K) scores -> (B, K) soft assignments.
 
     M = exp(S / eps)^T normalised to sum 1; ``iterations`` times: rows (classes) rescaled to sum
     ``prior[k]`` (CPSL's class prior replaces SwAV's uniform 1/K), then columns (pixels) to 1/B;
@@ -44,12 +45,12 @@ def cosine_scores(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Ten
 
 
 def prototype_weights(features: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
-    """w_k = softmax_k(cos(f, C_k) / tau) (cpsl.md §5 steps 5 and 8): (N, K, H, W)."""
+    """w_k = softmax_k(cos(f, C_k) / tau) (CPSL's rectification and structure loss): (N, K, H, W)."""
     return (cosine_scores(features, prototypes) / temperature).softmax(dim=1)
 
 
 def rectify(soft: torch.Tensor, weights: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """CPSL's denoised label y = argmax_k w_k * p_k (cpsl.md §5 step 5): (N, H, W) int64.
+    """CPSL's denoised label y = argmax_k w_k * p_k (as released): (N, H, W) int64.
 
     Pixels whose normalised maximum max(w p) / sum(w p) is below ``threshold`` become 255
     (CPSL's ``train_thred`` is 0: none are dropped).
@@ -61,7 +62,7 @@ def rectify(soft: torch.Tensor, weights: torch.Tensor, threshold: float = 0.0) -
 
 def symmetric_ce(logits: torch.Tensor, label: torch.Tensor, alpha: float = 0.1, beta: float = 1.0,
                  clamp: float = 1e-4) -> torch.Tensor:
-    """alpha CE + beta RCE on valid pixels (cpsl.md §5 step 10), logits at the label's size.
+    """alpha CE + beta RCE on valid pixels (CPSL's target loss), logits at the label's size.
 
     RCE = -sum_k p_k log clamp(onehot_k, clamp, 1) = -ln(clamp) (1 - p_y).
     """
@@ -77,7 +78,7 @@ def symmetric_ce(logits: torch.Tensor, label: torch.Tensor, alpha: float = 0.1, 
 
 
 def consistency_kl(teacher_prob: torch.Tensor, student_logp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """ProDA/CPSL structure loss (cpsl.md §5 step 8): sum mask z (log z - log z') / sum mask.
+    """ProDA/CPSL structure loss (the released code): sum mask z (log z - log z') / sum mask.
 
     The mask spans (N, K, H, W), so the value is the per-pixel KL divided by K, as released.
     """
@@ -89,13 +90,13 @@ def consistency_kl(teacher_prob: torch.Tensor, student_logp: torch.Tensor, valid
 
 
 def self_labelling_loss(targets: torch.Tensor, scores: torch.Tensor, temperature: float) -> torch.Tensor:
-    """-(1/B) sum_b sum_k q_bk log softmax(s_b / tau)_k (cpsl.md §5 step 6)."""
+    """-(1/B) sum_b sum_k q_bk log softmax(s_b / tau)_k (CPSL's L_SL)."""
     return -(targets * F.log_softmax(scores.float() / temperature, dim=1)).sum(dim=1).mean()
 
 
 def queue_contrast(features: torch.Tensor, labels: torch.Tensor, queue: torch.Tensor,
                    queue_labels: torch.Tensor, temperature: float) -> torch.Tensor:
-    """CPSL's code-only L_con (cpsl.md §5 step 9) for (B, D) normalised features with labels.
+    """CPSL's L_con, found only in the released code, for (B, D) normalised features with labels.
 
     l = f Q^T / tau shifted by the row max; per pixel with at least one positive,
     -mean_p [l_p - log(e^{l_p} + sum_negatives e^{l_n})]; averaged over those pixels.
@@ -119,7 +120,7 @@ def queue_contrast(features: torch.Tensor, labels: torch.Tensor, queue: torch.Te
 
 
 class FifoQueue(nn.Module):
-    """A zero-initialised FIFO memory of ``length`` rows, newest first (cpsl.md §5 "State").
+    """A zero-initialised FIFO memory of ``length`` rows, newest first, as CPSL's queues.
 
     ``full`` once its last row is non-zero, as CPSL tests it.  Buffers, so checkpoints carry it.
     """

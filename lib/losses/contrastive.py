@@ -1,5 +1,6 @@
-"""Pixel contrasts between two pixel-aligned views: BlindNet's class-wise contrast CWCL
-(blindnet.md §5.4) and semantic disentanglement contrast SDCL (§5.5).
+"""Pixel contrasts between two pixel-aligned views: BlindNet's class-wise contrast CWCL and semantic
+disentanglement contrast SDCL (Ahn et al., CVPR 2024), as the released code (root0yang/BlindNet)
+computes them.
 
 Both work on one projection level at a time: q (B, D, h, w) are the unit-norm embeddings of the style
 view x_a (anchors, with gradient), k those of the original view x (keys, detached by the caller), and
@@ -51,8 +52,8 @@ def class_wise_anchors(label: torch.Tensor, pred: torch.Tensor, max_classes: int
     (y = c, p != c) and half easy (y = c, p = c); when one kind has fewer than half, all of it is
     taken and the other kind fills up.  The remaining slots are filled with random pixels of any
     label, "excluding the pixels already sampled" in the ``intended`` variant; as executed that
-    exclusion was a no-op (the inverted uint8 mask selected everything, §5.4), so the fill may
-    repeat pixels.
+    exclusion was a no-op (the inverted uint8 mask selected everything under PyTorch >= 1.2), so the
+    fill may repeat pixels.
     """
     label, pred = label.cpu(), pred.cpu()
     n, h, w = label.shape

@@ -1,5 +1,6 @@
-"""Covariance of instance-normalised feature maps: BlindNet's covariance alignment (blindnet.md §5.2)
-and RobustNet's instance whitening losses IW / IRW / ISW (§5.3).
+"""Covariance of instance-normalised feature maps: BlindNet's covariance alignment (Ahn et al., CVPR
+2024) and RobustNet's instance whitening losses IW / IRW / ISW (Choi et al., CVPR 2021), as the
+released code (root0yang/BlindNet, shachoi/RobustNet) computes them.
 
 For an instance-normalised map F (C channels, HW pixels, zero mean and unit variance per channel and
 image) the covariance Sigma(F) = F F^T / (HW - 1) + eps I is essentially a correlation matrix: its

@@ -1,4 +1,5 @@
-"""The KD loss of CPSL/ProDA stages 2 and 3 (cpsl.md §7), in both forms.
+"""The KD loss of CPSL/ProDA stages 2 and 3 (the released code: lslrh/CPSL, microsoft/ProDA), in both
+forms.
 
 - ``released``: what the released code computes, PyTorch's ``kl_div`` fed *probabilities* where
   it expects log-probabilities: (1 / (N K H W)) sum t (log t - p), with t = softmax(teacher) and

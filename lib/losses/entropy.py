@@ -1,4 +1,5 @@
-"""Entropy of the output distribution (ADVENT, spec globallocal_advent.md §2.1)."""
+"""Entropy of the output distribution, as ADVENT (Vu et al., CVPR 2019) computes it in the released
+code (valeoai/ADVENT)."""
 from __future__ import annotations
 
 import math

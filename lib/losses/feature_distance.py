@@ -1,4 +1,5 @@
-"""DAFormer's ImageNet feature distance (FD; ciss.md §4.5), which CISS keeps from its DACS base.
+"""DAFormer's ImageNet feature distance (FD; Hoyer et al., CVPR 2022), which CISS keeps from its DACS
+base (the released code, SysCV/CISS).
 
 The student's last encoder stage is held near that of a frozen ImageNet-initialised copy, on the
 cells of the feature grid that the source label marks as a thing class:

@@ -1,5 +1,5 @@
-"""CISS's feature invariance loss (ciss.md §2.1): the student's encoder features of an image and of its
-stylized copy are pulled together.
+"""CISS's feature invariance loss (Sakaridis et al., arXiv 2305.17349), as the released code (SysCV/CISS)
+computes it: the student's encoder features of an image and of its stylized copy are pulled together.
 
     L_inv(a, b) = sum_l w_l * mean[(E_l(a) - E_l(b))^2]
 

@@ -23,8 +23,9 @@ def cross_entropy(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
 
 def weighted_cross_entropy(logits: torch.Tensor, label: torch.Tensor,
                            weight: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """mmseg 0.16's CE, as DACS, DAFormer and CISS train with it (ciss.md §4.6): the per-pixel CE
-    times ``weight`` (a scalar or an (N, H, W) map), averaged over ALL pixels, ignored ones counting 0.
+    """mmseg 0.16's CE, as DACS, DAFormer and CISS train with it (the released code, SysCV/CISS): the
+    per-pixel CE times ``weight`` (a scalar or an (N, H, W) map), averaged over ALL pixels, ignored
+    ones counting 0.
 
     The logits are upsampled to the label as in :func:`cross_entropy`; float32 throughout.
     """
@@ -35,7 +36,8 @@ def weighted_cross_entropy(logits: torch.Tensor, label: torch.Tensor,
 
 def cross_entropy_on_grid(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """CE at the logits' own resolution against the label brought there by nearest neighbour:
-    RobustNet's and BlindNet's auxiliary loss on the stride-16 ``dsn`` head (blindnet.md §5.1)."""
+    RobustNet's and BlindNet's auxiliary loss on the stride-16 ``dsn`` head (the released code,
+    root0yang/BlindNet)."""
     size = tuple(logits.shape[-2:])
     if tuple(label.shape[-2:]) != size:
         label = F.interpolate(label[:, None].float(), size=size, mode="nearest")[:, 0].long()

@@ -1,8 +1,8 @@
-"""BAFFT step 1 (Yuan et al., "Birds of A Feather Flock Together", IEEE TIP 2022; spec bafft.md §3-§5).
+"""BAFFT step 1 (Yuan et al., "Birds of A Feather Flock Together", IEEE TIP 2022).
 
 Output-space adversarial alignment (AdaptSegNet, one discriminator on the main output) plus
 category- and instance-level alignment of the layer4 features f against memories of source
-features.  One iteration (§4), in ADVENT's step order:
+features.  One iteration of the released step-1 script (HibiscusYB/BAFFT), in ADVENT's step order:
 
 1. D frozen.  Source: f_s, P_s = G(x_s); L_seg = CE(P_s↑, y_s); backward.
 2. M = y_s brought to P_s's grid (nearest), kept where it equals argmax P_s, 255 elsewhere.
@@ -22,11 +22,12 @@ features.  One iteration (§4), in ADVENT's step order:
 ``alignment`` chooses the category/instance terms:
 
 - ``sim``: the released step-1 script (= SIM): φ(d) = d, β_ins = 1.
-- ``isia`` (default): the paper's ISIA and AIM, already in step 1 (§4 "Paper vs code"), in the
-  recommended form of §5.5: AIM self-weighting φ(d) = d² with β_ins = ``beta_aim``, and
+- ``isia`` (default): the paper's ISIA and AIM, already in step 1 as in the paper's first stage, in
+  our form: AIM self-weighting φ(d) = d² with β_ins = ``beta_aim``, and
        L_ISIA = Σ_i d(c_s,i, c_t,i) + β Σ_i Σ_{k≠i} (1 + cos(c_s,i, c_t,k))/2
   on the class centroids of f: source over M, target over the target regions.
-- ``isia`` with ``code_faithful: true``: code version A instead (§5.2), for comparison:
+- ``isia`` with ``code_faithful: true``: code version A instead (an early step-2 script of the released
+  code), for comparison:
   L_same + L_diff on the softmax maps, the target separation L_sep, φ(d) = d², β_ins = 10.
 
 Our choices where the original (batch 1) leaves them open: memories and target matching work
@@ -47,7 +48,7 @@ class BafftStep1(BafftAlignment):
     name = "bafft_step1"
 
     def target_regions(self, target: SegOutput, target_batch: dict) -> torch.Tensor:
-        """ŷ_t = argmax P_t, no confidence threshold (§4.6)."""
+        """ŷ_t = argmax P_t, no confidence threshold (as released)."""
         return target.logits.detach().argmax(dim=1)
 
     def target_supervision(self, target: SegOutput, target_batch: dict) -> dict[str, torch.Tensor]:

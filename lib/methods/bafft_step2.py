@@ -1,15 +1,16 @@
-"""BAFFT step 2 (bafft.md §7): self-training on the step-1 model's class-median pseudo-labels,
-with every alignment term of step 1.
+"""BAFFT step 2 (Yuan et al., IEEE TIP 2022): self-training on the step-1 model's class-median
+pseudo-labels, with every alignment term of step 1.
 
     L_G = L_seg(x_s) + λ_T CE(P_t↑, ŷ_t^pseudo) + λ_adv L_adv + λ_cls L_cls + λ_ins L_ins (+ ISIA / AIM)
 
-- ŷ_t^pseudo: the ``class_median`` pseudo-labels of the stage's artifact (§6: per-class median
-  confidence capped at 0.9, 255 below), delivered by the loader as ``batch["target"]["pseudo"]``;
-  λ_T = 1.
+- ŷ_t^pseudo: the ``class_median`` pseudo-labels of the stage's artifact (SIM's rule, Wang et al.,
+  CVPR 2020: per-class median confidence capped at 0.9, 255 below), delivered by the loader as
+  ``batch["target"]["pseudo"]``; λ_T = 1.
 - The same discriminator, memories and step order as step 1 (lib/methods/bafft_step1.py); the
-  memories start empty; all alignment weights are 0.001 (§7, §5.5).
+  memories start empty; all alignment weights are 0.001, as in the released code
+  (HibiscusYB/BAFFT).
 - The target class regions of the alignment terms (prototypes, instances, ISIA centroids) come
-  from the pseudo-labels where they are valid instead of argmax P_t (§5.5).
+  from the pseudo-labels where they are valid instead of argmax P_t (our choice).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What the engine expects of a method (DESIGN.md, "Method").
+"""What the engine expects of a method (docs/methods/engine.md, "The training loop").
 
 A method owns its modules (the segmentation model plus any discriminator, head or EMA teacher),
 says which parameters each optimizer trains, and implements one training step: it computes its
@@ -104,7 +104,8 @@ class Method:
 
 
 class OutputSpaceMethod(Method):
-    """Source supervision plus alignment of the target's output, in ADVENT's step order (§2.3).
+    """Source supervision plus alignment of the target's output, in ADVENT's step order (the released code,
+    valeoai/ADVENT).
 
     1. the discriminators are frozen;
     2. source: forward, L_seg = CE(main) + aux_weight * CE(aux), backward;

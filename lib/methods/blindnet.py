@@ -1,7 +1,7 @@
 """BlindNet (Ahn et al., CVPR 2024): style-blind domain generalisation through covariance alignment
-and semantic-consistency contrast (spec blindnet.md).
+and semantic-consistency contrast, as the released code (root0yang/BlindNet) trains it.
 
-Every source crop is seen twice, as two pixel-aligned photometric views (§2, lib.data.photometric):
+Every source crop is seen twice, as two pixel-aligned photometric views (lib.data.photometric):
 the original view x (mild colour jitter with p = 0.5, blur) and the style view x_a (strong jitter,
 blur).  Both go through the DeepLabV3+ with instance normalisation (``model.instance_norm: in``) in
 separate forwards, so BatchNorm never mixes them.  With F^i the three instance-normalised encoder
@@ -10,14 +10,14 @@ q_j = pi_j(x_a) and k_j = sg[pi_j(x)], y the label, p = argmax P(x) and p_a = ar
 
     L = L_seg + 0.4 L_aux + w1 CML + w2 CCL + w3 CWCL + w4 SDCL,      (w1, w2, w3, w4) = (0.2, 0.2, 0.3, 0.3)
 
-    L_seg = 1/2 [CE(up(P(x)), y) + CE(up(P(x_a)), y)]                                          (§5.1)
+    L_seg = 1/2 [CE(up(P(x)), y) + CE(up(P(x_a)), y)]
     L_aux = CE(dsn(x), y at stride 16, nearest)                                  original view only
-    CML   = 1/3 sum_i mean (sg[Sigma(F^i)] - Sigma(F^i_a))^2                                     (§5.2)
+    CML   = 1/3 sum_i mean (sg[Sigma(F^i)] - Sigma(F^i_a))^2
     CCL   = 1/3 sum_i mean_b,c (diag Sigma(sg[F^i], F^i_a) - 1)^2
     CWCL  = 1/3 sum_j InfoNCE(q_j, k_j): <= 15 classes x 50 hard/easy anchors per image, the same
-            pixel of x as positive, in-image negatives, T = 0.07                               (§5.4)
+            pixel of x as positive, in-image negatives, T = 0.07
     SDCL  = 1/3 sum_j InfoNCE of the pixels the style flips (x right, x_a wrong as c): positive the
-            same pixel of x, negatives 20 genuine class-c pixels of x_a, T = 0.07               (§5.5)
+            same pixel of x, negatives 20 genuine class-c pixels of x_a, T = 0.07
 
 A level without a valid class (CWCL) or anchor (SDCL) contributes 0 to its mean.  ``cwcl_negatives``
 picks CWCL's negative set: ``as_executed`` (the released code under any PyTorch >= 1.2: all sampled

@@ -1,18 +1,18 @@
-"""CISS: Condition-Invariant Semantic Segmentation (Sakaridis et al., arXiv 2305.17349; spec ciss.md).
+"""CISS: Condition-Invariant Semantic Segmentation (Sakaridis et al., arXiv 2305.17349).
 
-DACS self-training, as DAFormer configures it, plus a feature invariance loss between every image and
-its stylized copy.  Sample i pairs a source crop x_s (label y_s) with a target crop x_t; the loader
-(lib.data.paired) adds x~_s, the source in the target's style, and x~_t, the target in the source's
-(FDA with beta = 0.01, or Reinhard, on the full images before the shared crop and flip).  With the
-student G (encoder E), its EMA teacher G' and a frozen ImageNet-initialised copy E_I, one iteration
-is (ciss.md §1):
+DACS self-training (Tranheden et al., WACV 2021), as DAFormer (Hoyer et al., CVPR 2022) configures it,
+plus a feature invariance loss between every image and its stylized copy.  Sample i pairs a source crop
+x_s (label y_s) with a target crop x_t; the loader (lib.data.paired) adds x~_s, the source in the
+target's style, and x~_t, the target in the source's (FDA with beta = 0.01, or Reinhard, on the full
+images before the shared crop and flip).  With the student G (encoder E), its EMA teacher G' and a
+frozen ImageNet-initialised copy E_I, one iteration is, as in the released code (SysCV/CISS):
 
 1. L_seg(x_s, y_s)                                     CE on the original source only
-2. lambda_FD [L_FD(x_s) + L_FD(x~_s)]                  ||E(x) - E_I(x)||_2 on thing cells (§4.5)
-3. lambda_s L_inv(x_s, x~_s)                           sum_l w_l mean (E_l(a) - E_l(b))^2 (§2.1)
-4. y^_t = argmax G'(x_t), q = share of target pixels with max softmax >= tau           (§4.2)
+2. lambda_FD [L_FD(x_s) + L_FD(x~_s)]                  ||E(x) - E_I(x)||_2 on thing cells (DAFormer)
+3. lambda_s L_inv(x_s, x~_s)                           sum_l w_l mean (E_l(a) - E_l(b))^2 (CISS)
+4. y^_t = argmax G'(x_t), q = share of target pixels with max softmax >= tau           (DACS)
 5. ClassMix: M from half of the source batch's classes, m = aug(M x_s + (1 - M) x_t),
-   y_m = M y_s + (1 - M) y^_t, w_m = M + (1 - M) q                                     (§4.3, §4.4)
+   y_m = M y_s + (1 - M) y^_t, w_m = M + (1 - M) q                                     (DACS, DAFormer)
 6. L_seg^w(m, y_m, w_m)
 7. m~ = aug'(M x~_s + (1 - M) x~_t): the same M and on/off decisions, fresh jitter and blur draws;
    lambda_t L_inv(m, m~)
@@ -24,11 +24,11 @@ passes and summed; after the optimizer step theta' <- alpha_t theta' + (1 - alph
 alpha_t = min(1 - 1/(t+1), 0.999).  lambda_s = lambda_t = 0 is DACS itself (the control of the
 invariance loss): no stylized copies are made and steps 3 and 7 and the FD on x~_s disappear.
 
-Our choices, flagged (the spec describes HRDA on MiT-B5; we run DeepLab on a ResNet):
+Our choices, flagged (CISS builds on HRDA with a MiT-B5 encoder; we run DeepLab on a ResNet):
 - no HRDA multi-resolution: one crop per image; the invariance features are the crop's own, not
-  those of its x0.5 context view (§2.1, §4.6); the teacher labels the crop in one forward;
+  those of its x0.5 context view (the released code's); the teacher labels the crop in one forward;
 - the invariance stages are ResNet stages, ``{layer1: 0.9, layer2: 0.1}`` standing for MiT stages 1
-  and 2 (strides 4 and 8, §8); FD uses ``layer4`` for the last MiT stage;
+  and 2 (strides 4 and 8); FD uses ``layer4`` for the last MiT stage;
 - FD runs only when the row starts from imported (ImageNet) weights (``from: <weights entry>``); otherwise it
   is off, with one logged line;
 - a model with an auxiliary head adds ``aux_weight`` x its CE to both supervised terms (DAFormer's
@@ -119,7 +119,8 @@ class CissParams:
 
 def pseudo_weight(prob: torch.Tensor, threshold: float) -> torch.Tensor:
     """DACS's confidence weight q: the share of ALL pixels of the batch (N, C, H, W softmax) whose top
-    probability reaches ``threshold``; one scalar that weights every target pixel (ciss.md §4.2)."""
+    probability reaches ``threshold``; one scalar that weights every target pixel (the released code,
+    SysCV/CISS)."""
     return (prob.max(dim=1).values >= threshold).float().mean()
 
 

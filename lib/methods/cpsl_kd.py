@@ -1,4 +1,5 @@
-"""CPSL / ProDA self-distillation rounds (stages 2 and 3; spec cpsl.md §7).
+"""CPSL / ProDA self-distillation rounds (stages 2 and 3 of the released code:
+lslrh/CPSL, microsoft/ProDA).
 
 A frozen teacher (the previous stage's model, eval mode: running statistics, no dropout) and a
 student (ImageNet / SimCLR backbone with a fresh head for KD-1, the previous stage for KD-2; chosen

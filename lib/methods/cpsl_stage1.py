@@ -1,5 +1,5 @@
 """CPSL stage 1: class-balanced pixel-level self-labelling on top of ProDA's denoising
-(Li et al., CVPR 2022; spec cpsl.md §5).
+(Li et al., CVPR 2022; stage 1 of the released code, lslrh/CPSL).
 
 Per iteration, with a source batch (x_s, y_s) and a weakly augmented target batch x_t carrying the
 warm-up's soft pseudo-label p̂ (form ``soft`` of the pseudo_label stage):
@@ -28,7 +28,7 @@ Target terms live at ``label_scale`` (1/4) of the crop, the teacher grid at the 
 Our choices, flagged: the teacher sees the un-mixed weak crop instead of the full image mapped
 onto the crop ("full2weak"); the two are the same pixels, we lose the context outside the crop
 and the teacher's BatchNorm sees crops.  Because of that the queue labels ŷ_SL are aligned with
-their features (CPSL's are misaligned, §5 step 5).  The strong view's geometry is one affine per
+their features (the released code's are misaligned).  The strong view's geometry is one affine per
 sample (lib.data.strong), applied identically to images and maps.
 """
 from __future__ import annotations
@@ -113,7 +113,7 @@ class Prototypes(nn.Module):
             raise ConfigError(f"cpsl_stage1: the class prior has shape {tuple(prior.shape)}, the prototypes {k} classes")
         self.weight = nn.Parameter(init.clone())
         self.register_buffer("ema", init.clone())
-        self.register_buffer("prior", prior.float().clone())   # r: fixed for the whole stage (§4.3)
+        self.register_buffer("prior", prior.float().clone())   # r: fixed for the whole stage, as released
         self.features = FifoQueue(queue_length, d)
         self.labels = FifoQueue(queue_length, 0, torch.long)
         self.logits = FifoQueue(queue_length, k)

@@ -1,8 +1,8 @@
 """Joint Global-Local alignment (Yarram et al., ICASSP 2022) -- OUR RECONSTRUCTION, NOT THE ORIGINAL.
 
 The authors never released the code and the paper is paywalled; only the claims and a teaser figure
-are public (spec globallocal_advent.md §3).  What follows is the project's reconstruction of §3.4,
-to be reported only next to a re-run of its global baseline with the same seed:
+are public (the paper's abstract and the authors' README).  What follows is the project's own
+reconstruction, to be reported only next to a re-run of its global baseline with the same seed:
 
 - R1 local outputs: the per-pixel softmax vectors p_hw of the main head, at the logits' stride
   (``resolution: logits``) or upsampled to the input (``resolution: input``).

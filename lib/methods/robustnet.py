@@ -1,5 +1,5 @@
 """RobustNet (Choi et al., CVPR 2021): instance whitening losses IW / IRW / ISW, the baselines of
-BlindNet (spec blindnet.md §5.3).
+BlindNet (Ahn et al., CVPR 2024), as the released code (shachoi/RobustNet) trains them.
 
 The DeepLabV3+ carries instance normalisation after the stem and at the end of layer1 and layer2
 (``model.instance_norm: in``); each step trains on one photometric view of the crop (colour jitter

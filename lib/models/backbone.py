@@ -1,11 +1,11 @@
 """Dilated torchvision ResNet encoders for DeepLab, and their offline weight loading.
 
-Layout deviation (globallocal_advent.md §1, cpsl.md §1): the DeepLab ResNets of ADVENT, AdaptSegNet
-and CPSL are Caffe-style ResNet v1, with a stage's stride on the first 1×1 conv of its first block.
-We build torchvision's ResNet v1.5, which puts the stride on the 3×3 conv, so ImageNet weights come
-from torchvision's own files and Caffe-converted DeepLab checkpoints (``DeepLab_resnet_pretrained_*``)
-do not load ("torchvision ResNet-101 weights are not layout-compatible", §1).  Output sizes are the
-same in both layouts.
+Layout deviation: the DeepLab ResNets of ADVENT, AdaptSegNet and CPSL (the released code:
+valeoai/ADVENT, wasidennis/AdaptSegNet, lslrh/CPSL) are Caffe-style ResNet v1, with a stage's stride
+on the first 1×1 conv of its first block.  We build torchvision's ResNet v1.5, which puts the stride
+on the 3×3 conv, so ImageNet weights come from torchvision's own files and Caffe-converted DeepLab
+checkpoints (``DeepLab_resnet_pretrained_*``) do not load (the two layouts' weights are not
+interchangeable).  Output sizes are the same in both layouts.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from lib.errors import ConfigError, DataError
 
 _RESNETS = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50, 101: torchvision.models.resnet101}
 STAGES = ("layer1", "layer2", "layer3", "layer4")
-# Where RobustNet/BlindNet put instance normalisation (blindnet.md §1, ``--wt_layer 0 0 1 1 1 0 0``),
+# Where RobustNet/BlindNet put instance normalisation (the released code's ``--wt_layer 0 0 1 1 1 0 0``),
 # as the SegOutput feature names of the normalised, pre-ReLU maps.
 INSTANCE_NORM_FEATURES = ("instance_norm_stem", "instance_norm_layer1", "instance_norm_layer2")
 
@@ -37,11 +37,11 @@ class ResNetBackbone(nn.Module):
 
     - ``batch``: ordinary trainable BN.
     - ``frozen_affine``: γ and β never train, but BN still normalises with batch statistics and
-      updates its running statistics in train mode: ADVENT/AdaptSegNet (globallocal_advent.md §1).
+      updates its running statistics in train mode: ADVENT/AdaptSegNet (their released code).
     - ``frozen``: γ and β never train and BN stays in eval mode (running statistics) even after
       ``train()``.
 
-    Instance normalisation (``instance_norm``; RobustNet's IN slots 2-4, blindnet.md §1):
+    Instance normalisation (``instance_norm``; the IN slots 2-4 of RobustNet's released code):
 
     - ``none``: the plain ResNet.
     - ``in``: the stem's BN is replaced by InstanceNorm2d(64, affine=False), and the last block of
@@ -170,8 +170,8 @@ def load_backbone_state(backbone: ResNetBackbone, state: dict[str, torch.Tensor]
     """Load a backbone state dict in torchvision's names strictly; ``fc.*`` (the ImageNet
     classifier) is ignored.  With instance normalisation, the stem BN's entries the stem IN has no
     place for (running statistics; γ/β without affine) are dropped and the block INs
-    (``instance_norms.*``) keep their initialisation (blindnet.md §1: "pretrained bn1 affine params
-    are dropped")."""
+    (``instance_norms.*``) keep their initialisation (the released code, root0yang/BlindNet, drops the
+    pretrained bn1 affine parameters too)."""
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     expected = backbone.state_dict()
     if backbone.instance_norm != "none":

@@ -10,8 +10,8 @@ from lib.models.params import ModelParams
 class SegModel(nn.Module):
     """A ``backbone`` plus heads; every other submodule counts as head.
 
-    The split matches the LR groups of every spec (globallocal_advent.md §1, cpsl.md §1): the
-    backbone at the base LR, the heads at a multiple of it.
+    The split matches the LR groups of the methods' released code (e.g. valeoai/ADVENT, lslrh/CPSL):
+    the backbone at the base LR, the heads at a multiple of it.
     """
 
     def __init__(self, params: ModelParams, num_classes: int, backbone: ResNetBackbone):

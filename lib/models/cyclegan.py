@@ -1,4 +1,5 @@
-"""CycleGAN networks (bafft.md §9): the ResNet generator and the 70x70 PatchGAN discriminator.
+"""CycleGAN networks (Zhu et al., ICCV 2017), as the released code (junyanz/pytorch-CycleGAN-and-pix2pix)
+builds them: the ResNet generator and the 70x70 PatchGAN discriminator.
 
 Generator ``resnet_9blocks``: ReflPad3 -> 7x7 conv -> IN -> ReLU; two 3x3 stride-2 convs doubling the
 channels; ``n_blocks`` residual blocks [ReflPad1, 3x3 conv, IN, ReLU, ReflPad1, 3x3 conv, IN] + skip;

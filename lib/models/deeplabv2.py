@@ -13,7 +13,8 @@ ATROUS_RATES = (6, 12, 18, 24)
 
 
 class AsppSum(nn.Module):
-    """DeepLabV2's classifier (globallocal_advent.md §1): four atrous 3×3 convs to class scores, summed.
+    """DeepLabV2's classifier, as in the released code (valeoai/ADVENT): four atrous 3×3 convs to class
+    scores, summed.
 
     No concatenation, normalisation, activation or image pooling; weights N(0, 0.01), biases at
     PyTorch's default.  ``two_branch_compat`` reproduces AdaptSegNet's early ``return``: only the
@@ -56,13 +57,13 @@ def _conv_gn_relu(in_ch: int, out_ch: int, kernel: int, dilation: int = 1) -> nn
 
 
 class CpslHead(nn.Module):
-    """ProDA/CPSL ``Classifier_Module2`` (cpsl.md §1).
+    """ProDA/CPSL ``Classifier_Module2`` (the released code: microsoft/ProDA, lslrh/CPSL).
 
     A 1×1 and four atrous 3×3 branches (rates 6/12/18/24) to 256 channels, each GroupNorm(32) +
     ReLU; concatenated (1280), SE-gated, fused by a 3×3 conv to 256 + GroupNorm(32) (no activation)
     and Dropout2d(0.1): that is ``feat``, the embedding prototypes and clustering use.  A bias-free
-    1×1 conv gives the logits.  Every conv weight is N(0, 0.01); the spec marks only the classifier
-    as bias-free, so the other convs keep PyTorch's default bias.
+    1×1 conv gives the logits.  Every conv weight is N(0, 0.01); of the released code's convs only the
+    classifier is known to be bias-free, so the other convs keep PyTorch's default bias.
     """
 
     def __init__(self, in_ch: int, num_classes: int, width: int = 256):
@@ -86,8 +87,8 @@ class CpslHead(nn.Module):
 
 
 class DeepLabV2(SegModel):
-    """DeepLabV2 (globallocal_advent.md §1, cpsl.md §1): output stride 8, layer3/layer4 dilated 2/4,
-    ceil-mode max-pool; the main head on layer4, the optional aux head (ASPP sum) on layer3, both
+    """DeepLabV2 as the released code of ADVENT and CPSL builds it: output stride 8, layer3/layer4
+    dilated 2/4, ceil-mode max-pool; the main head on layer4, the optional aux head (ASPP sum) on layer3, both
     at stride 8.  ``features["embedding"]`` is the last map before the classifier: the CPSL head's
     ``feat`` (256-d in the paper), or layer4 itself under ASPP sum, whose atrous convolutions are the
     classifier.  The latter is OUR CHOICE for running CPSL's prototype clustering on an ADVENT model

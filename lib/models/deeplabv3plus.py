@@ -1,4 +1,5 @@
-"""DeepLabV3+ at output stride 16, as RobustNet/BlindNet build it (blindnet.md §1)."""
+"""DeepLabV3+ at output stride 16, as RobustNet/BlindNet build it (the released code: shachoi/RobustNet,
+root0yang/BlindNet)."""
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,7 @@ class ASPP(nn.Module):
 
     The image-pooling branch applies BatchNorm to a 1×1 map, so in train mode it needs at least two
     images per batch; a batch of one is refused with a clear error rather than silently changing
-    the spec'd layer (BlindNet trains with several images per batch).  Eval mode works at any size.
+    the released code's layer (BlindNet trains with several images per batch).  Eval mode works at any size.
     """
 
     RATES = (6, 12, 18)
@@ -44,7 +45,7 @@ class ASPP(nn.Module):
 
 
 class DeepLabV3Plus(SegModel):
-    """DeepLabV3+ "D16" (blindnet.md §1): layer4 dilated 2, ASPP on layer4, decoder at stride 4.
+    """DeepLabV3+ "D16" (the released code's variant): layer4 dilated 2, ASPP on layer4, decoder at stride 4.
 
     Decoder: ``bot_fine`` (layer1 → 48) concatenated with the upsampled ASPP output gives ``dec0``
     (304 channels, ``features["decoder_input"]``); two 3×3 conv+BN+ReLU give ``dec1`` (256,

@@ -1,12 +1,14 @@
 """Discriminators of output-space alignment.
 
-``FCDiscriminator`` is ADVENT's ``get_fc_discriminator`` (= AdaptSegNet's ``FCDiscriminator``,
-spec globallocal_advent.md §2.2): five 4x4 stride-2 convolutions C -> 64 -> 128 -> 256 -> 512 -> 1,
-LeakyReLU 0.2 after the first four, no normalisation, a raw logit map (16x32 for a 512x1024 input).
+``FCDiscriminator`` is ADVENT's ``get_fc_discriminator`` (= AdaptSegNet's ``FCDiscriminator``; the
+released code: valeoai/ADVENT, wasidennis/AdaptSegNet): five 4x4 stride-2 convolutions
+C -> 64 -> 128 -> 256 -> 512 -> 1, LeakyReLU 0.2 after the first four, no normalisation, a raw logit
+map (16x32 for a 512x1024 input).
 
-``PixelDiscriminator`` is OUR RECONSTRUCTION of the Global-Local "local" discriminator (§3.4 R3;
-the original code was never released): 1x1 convolutions K -> 64 -> 128 -> 256 -> K with
-LeakyReLU 0.2, giving per pixel one domain logit per class (class-conditional).
+``PixelDiscriminator`` is OUR RECONSTRUCTION of the Global-Local "local" discriminator (R3 of
+lib.methods.globallocal; the original code was never released): 1x1 convolutions
+K -> 64 -> 128 -> 256 -> K with LeakyReLU 0.2, giving per pixel one domain logit per class
+(class-conditional).
 """
 from __future__ import annotations
 

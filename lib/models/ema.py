@@ -9,8 +9,8 @@ from torch import nn
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, copy_buffers: bool = True) -> None:
     """theta_bar <- m theta_bar + (1 - m) theta for every parameter the two share by name.
 
-    Buffers (BatchNorm running statistics) are copied from the student, as CPSL does
-    (cpsl.md §5.7); ``copy_buffers=False`` averages floating buffers like parameters instead.
+    Buffers (BatchNorm running statistics) are copied from the student, as CPSL's released
+    code does (lslrh/CPSL); ``copy_buffers=False`` averages floating buffers like parameters instead.
     Parameters only the teacher has (none here) or only the student has (CPSL's extra BN) are left.
     """
     student_params = dict(student.named_parameters())
@@ -29,7 +29,8 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float, copy_buf
 
 
 def warmup_momentum(t: int, maximum: float) -> float:
-    """DACS's mean-teacher momentum at iteration t: alpha_t = min(1 - 1/(t+1), maximum) (ciss.md §4.1).
+    """DACS's mean-teacher momentum at iteration t: alpha_t = min(1 - 1/(t+1), maximum)
+    (Tranheden et al., WACV 2021; as in the released code, SysCV/CISS).
 
     alpha_0 = 0 (the teacher is a copy of the student), alpha_1 = 1/2, ..., so early on the teacher is
     the plain average of the students so far, until the cap (DACS 0.99, DAFormer/CISS 0.999) takes over.

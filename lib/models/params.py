@@ -11,18 +11,20 @@ from lib.errors import ConfigError
 class ModelParams:
     """Architecture of the segmentation network.
 
-    - ``arch``: DeepLabV2 (globallocal_advent.md §1, cpsl.md §1) or DeepLabV3+ (blindnet.md §1).
+    - ``arch``: DeepLabV2 as the released code of ADVENT and CPSL builds it (valeoai/ADVENT,
+      lslrh/CPSL), or DeepLabV3+ as BlindNet's (root0yang/BlindNet).
     - ``depth``: torchvision ResNet 18, 50 or 101.
     - ``bn``: backbone BatchNorm mode, see :class:`lib.models.backbone.ResNetBackbone`.
     - ``aux``: auxiliary head on layer3.
     - ``head``: DeepLabV2 classifier: ``aspp_sum`` (ADVENT/AdaptSegNet) or ``cpsl`` (ProDA/CPSL).
     - ``aspp_two_branch_compat``: sum only the rate-6 and rate-12 branches, AdaptSegNet's bug.
     - ``extra_bn``: CPSL's ``bn_pretrain``, a BatchNorm over layer4's output before the heads, used
-      to renormalise SimCLR backbone features (cpsl.md §1, §7); it trains with the heads.
+      to renormalise SimCLR backbone features (the released code, lslrh/CPSL); it trains with the
+      heads.
     - ``instance_norm``: ``none``, ``in`` (instance normalisation without affine after the stem and
       at the end of layer1 and layer2: BlindNet and RobustNet IW/IRW/ISW) or ``in_affine`` (the same
-      with a learnable affine: RobustNet's "IBN" baseline); DeepLabV3+ only (blindnet.md §1,
-      :class:`lib.models.backbone.ResNetBackbone`).
+      with a learnable affine: RobustNet's "IBN" baseline); DeepLabV3+ only (as in the released
+      code of BlindNet and RobustNet; :class:`lib.models.backbone.ResNetBackbone`).
     - ``head_width``: channels of the CPSL head's branches and embedding (256 in CPSL; a multiple
       of 32 for its GroupNorm).  Our synthetic default narrows it, which is our choice: at 256 the
       head costs more than the ResNet-18 backbone on a CPU.

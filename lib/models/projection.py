@@ -1,4 +1,4 @@
-"""Projection heads for pixel contrast (BlindNet's pi_j, blindnet.md §1)."""
+"""Projection heads for pixel contrast: BlindNet's pi_j, as in the released code (root0yang/BlindNet)."""
 from __future__ import annotations
 
 import torch

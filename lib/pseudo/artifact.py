@@ -7,13 +7,13 @@ training batches).
   and ``kept_fraction`` (kept / predicted pixels of the class, 0 for a class never predicted),
   the threshold rule, the params;
 - ``index.csv``: ``id, height, width`` and the files of the sample, relative to the set;
-- ``soft`` (CPSL's first labels, Li et al. CVPR 2022 §3.2): ``soft/<id>.npy`` float16 (C, h, w),
+- ``soft`` (CPSL's first labels, Li et al., CVPR 2022): ``soft/<id>.npy`` float16 (C, h, w),
   the softmax at the logits' stride; ``prototypes.npy`` float32 (C, D) class centroids of the
   embedding; ``prior.npy`` float32 (C,) the class prior r (argmax shares on the logit grid);
-- ``hard_threshold`` (CPSL's distillation labels, §3.4): ``labels/<id>.png`` uint8 argmax of the
+- ``hard_threshold`` (CPSL's distillation labels): ``labels/<id>.png`` uint8 argmax of the
   (flip-averaged) softmax at the image size, ``conf/<id>.npy`` float16 (H, W) its maximum; the
   threshold is applied when the labels are loaded (conf <= t -> 255, t = 0.95 by default);
-- ``class_median`` (BAFFT step 2, after SIM's class-wise median, Wang et al. CVPR 2020 §3.3):
+- ``class_median`` (BAFFT step 2, after SIM's class-wise median, Wang et al., CVPR 2020):
   the same two files, without flip, the labels already set to 255 where conf < tau_c, tau_c the
   class's median confidence capped at 0.9;
 - ``class_balanced`` (OUR ADDITION, CBST's class-balanced selection, Zou et al. ECCV 2018, on CPSL's
@@ -40,7 +40,8 @@ from lib.models.output import upsample
 
 Form = Literal["soft", "hard_threshold", "class_median", "class_balanced"]
 FORMS = ("soft", "hard_threshold", "class_median", "class_balanced")
-# CPSL P2/P3 average the softmax of the image and of its mirror image; CPSL P1 and SIM do not flip
+# CPSL's hard labels average the softmax of the image and of its mirror image; its soft labels and
+# SIM's do not flip
 FLIP_DEFAULT = {"soft": False, "hard_threshold": True, "class_median": False, "class_balanced": True}
 CLASS_THRESHOLD_FORMS = ("class_median", "class_balanced")     # tau_c from the confidence histogram
 PSEUDO_ROOT = Path("data/pseudo")
@@ -50,7 +51,7 @@ LABELLER = "labeller"           # the copy of the model that made the set
 
 
 def confident(conf: np.ndarray, threshold: float) -> np.ndarray:
-    """Pixels kept by a load-time threshold: conf > t (cpsl.md §6: conf <= t becomes ignore).
+    """Pixels kept by a load-time threshold: conf > t (CPSL's released code: conf <= t becomes ignore).
 
     Compared in float64, so the stored float16 value is what counts.
     """

@@ -56,14 +56,16 @@ class PseudoParams:
     """How a model labels a split (the ``pseudo_label`` section, per output overridable).
 
     - ``flip``: average with the mirrored prediction; null = the form's default (hard_threshold
-      yes, as CPSL P2/P3; class_median no, as SIM; soft never, as CPSL P1).
+      yes, as CPSL's hard labels; class_median no, as SIM; soft never, as CPSL's soft labels).
     - ``inference``: whole image or sliding window, optional input resize (hard forms only; its
       own ``flip`` must stay false: pseudo-labels average softmax, not logits).
-    - ``threshold``: hard_threshold's load-time threshold (cpsl.md §6: 0.95), recorded in the meta
-      as the default of the loader and used for the kept fractions.
-    - ``median_cap``: class_median's cap on the class thresholds (bafft.md §6: 0.9).
+    - ``threshold``: hard_threshold's load-time threshold (CPSL's released code: 0.95), recorded in
+      the meta as the default of the loader and used for the kept fractions.
+    - ``median_cap``: class_median's cap on the class thresholds (SIM's and BAFFT's released code:
+      0.9).
     - ``class_portion``: class_balanced's share of each class's pixels kept (capped by ``threshold``).
-    - ``min_pixels``, ``count_cap``, ``passes``: the soft form's prototypes (cpsl.md §4.2).
+    - ``min_pixels``, ``count_cap``, ``passes``: the soft form's prototypes (as ProDA's
+      released code computes them, microsoft/ProDA).
     """
 
     batch_size: int = 8
@@ -136,8 +138,9 @@ def check_form(form: str, params: PseudoParams) -> None:
     if form not in FORMS:
         raise ConfigError(f"params: pseudo-label form {form!r} is not one of {', '.join(FORMS)}")
     if form == "soft" and (params.flip or params.inference.mode != "whole"):
-        raise ConfigError("params: the soft form is the plain whole-image forward (cpsl.md §4.1); flip and "
-                          "sliding windows apply to the hard forms only (inference.input_size is allowed)")
+        raise ConfigError("params: the soft form is the plain whole-image forward (as CPSL's released code "
+                          "makes it); flip and sliding windows apply to the hard forms only "
+                          "(inference.input_size is allowed)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,7 +148,8 @@ def check_form(form: str, params: PseudoParams) -> None:
 
 
 def softmax_average(probabilities: torch.Tensor, mirrored: torch.Tensor | None) -> torch.Tensor:
-    """CPSL P2/P3 (cpsl.md §6): p = 1/2 [softmax(x) + flip(softmax(flip x))].
+    """CPSL's hard labels (the released code, lslrh/CPSL):
+    p = 1/2 [softmax(x) + flip(softmax(flip x))].
 
     ``mirrored`` is the softmax of the mirrored image, still mirrored; None means no flip.
     """
@@ -156,7 +160,8 @@ def softmax_average(probabilities: torch.Tensor, mirrored: torch.Tensor | None) 
 
 def class_feature_means(embedding: torch.Tensor, pred: torch.Tensor, num_classes: int,
                         min_pixels: int) -> list[list[tuple[int, np.ndarray]]]:
-    """Per image, (k, v) for every class k with >= ``min_pixels`` argmax pixels (cpsl.md §4.2).
+    """Per image, (k, v) for every class k with >= ``min_pixels`` argmax pixels (as ProDA's
+    released code).
 
     ``embedding`` (N, D, h, w), ``pred`` (N, h, w) argmax on the same grid; v (D,) float64 is
     the mean embedding over the image's pixels predicted k.  Classes come in ascending order.
@@ -172,7 +177,8 @@ def class_feature_means(embedding: torch.Tensor, pred: torch.Tensor, num_classes
 
 def replay_prototypes(observations: Sequence[tuple[int, np.ndarray]], num_classes: int, dim: int,
                       passes: int, count_cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """(eta (C, D) float64, n (C,) int64): the running class means of cpsl.md §4.2.
+    """(eta (C, D) float64, n (C,) int64): the running class means of ProDA's
+    released code (microsoft/ProDA).
 
     For each observation (k, v), in order, ``passes`` times over the sequence:
     eta_k <- (n_k eta_k + v) / (n_k + 1), then n_k <- min(n_k + 1, count_cap); past the cap the
@@ -188,7 +194,8 @@ def replay_prototypes(observations: Sequence[tuple[int, np.ndarray]], num_classe
 
 
 def class_prior(pred_counts: np.ndarray) -> np.ndarray:
-    """The class prior r of cpsl.md §4.3: argmax counts normalised to sum 1, float32."""
+    """CPSL's class prior r (the released code, lslrh/CPSL): argmax counts normalised to sum 1,
+    float32."""
     counts = np.asarray(pred_counts, np.float64)
     if counts.sum() <= 0:
         raise ValueError("class prior of an empty prediction")
@@ -208,7 +215,7 @@ def confidence_histogram(label: np.ndarray, conf16: np.ndarray, num_classes: int
 
 
 def median_index(count: int) -> int:
-    """SIM's index into a class's ascending confidences: round(0.5 N) (bafft.md §6).
+    """SIM's index into a class's ascending confidences: round(0.5 N), as released.
 
     NumPy's round halves to even (N = 3 -> 2, N = 5 -> 2); for N >= 1 the index is < N.
     """
@@ -238,7 +245,8 @@ def class_quantile_thresholds(histogram: np.ndarray, index: Callable[[int], int]
 
 
 def class_median_thresholds(histogram: np.ndarray, cap: float) -> np.ndarray:
-    """tau_c of SIM (bafft.md §6): the class's confidence at ``median_index(N_c)``, capped."""
+    """tau_c of SIM (Wang et al., CVPR 2020; as released): the class's confidence at
+    ``median_index(N_c)``, capped."""
     return class_quantile_thresholds(histogram, median_index, cap)
 
 
@@ -248,7 +256,7 @@ def class_balanced_thresholds(histogram: np.ndarray, portion: float, cap: float)
 
 
 def kept_by_class_threshold(label: np.ndarray, conf: np.ndarray, taus: np.ndarray) -> np.ndarray:
-    """SIM's rule (bafft.md §6): a pixel is kept iff prob >= tau_{label}."""
+    """SIM's rule, as released: a pixel is kept iff prob >= tau_{label}."""
     return np.asarray(conf).astype(np.float64) >= taus[label]
 
 
@@ -333,9 +341,10 @@ def _checked_probabilities(probabilities: torch.Tensor, ids: list[str], model_di
 
 def _write_soft(model, loader, tmp: Path, form: str, params: PseudoParams, num_classes: int,
                 device, bar, model_dir: Path) -> dict:
-    """CPSL P1 (cpsl.md §4): soft maps, prototypes and prior in one forward per image.
+    """CPSL's soft labels (the released code, lslrh/CPSL): soft maps, prototypes and prior in one
+    forward per image.
 
-    The prototypes' ``passes`` passes (cpsl.md §4.2) see the same features every time (eval
+    The prototypes' ``passes`` passes see the same features every time (eval
     mode, no augmentation), so the per-image class means are computed once and the running-mean
     update is replayed ``passes`` times in the set's order: exactly the update of ``passes``
     forward passes in that order (which order ProDA's loader used is not pinned down: our choice
@@ -387,7 +396,7 @@ def _write_soft(model, loader, tmp: Path, form: str, params: PseudoParams, num_c
 def predict_probabilities(model, image: torch.Tensor, size: tuple[int, int], inference: InferenceParams,
                           flip: bool) -> torch.Tensor:
     """(N, C, H, W) float32 softmax at ``size``: softmax(up(logits)), flip-averaged if ``flip``
-    (cpsl.md §6, ``softmax_average``).  Whole image or sliding window per ``inference``."""
+    (as CPSL's hard labels, ``softmax_average``).  Whole image or sliding window per ``inference``."""
     kwargs = {"mode": inference.mode, "input_size": inference.input_size, "resize_mode": "bilinear",
               "precision": inference.precision}
     if inference.mode == "slide":
@@ -399,7 +408,8 @@ def predict_probabilities(model, image: torch.Tensor, size: tuple[int, int], inf
 
 def _write_hard(model, loader, tmp: Path, form: str, params: PseudoParams, num_classes: int,
                 device, bar, model_dir: Path) -> dict:
-    """CPSL P2/P3 (cpsl.md §6) and SIM (bafft.md §6): argmax PNG + float16 confidence per image.
+    """CPSL's hard labels and SIM's, as their released code writes them: argmax PNG + float16
+    confidence per image.
 
     class_median then takes tau_c from the histogram of the stored confidences and rewrites the
     labels in a second pass that reads the files back one image at a time.
@@ -436,12 +446,12 @@ def _write_hard(model, loader, tmp: Path, form: str, params: PseudoParams, num_c
     result = {"index": index}
     if histogram is None:
         result["threshold"] = {"load_time": params.threshold,
-                               "rule": "at load time, conf <= threshold becomes 255 (cpsl.md §6)"}
+                               "rule": "at load time, conf <= threshold becomes 255 (CPSL's released code)"}
         result["thresholds"] = None
     else:
         if form == "class_median":
             taus = class_median_thresholds(histogram, params.median_cap)
-            rule = "conf < thresholds[label] (class median, capped) was set to 255 when written (bafft.md §6)"
+            rule = "conf < thresholds[label] (class median, capped) was set to 255 when written (SIM's released code)"
         else:
             taus = class_balanced_thresholds(histogram, params.class_portion, params.threshold)
             rule = (f"conf < thresholds[label] (top {params.class_portion:g} of the class, capped at "

@@ -1,5 +1,5 @@
-"""CycleGAN image translation (bafft.md §9): train G: source -> target and F: target -> source, then
-write a translated copy of the source dataset.
+"""CycleGAN image translation (Zhu et al., ICCV 2017): train G: source -> target and F: target -> source,
+then write a translated copy of the source dataset.
 
 With x a source and y a target image (both in [-1, 1]), D_target judging target images and D_source
 source images, the generators minimise (LSGAN, least squares)

@@ -1,4 +1,5 @@
-"""Multi-process training through torch.distributed, launched by torchrun (DESIGN.md, "Device").
+"""Multi-process training through torch.distributed, launched by torchrun (docs/methods/engine.md,
+"Multi-process training under torchrun").
 
 A training stage asks for N processes with ``<stage>.train.processes: N`` (``TrainParams``).  Its
 DVC command stays ``python -m stages.<name> ...``: once the stage has checked its params, with N > 1

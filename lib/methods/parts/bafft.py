@@ -46,18 +46,18 @@ class SoftmaxDiscriminator(AdversarialOutputSpace):
         return prob
 
 
-VERSION_A_BETA_AIM = 10.0   # `BETA` of code version A (§5.2)
+VERSION_A_BETA_AIM = 10.0   # `BETA` of code version A of the released code
 
 
 @dataclass(frozen=True)
 class BafftParams:
     aux_weight: float = 0.1        # CE of the aux head when the model has one (BAFFT's DeepLab has none)
-    adv_weight: float = 1e-3       # λ_adv (§4.8)
+    adv_weight: float = 1e-3       # λ_adv (the released code)
     stuff_weight: float = 1e-2     # λ_cls, stuff prototypes
     instance_weight: float = 1e-2  # λ_ins, thing instances
-    isia_weight: float = 1e-2      # λ_ISIA (§5.5); version A: weight of L_same + L_diff and of L_sep
+    isia_weight: float = 1e-2      # λ_ISIA (our choice); version A: weight of L_same + L_diff and of L_sep
     alignment: Literal["sim", "isia"] = "isia"
-    code_faithful: bool = False    # isia only: code version A's losses (§5.2)
+    code_faithful: bool = False    # isia only: code version A's losses, for comparison
     beta: float = 1.0              # ISIA separation weight β (value UNKNOWN in the paper)
     beta_aim: float = 1.0          # AIM thing-term weight β_AIM (version A uses 10)
     stuff_slots: int = 50          # NUM_PROTOTYPE
@@ -160,7 +160,7 @@ class BafftAlignment(OutputSpaceMethod):
 
     @torch.no_grad()
     def remember(self, features: torch.Tensor, mask: torch.Tensor) -> None:
-        """§4.3-4.4: the gated source prototypes and instances of every image enter the memories."""
+        """As released: the gated source prototypes and instances of every image enter the memories."""
         for f, labels in zip(features, mask.cpu().numpy()):
             stuff_v, stuff, thing_v, things = self.pooled_regions(f, labels)
             agree = classifier_agrees(self.model.head, torch.cat([stuff_v, thing_v]), stuff + things).tolist()
