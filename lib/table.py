@@ -173,6 +173,12 @@ def upstream(params: dict, name: str) -> list[str]:
     return []
 
 
+def started_from(params: dict, start: str) -> list[str]:
+    """The training rows (as ``table.row``) whose `from` is ``start``."""
+    return [f"{t}.{name}" for t in TRAINING_TABLES for name, row in table(params, t).items()
+            if isinstance(row, dict) and row.get("from") == start]
+
+
 def check_acyclic(params: dict) -> None:
     """No model may grow from itself through `from`, pseudo-label sets or ensemble members."""
     state: dict[str, int] = {}          # 1 visiting, 2 done

@@ -7,18 +7,20 @@ line, and nothing is removed.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from lib.config import parse, section
 from lib.data.convert import PrepareParams, parse_dataset_spec
 from lib.data.synthetic import SynthesizeParams
 from lib.errors import ConfigError
 from lib.infer.params import EvaluateParams
 from lib.models.ensemble import EnsembleParams
-from lib.models.weights import WeightsParams
+from lib.models.weights import WeightsParams, missing_file
 from lib.pseudo.writer import pseudo_row
 from lib.stylize.paired import StylizeParams
 from lib.stylize.transfer import parse_transfer
 from lib.table import (TRAINING_TABLES, check_acyclic, check_unique_artifacts, find_training_row, model_names,
-                       table)
+                       started_from, table)
 from lib.train.stage import parse_recipe
 
 
@@ -40,7 +42,9 @@ def check_params(params: dict) -> dict[str, int]:
             raise ConfigError(f"params: {key} {name!r} is not a dataset of the pipeline "
                               f"(datasets, stylize.outputs, cyclegan.outputs: {', '.join(sorted(produced))})")
     for name, raw in table(params, "weights").items():
-        parse(WeightsParams, raw, f"weights.{name}")
+        weights = parse(WeightsParams, raw, f"weights.{name}")
+        if not Path(weights.file).is_file():     # DVC would stop at the missing dependency with its own words
+            raise missing_file(name, weights, started_from(params, name))
     check_unique_artifacts(params)
     rows = [name for t in TRAINING_TABLES for name in table(params, t)]
     for name in rows:

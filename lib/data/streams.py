@@ -48,8 +48,13 @@ from lib.errors import ConfigError
 # A stream factory takes the iteration to start at and yields collated batches from there on.
 StreamFactory = Callable[[int], Iterator[dict]]
 
+# The mean and std of lib.data.transforms.Normalize ((x/255 - mean)/std): ImageNet's, none ([0, 1],
+# CPSL's), [-1, 1] (the CycleGAN input) and Caffe's DeepLab-v2 (x - mean in 0..255 units, no division;
+# the RGB order of its BGR mean: lib.models.weights stores that model's first conv for RGB inputs).
+CAFFE_MEAN_RGB = (122.67891434, 116.66876762, 104.00698793)
 NORMALIZATION = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-                 "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}   # [-1, 1]: the CycleGAN input
+                 "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                 "caffe": (tuple(m / 255.0 for m in CAFFE_MEAN_RGB), (1 / 255.0,) * 3)}
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ class ResNetBackbone(nn.Module):
     """
 
     def __init__(self, depth: int, dilations: tuple[int, int], ceil_pool: bool, bn: str,
-                 instance_norm: str = "none"):
+                 instance_norm: str = "none", style: str = "torchvision"):
         super().__init__()
         constructor = _RESNETS[depth]
         net = constructor(weights=None)
@@ -64,6 +64,10 @@ class ResNetBackbone(nn.Module):
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.maxpool.ceil_mode = ceil_pool
+        self.style = style
+        if style == "caffe":
+            for stage in (self.layer2, self.layer3, self.layer4):
+                _stride_on_the_first_1x1(stage[0])
         self.output_stride = 32
         for stage, dilation in zip((self.layer3, self.layer4), dilations):
             if dilation > 1:
@@ -130,6 +134,14 @@ def residual_sum(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out + identity
 
 
+def _stride_on_the_first_1x1(block: nn.Module) -> None:
+    """Caffe's ResNet v1 (the DeepLab-v2 initialisation): a stage's stride on the first 1×1 conv of its
+    first block instead of torchvision's 3×3.  The same tensors, another placement of the stride."""
+    if not isinstance(block, torchvision.models.resnet.Bottleneck):
+        raise ConfigError("the caffe ResNet layout exists for Bottleneck ResNets (depth 50 or 101)")
+    block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+
+
 def _dilate(stage: nn.Sequential, dilation: int) -> None:
     """Trade the stage's stride for atrous 3×3 convs, so it keeps its input resolution."""
     for conv in stage.modules():
@@ -141,9 +153,9 @@ def _dilate(stage: nn.Sequential, dilation: int) -> None:
 
 
 def build_backbone(depth: int, dilations: tuple[int, int], ceil_pool: bool, bn: str,
-                   instance_norm: str = "none") -> ResNetBackbone:
+                   instance_norm: str = "none", style: str = "torchvision") -> ResNetBackbone:
     """A randomly initialised backbone; pretrained weights are laid on later (lib.models.weights)."""
-    return ResNetBackbone(depth, dilations, ceil_pool, bn, instance_norm)
+    return ResNetBackbone(depth, dilations, ceil_pool, bn, instance_norm, style)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

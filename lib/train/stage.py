@@ -67,7 +67,7 @@ class Recipe:
     optim: dict[str, OptimizerParams]
     train: TrainParams
     method: dict[str, Any] = dataclasses.field(default_factory=dict)
-    normalize: Literal["imagenet", "unit", "symmetric"] = "imagenet"
+    normalize: Literal["imagenet", "unit", "symmetric", "caffe"] = "imagenet"
     schedule: ScheduleParams = ScheduleParams()
     target_data: DataParams | None = None
     pseudo_threshold: float | None = None
@@ -132,7 +132,8 @@ class StageInputs:
     paths: list[Path] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def load(cls, row: TrainingRow, class_set: str, normalize: tuple, needs_teacher: bool) -> "StageInputs":
+    def load(cls, row: TrainingRow, class_set: str, normalize: tuple, needs_teacher: bool,
+             normalize_name: str = "") -> "StageInputs":
         expected = {"mean": list(normalize[0]), "std": list(normalize[1])}
         start = MODELS_ROOT / row.start
         payload = load_checked(start / MODEL_FILE, f"start of {row.where} (`from: {row.start}`)")
@@ -142,6 +143,10 @@ class StageInputs:
                               "starts from imported weights or one trained model")
         if meta.get("kind", "model") == "model":
             _check_compatible(meta, start, f"{row.where}.from", class_set, expected)
+        elif meta.get("normalize") not in (None, normalize_name):
+            raise ConfigError(f"params: {row.where}.from: {start} holds {meta['format']} weights trained on inputs "
+                              f"normalised as '{meta['normalize']}'; recipes.{row.recipe}.normalize is "
+                              f"'{normalize_name}' (set it to '{meta['normalize']}')")
         inputs = cls(row, payload["state_dict"], meta, paths=[start / MODEL_FILE])
         if row.pseudo is not None:
             inputs.pseudo = PseudoLabels.load(PSEUDO_ROOT / row.pseudo)
@@ -221,7 +226,7 @@ def build_training_stage(row: TrainingRow) -> BuiltStage:
                           "never be read; move the row under `models`")
     class_set = load_class_set(PREPARED_ROOT / row.source)
     mean, std = NORMALIZATION[recipe.normalize]
-    inputs = StageInputs.load(row, class_set.name, (mean, std), method_type.needs_teacher)
+    inputs = StageInputs.load(row, class_set.name, (mean, std), method_type.needs_teacher, recipe.normalize)
     if recipe.model.arch == "deeplabv3plus" and recipe.data.batch_size < 2:
         raise ConfigError(f"params: recipes.{row.recipe}.data.batch_size must be >= 2 for deeplabv3plus "
                           "(BatchNorm on its image-pooling branch needs two samples)")
