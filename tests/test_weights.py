@@ -172,3 +172,17 @@ def test_a_missing_weights_file_is_one_line_naming_its_rows_and_its_source(tmp_p
     assert str(err.value) == ("data/pretrained/init.pth: weights file not found (weights.deeplab_init, the start of "
                               "models.warmup; nothing is downloaded; obtain it from AdaptSegNet's README "
                               "(DeepLab_resnet_pretrained_init-f81d91e8.pth))")
+
+
+def test_a_missing_file_points_at_the_torch_hub_cache_copy(tmp_path, monkeypatch):
+    from lib.models.weights import missing_file
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    params = WeightsParams("torchvision", "data/pretrained/resnet101-63fe2227.pth", published="torchvision")
+    assert "obtain it from torchvision" in str(missing_file("imagenet_r101", params, []))
+    cached = tmp_path / "torch/hub/checkpoints/resnet101-63fe2227.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(random_torchvision_resnet101(), cached)
+    assert str(missing_file("imagenet_r101", params, [])).endswith(
+        f"the torch hub cache holds {cached}: set weights.imagenet_r101.file to it)")
+    kept, _, meta = imported(tmp_path, "torchvision", torch.load(cached, weights_only=True))   # and it loads
+    assert meta["mapped"] == len(kept)

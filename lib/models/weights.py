@@ -91,9 +91,14 @@ def convert(params: WeightsParams, path: Path) -> tuple[dict[str, torch.Tensor],
 
 
 def missing_file(name: str, params: WeightsParams, needed_by: list[str]) -> DataError:
-    """One line: the file, the rows that start from it, where its authors publish it."""
+    """One line: the file, the rows that start from it, where its authors publish it (or the copy
+    of the same name in the torch hub cache, where torchvision keeps what it downloaded)."""
     rows = f", the start of {', '.join(needed_by)}" if needed_by else ""
-    where = f"; obtain it from {params.published}" if params.published else ""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(params.file).name
+    if cached.is_file():
+        where = f"; the torch hub cache holds {cached}: set weights.{name}.file to it"
+    else:
+        where = f"; obtain it from {params.published}" if params.published else ""
     return DataError(f"{params.file}: weights file not found (weights.{name}{rows}; nothing is downloaded{where})")
 
 
