@@ -1,11 +1,10 @@
-"""Dilated torchvision ResNet encoders for DeepLab, and their offline weight loading.
+"""Dilated ResNet encoders for DeepLab, and their offline weight loading.
 
-Layout deviation: the DeepLab ResNets of ADVENT, AdaptSegNet and CPSL (the released code:
-valeoai/ADVENT, wasidennis/AdaptSegNet, lslrh/CPSL) are Caffe-style ResNet v1, with a stage's stride
-on the first 1×1 conv of its first block.  We build torchvision's ResNet v1.5, which puts the stride
-on the 3×3 conv, so ImageNet weights come from torchvision's own files and Caffe-converted DeepLab
-checkpoints (``DeepLab_resnet_pretrained_*``) do not load (the two layouts' weights are not
-interchangeable).  Output sizes are the same in both layouts.
+Two layouts (``style``).  ``torchvision``: ResNet v1.5, a stage's stride on the 3×3 conv of its first
+block.  ``caffe``: the DeepLab ResNets of ADVENT, AdaptSegNet and CPSL (the released code:
+valeoai/ADVENT, wasidennis/AdaptSegNet, lslrh/CPSL), Caffe-style ResNet v1 with the stride on the
+first 1×1 conv, the layout the Caffe-converted ``DeepLab_resnet_pretrained_*`` files were trained in
+(lib.models.weights).  Both have the same tensor names and shapes and the same output sizes.
 """
 from __future__ import annotations
 
