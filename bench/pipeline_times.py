@@ -1,4 +1,4 @@
-"""Per-stage wall time of a whole ``dvc repro``: the table issue 7's speed work is read against.
+"""Per-stage wall time of a whole ``dvc repro``: the table the pipeline's speed is read against.
 
     python bench/pipeline_times.py [--repo DIR] [--fresh] [--force] [--out bench/results/pipeline.json]
 

@@ -32,6 +32,7 @@ from lib.config import merged
 from lib.errors import ConfigError
 
 SCRATCH = "scratch"        # random initialisation: the `scratch` stage writes data/models/scratch
+BEST = "best"              # `<model>/best`: a model's selected checkpoint, data/models/<model>/best
 TRAINING_TABLES = ("models", "selftrained")
 ARTIFACT_TABLES = ("weights", *TRAINING_TABLES, "ensembles")      # everything written to data/models
 ROW_KEYS = {"models": ("recipe", "from", "overrides"), "selftrained": ("recipe", "from", "pseudo", "overrides")}
@@ -130,10 +131,13 @@ def find_training_row(params: dict, name: str) -> TrainingRow:
     recipe = recipes[row["recipe"]]
     if not isinstance(recipe, dict):
         raise ConfigError(f"params: recipes.{row['recipe']} must be a mapping of blocks, got {recipe!r}")
+    start, _ = model_reference(row["from"])
     startable = {SCRATCH} | set(table(params, "weights")) | {k for t in TRAINING_TABLES for k in table(params, t)}
-    if row["from"] not in startable or row["from"] == name:
+    if start not in startable or start == name:
         raise ConfigError(f"params: {where}.from {row['from']!r} is neither {SCRATCH}, a weights entry nor another "
                           f"model (weights: {', '.join(table(params, 'weights')) or 'none'})")
+    if row["from"] != start:
+        check_model_reference(params, row["from"], f"{where}.from")
     pseudo = row.get("pseudo")
     if pseudo is not None and pseudo not in table(params, "pseudo_labels"):
         raise ConfigError(f"params: {where}.pseudo {pseudo!r} is not a key of `pseudo_labels` "
@@ -159,18 +163,55 @@ def model_names(params: dict) -> list[str]:
     return [k for t in (*TRAINING_TABLES, "ensembles") for k in table(params, t)]
 
 
+def model_reference(ref: str) -> tuple[str, str]:
+    """A model as the table names it: ``kd1`` is its last iterate, ``kd1/best`` its selected checkpoint
+    (lib.train.select).  Returns (model, "last" | what follows the slash)."""
+    name, slash, checkpoint = str(ref).partition("/")
+    return name, (checkpoint if slash else "last")
+
+
+def selects(params: dict, name: str) -> bool:
+    """Whether training row ``name`` keeps a selected checkpoint (its recipe's ``select.every`` > 0)."""
+    for t in TRAINING_TABLES:
+        row = table(params, t).get(name)
+        if isinstance(row, dict):
+            recipe = table(params, "recipes").get(row.get("recipe"))
+            raw = merged(recipe if isinstance(recipe, dict) else {}, row.get("overrides") or {})
+            select = raw.get("select") if isinstance(raw.get("select"), dict) else {}
+            every = select.get("every", 0)
+            return isinstance(every, int) and every > 0
+    return False
+
+
+def check_model_reference(params: dict, ref: str, where: str) -> None:
+    """``<model>/best`` names a training row whose recipe selects (a plain name is checked by the caller)."""
+    name, checkpoint = model_reference(ref)
+    if checkpoint != BEST or not any(name in table(params, t) for t in TRAINING_TABLES):
+        raise ConfigError(f"params: {where} {ref!r}: a model is named `<model>` (its last iterate) or "
+                          f"`<model>/{BEST}` (the checkpoint its training selected), <model> a row of models or selftrained")
+    if not selects(params, name):
+        raise ConfigError(f"params: {where} {ref!r}: {name} keeps no selected checkpoint; set select.every > 0 "
+                          f"in its recipe (or its overrides)")
+
+
 def upstream(params: dict, name: str) -> list[str]:
     """The data/models names ``name`` is built from (its `from`, its pseudo-label set's labeller,
-    an ensemble's members)."""
+    an ensemble's members), each as its model's name (``kd1/best`` is kd1)."""
     for t in TRAINING_TABLES:
         row = table(params, t).get(name)
         if isinstance(row, dict):
             labeller = (table(params, "pseudo_labels").get(row.get("pseudo")) or {}).get("model")
-            return [str(n) for n in (row.get("from"), labeller) if n]
+            return [model_reference(n)[0] for n in (row.get("from"), labeller) if n]
     members = table(params, "ensembles").get(name)
     if isinstance(members, dict):
-        return [str(m) for m in members.get("models") or []]
+        return [model_reference(m)[0] for m in members.get("models") or []]
     return []
+
+
+def started_from(params: dict, start: str) -> list[str]:
+    """The training rows (as ``table.row``) whose `from` is ``start``."""
+    return [f"{t}.{name}" for t in TRAINING_TABLES for name, row in table(params, t).items()
+            if isinstance(row, dict) and row.get("from") == start]
 
 
 def check_acyclic(params: dict) -> None:

@@ -7,18 +7,29 @@ line, and nothing is removed.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from lib.config import parse, section
 from lib.data.convert import PrepareParams, parse_dataset_spec
 from lib.data.synthetic import SynthesizeParams
 from lib.errors import ConfigError
 from lib.infer.params import EvaluateParams
 from lib.models.ensemble import EnsembleParams
-from lib.models.weights import WeightsParams
+from lib.models.weights import WeightsParams, missing_file
 from lib.pseudo.writer import pseudo_row
 from lib.stylize.paired import StylizeParams
 from lib.stylize.transfer import parse_transfer
-from lib.table import (TRAINING_TABLES, check_acyclic, check_unique_artifacts, find_training_row, model_names,
-                       table)
+from lib.table import (
+    TRAINING_TABLES,
+    check_acyclic,
+    check_model_reference,
+    check_unique_artifacts,
+    find_training_row,
+    model_names,
+    model_reference,
+    started_from,
+    table,
+)
 from lib.train.stage import parse_recipe
 
 
@@ -40,7 +51,9 @@ def check_params(params: dict) -> dict[str, int]:
             raise ConfigError(f"params: {key} {name!r} is not a dataset of the pipeline "
                               f"(datasets, stylize.outputs, cyclegan.outputs: {', '.join(sorted(produced))})")
     for name, raw in table(params, "weights").items():
-        parse(WeightsParams, raw, f"weights.{name}")
+        weights = parse(WeightsParams, raw, f"weights.{name}")
+        if not Path(weights.file).is_file():     # DVC would stop at the missing dependency with its own words
+            raise missing_file(name, weights, started_from(params, name))
     check_unique_artifacts(params)
     rows = [name for t in TRAINING_TABLES for name in table(params, t)]
     for name in rows:
@@ -49,9 +62,12 @@ def check_params(params: dict) -> dict[str, int]:
         pseudo_row(params, name)
     for name, raw in table(params, "ensembles").items():
         members = parse(EnsembleParams, raw, f"ensembles.{name}").models
-        unknown = [m for m in members if m not in rows]
+        unknown = [m for m in members if model_reference(m)[0] not in rows]
         if unknown:
             raise ConfigError(f"params: ensembles.{name}.models: {unknown[0]!r} is not a trained model of the table")
+        for member in members:
+            if member not in rows:
+                check_model_reference(params, member, f"ensembles.{name}.models")
     check_acyclic(params)
     evaluate = section(params, "evaluate", EvaluateParams)
     if list(evaluate.models) != model_names(params):
@@ -70,6 +86,8 @@ def check_cyclegan(params: dict) -> list[str]:
     raw = params.get("cyclegan") or {}
     outputs = raw.get("outputs") if isinstance(raw, dict) else None
     if outputs or not isinstance(raw, dict):
-        from lib.stylize.cyclegan import parse_params     # the CycleGAN training stack only when it is on
+        from lib.stylize.cyclegan import (
+            parse_params,  # the CycleGAN training stack only when it is on
+        )
         outputs = list(parse_params(raw).outputs)
     return [str(o) for o in outputs]

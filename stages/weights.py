@@ -9,7 +9,7 @@ from pathlib import Path
 from lib.config import load_params, parse
 from lib.errors import ConfigError, exit_on_user_error
 from lib.models.weights import WeightsParams, import_weights, write_scratch
-from lib.table import SCRATCH, table
+from lib.table import SCRATCH, started_from, table
 
 MODELS_ROOT = Path("data/models")
 
@@ -23,11 +23,12 @@ def main(argv: list[str] | None = None) -> None:
         write_scratch(MODELS_ROOT / SCRATCH)
         print(f"wrote {MODELS_ROOT / SCRATCH} (random initialisation)")
         return
-    entries = table(load_params(), "weights")
+    params_all = load_params()
+    entries = table(params_all, "weights")
     if args.name not in entries:
         raise ConfigError(f"params: no weights entry {args.name!r} (known: {', '.join(entries) or 'none'})")
     params = parse(WeightsParams, entries[args.name], f"weights.{args.name}")
-    meta = import_weights(args.name, params, MODELS_ROOT / args.name)
+    meta = import_weights(args.name, params, MODELS_ROOT / args.name, started_from(params_all, args.name))
     print(f"wrote {MODELS_ROOT / args.name}: {meta['mapped']} tensors of {meta['file']} ({meta['format']}, "
           f"sha256 {meta['sha256'][:12]}); left out: {', '.join(meta['skipped']) or 'nothing'}")
 

@@ -65,8 +65,9 @@ def test_chain_stages_log_their_own_losses(chain):
     assert (kd["kd"] < 0).all()          # the released KD form is negative (CPSL's released code)
 
 
-def test_an_edit_to_a_method_the_chain_does_not_use_changes_no_stage(chain):
-    """Its recipe's params and its file: the default chain has nothing to re-run."""
+def test_an_edit_to_a_method_the_chain_does_not_use_reruns_only_the_params_check(chain):
+    """Its recipe's params and its file: the default chain has nothing to re-run but the params check
+    (which reads every entry of params.yaml, in seconds, before any stage could lose an output)."""
     def add_recipe(params):
         params["recipes"]["blindnet"] = {"model": {"arch": "deeplabv3plus", "depth": 18}, "data": {"batch_size": 2},
                                          "optim": {"model": {"type": "adamw", "lr": 0.001}}, "train": {"iters": 2}}
@@ -74,6 +75,9 @@ def test_an_edit_to_a_method_the_chain_does_not_use_changes_no_stage(chain):
     method = chain / "lib/methods/blindnet.py"
     method.write_text(method.read_text() + "\n# an edit\n")
     try:
+        status = sh(chain, "dvc", "status")
+        assert {line.rstrip(":") for line in status.splitlines() if line and not line.startswith("\t")} == {"check"}
+        assert ran(sh(chain, "dvc", "repro")) == {"check"}
         assert "Data and pipelines are up to date" in sh(chain, "dvc", "status")
     finally:
         sh(chain, "git", "checkout", "lib/methods/blindnet.py")
@@ -98,41 +102,47 @@ def test_an_edit_to_a_method_the_chain_uses_reruns_exactly_its_rows_and_what_gro
 
 
 def test_recipe_params_rerun_only_the_rows_of_that_recipe(chain):
-    out = sh(chain, "dvc", "exp", "run", "-S", "+recipes.cpsl_kd.method={kd_form: kl}")
-    assert ran(out) == {"selftrain@kd1", "pseudo_label@hard_kd1", "selftrain@kd2", "evaluate@kd1-synth_cityscapes",
-                        "evaluate@kd2-synth_cityscapes", "summary"}
-    kd = pd.read_csv(chain / "metrics/train/kd1/plots/metrics/train/loss/kd.tsv", sep="\t")
-    assert (kd["kd"] >= 0).all()         # the true KL is not negative
-    restore(chain)
+    try:
+        out = sh(chain, "dvc", "exp", "run", "-S", "+recipes.cpsl_kd.method={kd_form: kl}")
+        assert ran(out) == {"check", "selftrain@kd1", "pseudo_label@hard_kd1", "selftrain@kd2",
+                            "evaluate@kd1-synth_cityscapes", "evaluate@kd2-synth_cityscapes", "summary"}
+        kd = pd.read_csv(chain / "metrics/train/kd1/plots/metrics/train/loss/kd.tsv", sep="\t")
+        assert (kd["kd"] >= 0).all()         # the true KL is not negative
+    finally:
+        restore(chain)
 
 
 def test_an_iteration_matched_control_is_one_more_row(chain):
-    out = sh(chain, "dvc", "exp", "run", "-S",
-             "+selftrained.ctl_kd1={recipe: cpsl_stage1, from: stage1, pseudo: soft_warmup}")
-    assert ran(out) == {"selftrain@ctl_kd1", "evaluate@ctl_kd1-synth_cityscapes", "summary"}
-    meta = json.loads((chain / "data/models/ctl_kd1/meta.json").read_text())
-    assert meta["method"] == "cpsl_stage1" and meta["from"] == "stage1" and meta["params"]["train"]["iters"] == 4
-    assert "ctl_kd1" in json.loads((chain / "metrics/summary.json").read_text())
-    restore(chain)
+    try:
+        out = sh(chain, "dvc", "exp", "run", "-S",
+                 "+selftrained.ctl_kd1={recipe: cpsl_stage1, from: stage1, pseudo: soft_warmup}")
+        assert ran(out) == {"check", "selftrain@ctl_kd1", "evaluate@ctl_kd1-synth_cityscapes", "summary"}
+        meta = json.loads((chain / "data/models/ctl_kd1/meta.json").read_text())
+        assert meta["method"] == "cpsl_stage1" and meta["from"] == "stage1" and meta["params"]["train"]["iters"] == 4
+        assert "ctl_kd1" in json.loads((chain / "metrics/summary.json").read_text())
+    finally:
+        restore(chain)
 
 
 def test_bafft_preset_runs_step1_class_median_labels_and_step2(chain):
-    apply_preset([str(ROOT / "presets/synthetic_bafft.yaml"), "--params", str(chain / "params.yaml")])
-    params = YAML().load((chain / "params.yaml").read_text())
-    assert params["recipes"]["bafft_step1"]["train"]["iters"] == 6    # a copy of the (tiny) source-only recipe
-    assert set(params["selftrained"]) == {"step2"} and set(params["pseudo_labels"]) == {"median_step1"}
-    assert set(params["models"]) == {"step1", "step1_source_only", "step1_more"}   # with step 1's and step 2's controls
-    edit_params(chain, lambda doc: doc["pseudo_labels"]["median_step1"]["options"].update(batch_size=2, workers=0))
-    out = sh(chain, "dvc", "exp", "run")
-    assert {"train@step1", "pseudo_label@median_step1", "selftrain@step2", "train@step1_source_only",
-            "train@step1_more"} <= ran(out)
-    assert not any(stage.startswith(("selftrain@kd", "train@warmup")) for stage in ran(out))
-    median = json.loads((chain / "data/pseudo/median_step1/meta.json").read_text())
-    assert median["form"] == "class_median"
-    assert all(t <= 0.9 for t in median["thresholds"])
-    assert json.loads((chain / "data/models/step2/meta.json").read_text())["method"] == "bafft_step2"
-    curves = chain / "metrics/train/step2/plots/metrics/train/loss"
-    assert (curves / "seg_target.tsv").is_file()
-    assert set(json.loads((chain / "metrics/summary.json").read_text())) == {"step1", "step1_source_only",
-                                                                             "step1_more", "step2"}
-    restore(chain)
+    try:
+        apply_preset([str(ROOT / "presets/synthetic_bafft.yaml"), "--params", str(chain / "params.yaml")])
+        params = YAML().load((chain / "params.yaml").read_text())
+        assert params["recipes"]["bafft_step1"]["train"]["iters"] == 6    # a copy of the (tiny) source-only recipe
+        assert set(params["selftrained"]) == {"step2"} and set(params["pseudo_labels"]) == {"median_step1"}
+        assert set(params["models"]) == {"step1", "step1_source_only", "step1_more"}   # with step 1's and step 2's controls
+        edit_params(chain, lambda doc: doc["pseudo_labels"]["median_step1"]["options"].update(batch_size=2, workers=0))
+        out = sh(chain, "dvc", "exp", "run")
+        assert {"train@step1", "pseudo_label@median_step1", "selftrain@step2", "train@step1_source_only",
+                "train@step1_more"} <= ran(out)
+        assert not any(stage.startswith(("selftrain@kd", "train@warmup")) for stage in ran(out))
+        median = json.loads((chain / "data/pseudo/median_step1/meta.json").read_text())
+        assert median["form"] == "class_median"
+        assert all(t <= 0.9 for t in median["thresholds"])
+        assert json.loads((chain / "data/models/step2/meta.json").read_text())["method"] == "bafft_step2"
+        curves = chain / "metrics/train/step2/plots/metrics/train/loss"
+        assert (curves / "seg_target.tsv").is_file()
+        assert set(json.loads((chain / "metrics/summary.json").read_text())) == {"step1", "step1_source_only",
+                                                                                 "step1_more", "step2"}
+    finally:
+        restore(chain)

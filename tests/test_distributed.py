@@ -332,3 +332,52 @@ def test_run_training_stage_in_process_refuses_to_relaunch(project, monkeypatch)
     ensure_scratch()
     with pytest.raises(ConfigError, match=r"processes = 2 needs the stage to run as `python -m stages.<name>`"):
         run_training_stage(find_training_row(warmup_params(processes=2), "warmup"))
+
+
+# ---------------------------------------------------------------- CPSL's memories under two processes
+QUEUE_BATCH, QUEUE_PIXELS = 4, 5          # the global batch and the pixels sampled per image
+
+
+def cpsl_memories(images: slice, steps: int = 3) -> dict:
+    """CPSL stage 1's self-labelling on ``images`` of a fixed global batch for ``steps`` iterations:
+    the memories (12 rows: they fill and wrap) and each step's loss."""
+    from lib.methods.cpsl_stage1 import CpslStage1, CpslStage1Params
+    torch.manual_seed(0)
+    k, d = 4, 6
+    method = CpslStage1(nn.Conv2d(3, 3, 1), CpslStage1Params(queue_length=12, samples_per_image=QUEUE_PIXELS),
+                        torch.randn(k, d), torch.full((k,), 1 / k), ((0, 0, 0), (1, 1, 1)))
+    losses = []
+    for step in range(steps):
+        data = torch.Generator().manual_seed(step)
+        f_bar = torch.randn(QUEUE_BATCH, d, 3, 4, generator=data)
+        o_bar = torch.randn(QUEUE_BATCH, k, 3, 4, generator=data)
+        labels = torch.randint(0, k, (QUEUE_BATCH, 3, 4), generator=data)
+        loss = method._self_labelling(f_bar[images], o_bar[images], labels[images], torch.Generator().manual_seed(9))
+        loss.backward()
+        losses.append(loss.detach())
+    memories = method.prototypes
+    return {"features": memories.features.data, "labels": memories.labels.data, "logits": memories.logits.data,
+            "losses": torch.stack(losses), "grad": memories.weight.grad}
+
+
+def queue_worker(rank: int, port: int, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    distributed.start(TrainParams(iters=1, processes=2), "test")
+    half = QUEUE_BATCH // 2
+    torch.save(cpsl_memories(slice(rank * half, (rank + 1) * half)), out / f"queue{rank}.pt")
+
+
+def test_cpsl_memories_take_every_process_pixels_as_one_process_with_the_whole_batch(tmp_path):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        mp.spawn(queue_worker, args=(free_port(), tmp_path), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"queue{r}.pt", weights_only=True) for r in range(2)]
+    whole = cpsl_memories(slice(0, QUEUE_BATCH))
+    for rank in ranks:
+        for name in ("features", "labels", "logits"):
+            torch.testing.assert_close(rank[name], whole[name], rtol=0, atol=0, msg=name)
+    # each process's loss is the mean over its images; the processes' mean is the whole batch's
+    torch.testing.assert_close((ranks[0]["losses"] + ranks[1]["losses"]) / 2, whole["losses"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close((ranks[0]["grad"] + ranks[1]["grad"]) / 2, whole["grad"], rtol=1e-5, atol=1e-6)

@@ -171,7 +171,10 @@ def test_repro_trains_and_evaluates(project):
     # the finished run leaves no resumable state behind: a later code change must retrain
     assert [p.name for p in (project / "data/checkpoints/warmup").iterdir()] == ["finished.json"]
     summary = json.loads((project / "metrics/summary.json").read_text())
-    assert summary == {"warmup": {t: {"mIoU": r["mIoU"], "mAcc": r["mAcc"]} for t, r in metrics_of(project).items()}}
+    # the recipe selects (every 250 iterations and at the last one): with 6 iterations the best is the last
+    assert summary == {"warmup": {**{t: {"mIoU": r["mIoU"], "mAcc": r["mAcc"], "best_mIoU": r["best"]["mIoU"]}
+                                     for t, r in metrics_of(project).items()}, "selected": {"iteration": 6}}}
+    assert all(r["best"]["mIoU"] == r["mIoU"] for r in metrics_of(project).values())
     shown = sh(project, "dvc", "metrics", "show")
     assert "metrics/summary.json" in shown and "warmup.synth_cityscapes.mIoU" in shown
     assert "metrics/eval" not in shown and "metrics/train" not in shown    # reports and curves are no metrics

@@ -2,6 +2,7 @@
 `dvc repro --dry` lists the stages its recipe needs; the published numbers are the papers'."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,7 +17,7 @@ from lib.infer.params import EvaluateParams
 from lib.models.weights import WeightsParams
 from lib.preset import main as apply_preset
 from lib.pseudo.writer import pseudo_row
-from lib.table import SCRATCH, check_acyclic, find_training_row, model_names, table
+from lib.table import SCRATCH, check_acyclic, find_training_row, model_names, model_reference, table
 from lib.train.stage import parse_recipe
 from tests.test_pipeline import ENV
 
@@ -48,13 +49,13 @@ def test_preset_gives_a_valid_table(tmp_path, preset):
     rows = [k for t in ("models", "selftrained") for k in table(params, t)]
     for name in rows:
         parsed(params, name)
-        start = find_training_row(params, name).start
+        start = model_reference(find_training_row(params, name).start)[0]
         assert start == SCRATCH or start in params["weights"] or start in rows, name
     for name, raw in params["weights"].items():
         parse(WeightsParams, raw, f"weights.{name}")
     for name in table(params, "pseudo_labels"):
         job, _ = pseudo_row(params, name)
-        assert job.model in rows
+        assert model_reference(job.model)[0] in rows
     evaluate = parse(EvaluateParams, params["evaluate"], "evaluate")
     assert list(evaluate.models) == model_names(params)     # the merge of the tables, nothing to keep in sync
     for dataset in (*evaluate.targets, params["source"], params["target"]):
@@ -90,7 +91,7 @@ def dry_run(tmp_path: Path, preset: Path) -> set[str]:
 
 def test_dry_run_of_the_cpsl_recipe_lists_its_chain(tmp_path):
     stages = dry_run(tmp_path, ROOT / "presets/gta5_cityscapes_cpsl.yaml")
-    assert stages == {"synthesize", "prepare@gta5", "prepare@cityscapes", "stylize@gta5_lab", "scratch",
+    assert stages == {"check", "synthesize", "prepare@gta5", "prepare@cityscapes", "stylize@gta5_lab", "scratch",
                       "weights@imagenet_r101", "weights@simclr_r101", "train@warmup", "pseudo_label@soft_warmup",
                       "selftrain@stage1", "pseudo_label@hard_stage1", "selftrain@kd1", "pseudo_label@hard_kd1",
                       "selftrain@kd2", *(f"evaluate@{m}-cityscapes" for m in ("warmup", "stage1", "kd1", "kd2")),
@@ -120,12 +121,17 @@ def test_published_cpsl_recipe(tmp_path):
     kd1, kd = parsed(params, "kd1")
     assert kd.kd_form == "released" and kd1.pseudo_threshold == 0.95 and kd1.model.extra_bn
     assert (kd1.optim["model"].lr, kd1.optim["model"].head_lr_mult) == (6e-4, 10.0)
-    assert find_training_row(params, "kd1").start == "simclr_r101"
-    assert find_training_row(params, "kd2").start == "kd1"
-    assert params["pseudo_labels"]["hard_stage1"]["model"] == "stage1"      # kd1's teacher: the labeller
+    assert find_training_row(params, "kd1").start == "simclr_r101" and params["weights"]["simclr_r101"]["format"] == "simclr"
+    assert find_training_row(params, "kd2").start == "kd1/best"            # S3 resumes the best S2
+    assert find_training_row(params, "stage1").start == "warmup/best"
+    assert {n: p["model"] for n, p in params["pseudo_labels"].items()} == {   # kd1's teacher: the labeller
+        "soft_warmup": "warmup/best", "hard_stage1": "stage1/best", "hard_kd1": "kd1/best"}
     warmup, adaptsegnet = parsed(params, "warmup")
     assert (adaptsegnet.gan, adaptsegnet.adv_main, adaptsegnet.adv_aux) == ("ls", 0.01, 0.0)
-    assert warmup.model.head == "cpsl" and warmup.model.bn == "frozen_affine"
+    assert warmup.model.head == "cpsl" and warmup.model.bn == "frozen"         # ProDA's freeze_bn: eval mode
+    for recipe in (warmup, stage1, kd1):
+        assert (recipe.model.style, recipe.normalize, recipe.train.precision) == ("caffe", "unit", "fp32")
+        assert (recipe.select.every, recipe.select.split, recipe.select.images) == (1000, "val", 0)
 
 
 def test_published_advent_numbers(tmp_path):
@@ -136,10 +142,49 @@ def test_published_advent_numbers(tmp_path):
     assert recipe.optim["model"].head_lr_mult == 10 and recipe.optim["discriminator"].betas == (0.9, 0.99)
     assert recipe.data.crop == (720, 1280) and recipe.stream_data("target").crop == (512, 1024)
     assert recipe.model.bn == "frozen_affine" and recipe.model.depth == 101
-    assert find_training_row(params, "advent").start == "imagenet_r101"
+    # ADVENT's start: its Caffe-layout DeepLab file, BGR inputs minus the mean, PIL-bicubic resizes
+    assert find_training_row(params, "advent").start == "deeplab_imagenet"
+    assert params["weights"]["deeplab_imagenet"]["format"] == "deeplab_caffe"
+    assert "DeepLab_resnet_pretrained_imagenet.pth" in params["weights"]["deeplab_imagenet"]["file"]
+    assert (recipe.model.style, recipe.normalize, recipe.data.interpolation) == ("caffe", "caffe", "bicubic")
+    assert recipe.stream_data("target").interpolation == "bicubic" and recipe.train.precision == "fp32"
+    evaluate = parse(EvaluateParams, params["evaluate"], "evaluate")
+    assert (evaluate.inference.input_size, evaluate.inference.resize) == ((512, 1024), "bicubic")
+    assert recipe.select.every == 2000                     # ADVENT's TEST.MODE best, with the evaluation's protocol
+    assert dataclasses.replace(recipe.select.inference, channels_last=True) == evaluate.inference
     params, _ = applied(tmp_path, ROOT / "presets" / "gta5_cityscapes_adaptsegnet.yaml")
     recipe, _ = parsed(params, "adaptsegnet")
     assert recipe.model.aspp_two_branch_compat and recipe.train.iters == 150000 and recipe.schedule.horizon == 250000
+    assert find_training_row(params, "adaptsegnet").start == "deeplab_init" and set(params["weights"]) == {"deeplab_init"}
+    assert "init-f81d91e8" in params["weights"]["deeplab_init"]["file"] and recipe.select.every == 5000
+
+
+def test_published_bafft_recipe(tmp_path):
+    params, _ = applied(tmp_path, ROOT / "presets" / "gta5_cityscapes_bafft.yaml")
+    step1, _ = parsed(params, "step1")
+    step2, _ = parsed(params, "step2")
+    assert find_training_row(params, "step1").start == "deeplab_init" and set(params["weights"]) == {"deeplab_init"}
+    assert find_training_row(params, "step2").start == "step1/best"
+    for recipe in (step1, step2):       # evaluated every 5000 iterations, BestGTA5.pth kept
+        assert (recipe.select.every, recipe.model.style, recipe.normalize, recipe.train.precision) == (
+            5000, "caffe", "caffe", "fp32")
+    job, options = pseudo_row(params, "median_step1")
+    assert (job.model, job.form) == ("step1/best", "class_median")
+    # labelled at the input size step 1 was trained on (1024x512), not at 2048x1024
+    assert options.inference.input_size == step1.stream_data("target").resize == (512, 1024)
+    assert options.inference.resize == "bicubic"
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if not p.stem.startswith("synthetic")], ids=lambda p: p.stem)
+def test_paper_presets_train_in_fp32_and_skip_mislabelled_gta5_frames(tmp_path, preset):
+    params, _ = applied(tmp_path, preset)
+    for name in (k for t in ("models", "selftrained") for k in table(params, t)):
+        assert parsed(params, name)[0].train.precision == "fp32", name
+    assert parse(EvaluateParams, params["evaluate"], "evaluate").inference.precision == "fp32"
+    if any(raw["layout"] in ("gta5", "gtav_split") for raw in params["datasets"].values()):
+        assert params["prepare"]["size_mismatch"] == "skip"
+    for name, raw in params["weights"].items():
+        assert parse(WeightsParams, raw, f"weights.{name}").published, name   # a missing file says where to get it
 
 
 def test_missing_and_looping_presets_are_one_line_errors(tmp_path, capsys):
@@ -236,6 +281,7 @@ def test_published_ciss_recipes(tmp_path, preset, target, weights):
     assert recipe.data.sampling == "rare_class" and recipe.stream_data("target").sampling == "uniform"
     assert recipe.data.batch_size == recipe.stream_data("target").batch_size == 2
     assert find_training_row(params, "ciss").start == "imagenet_r101"
+    assert (recipe.data.cat_max_ratio, recipe.stream_data("target").cat_max_ratio) == (0.75, None)
     assert params["evaluate"]["targets"] == [target] and set(params["datasets"]) == {"cityscapes", target}
 
 

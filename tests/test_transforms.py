@@ -164,3 +164,62 @@ def test_same_generator_seed_gives_the_same_augmentation():
     again = pipeline(painted_sample(0), np.random.default_rng([7, 3]))
     np.testing.assert_array_equal(first["image"], again["image"])
     np.testing.assert_array_equal(first["label"], again["label"])
+
+
+def mmseg_cat_max_crop(label: np.ndarray, crop: tuple[int, int], ratio: float, rng) -> tuple[int, int]:
+    """mmseg's RandomCrop with cat_max_ratio, written from its description: a crop, then up to ten
+    new ones while fewer than two labelled classes are in it or one covers >= ratio of them."""
+    h, w = label.shape
+
+    def draw():
+        return int(rng.integers(0, h - crop[0] + 1)), int(rng.integers(0, w - crop[1] + 1))
+
+    top, left = draw()
+    for _ in range(10):
+        window = label[top:top + crop[0], left:left + crop[1]]
+        classes, counts = np.unique(window[window != 255], return_counts=True)
+        if len(counts) > 1 and counts.max() / counts.sum() < ratio:
+            break
+        top, left = draw()
+    return top, left
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_cat_max_ratio_redraws_crops_one_class_dominates(seed):
+    """CISS's source crop (DAFormer's mmseg pipeline, cat_max_ratio 0.75): mostly road, a few objects."""
+    rng = np.random.default_rng(100 + seed)
+    label = np.zeros((60, 90), np.uint8)
+    for _ in range(4):
+        y, x = rng.integers(0, 50), rng.integers(0, 80)
+        label[y:y + 10, x:x + 10] = rng.integers(1, 8)
+    label[:5] = 255
+    sample = {"id": "x", "image": PALETTE[label], "label": label}
+    out = RandomCrop(20, 20, cat_max_ratio=0.75)(sample, np.random.default_rng(seed))
+    top, left = mmseg_cat_max_crop(label, (20, 20), 0.75, np.random.default_rng(seed))
+    np.testing.assert_array_equal(out["label"], label[top:top + 20, left:left + 20])
+    plain = RandomCrop(20, 20)(sample, np.random.default_rng(seed))      # the first draw is the same crop
+    reference = np.random.default_rng(seed)
+    first = int(reference.integers(0, 41)), int(reference.integers(0, 71))
+    np.testing.assert_array_equal(plain["label"], label[first[0]:first[0] + 20, first[1]:first[1] + 20])
+
+
+def test_a_one_class_image_keeps_the_eleventh_crop():
+    label = np.full((30, 30), 3, np.uint8)
+    rng = np.random.default_rng(0)
+    RandomCrop(10, 10, cat_max_ratio=0.75)({"image": PALETTE[label], "label": label}, rng)
+    reference = np.random.default_rng(0)
+    reference.integers(0, 21, size=22)          # eleven crops of two coordinates each
+    assert rng.integers(0, 1 << 30) == reference.integers(0, 1 << 30)
+
+
+def test_bicubic_resizes_the_image_bicubically_and_the_label_by_nearest():
+    import cv2
+
+    from lib.data.streams import DataParams, train_transforms
+    sample = painted_sample(3)
+    data = DataParams(resize=(30, 45), crop=(30, 45), flip=False, interpolation="bicubic")
+    out = train_transforms(data, "unit")(sample, np.random.default_rng(0))
+    expected = cv2.resize(sample["image"], (45, 30), interpolation=cv2.INTER_CUBIC).astype(np.float32) / 255
+    np.testing.assert_allclose(out["image"].permute(1, 2, 0).numpy(), expected, atol=1e-6)
+    np.testing.assert_array_equal(out["label"].numpy(), cv2.resize(sample["label"], (45, 30),
+                                                                   interpolation=cv2.INTER_NEAREST))

@@ -48,8 +48,13 @@ from lib.errors import ConfigError
 # A stream factory takes the iteration to start at and yields collated batches from there on.
 StreamFactory = Callable[[int], Iterator[dict]]
 
+# The mean and std of lib.data.transforms.Normalize ((x/255 - mean)/std): ImageNet's, none ([0, 1],
+# CPSL's), [-1, 1] (the CycleGAN input) and Caffe's DeepLab-v2 (x - mean in 0..255 units, no division;
+# the RGB order of its BGR mean: lib.models.weights stores that model's first conv for RGB inputs).
+CAFFE_MEAN_RGB = (122.67891434, 116.66876762, 104.00698793)
 NORMALIZATION = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-                 "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}   # [-1, 1]: the CycleGAN input
+                 "symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+                 "caffe": (tuple(m / 255.0 for m in CAFFE_MEAN_RGB), (1 / 255.0,) * 3)}
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,8 @@ class DataParams:
     rcs_temperature: float = 0.01                     # DAFormer RCS
     rcs_min_pixels: int = 3000
     rcs_min_crop_ratio: float = 0.5
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"   # image resizes (ADVENT, BAFFT: PIL bicubic)
+    cat_max_ratio: float | None = None                # mmseg: redraw a crop one class dominates (CISS 0.75)
     workers: int = 2
 
     def validate(self, where: str) -> None:
@@ -77,17 +84,19 @@ class DataParams:
             positive_pair(getattr(self, name), f"{where}.{name}")
         if self.scale is not None and self.scale[0] > self.scale[1]:
             raise ConfigError(f"params: {where}.scale must be [min, max], got {list(self.scale)}")
+        if self.cat_max_ratio is not None and not 0.0 < self.cat_max_ratio <= 1.0:
+            raise ConfigError(f"params: {where}.cat_max_ratio must be in (0, 1], got {self.cat_max_ratio}")
 
 
 def train_transforms(data: DataParams, normalize: str) -> Compose:
     steps = []
     if data.resize is not None:
-        steps.append(Resize(*data.resize))
+        steps.append(Resize(*data.resize, interpolation=data.interpolation))
     if data.scale_width is not None:
-        steps.append(ScaleWidth(data.scale_width))
+        steps.append(ScaleWidth(data.scale_width, interpolation=data.interpolation))
     if data.scale is not None:
-        steps.append(RandomScale(*data.scale))
-    steps.append(RandomCrop(*data.crop))
+        steps.append(RandomScale(*data.scale, interpolation=data.interpolation))
+    steps.append(RandomCrop(*data.crop, cat_max_ratio=data.cat_max_ratio))
     if data.flip:
         steps.append(HorizontalFlip())
     steps.append(Normalize(*NORMALIZATION[normalize]))

@@ -34,6 +34,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # DAFormer's rare-class re-crop gives up after this many crops and keeps the last one.
 RECROP_ATTEMPTS = 10
+CAT_MAX_REDRAWS = 10     # mmseg RandomCrop: up to 10 crops drawn again, the last one kept
 
 
 class Transform(Protocol):
@@ -161,8 +162,8 @@ class RandomCrop:
     sampling) until it holds more than ``min_pixels`` labelled pixels of c, else keeps the last.
     """
 
-    def __init__(self, height: int, width: int):
-        self.height, self.width = height, width
+    def __init__(self, height: int, width: int, cat_max_ratio: float | None = None):
+        self.height, self.width, self.cat_max_ratio = height, width, cat_max_ratio
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
         sample = pad_to(sample, self.height, self.width)
@@ -174,7 +175,19 @@ class RandomCrop:
             left = crop_origin(w, self.width, rng, cx)
             if not recrop or self._rare_pixels(sample, top, left) > sample["min_pixels"]:
                 break
+        if self.cat_max_ratio is not None and "label" in sample:
+            for _ in range(CAT_MAX_REDRAWS):
+                if self._balanced(sample["label"][top:top + self.height, left:left + self.width]):
+                    break
+                top, left = crop_origin(h, self.height, rng, cy), crop_origin(w, self.width, rng, cx)
         return self._crop(sample, top, left)
+
+    def _balanced(self, window: np.ndarray) -> bool:
+        """mmseg's ``cat_max_ratio`` rule (DAFormer, CISS: 0.75 on the source): the crop holds at least
+        two labelled classes and none covers ``cat_max_ratio`` or more of its labelled pixels."""
+        counts = np.bincount(window[window != IGNORE].ravel(), minlength=1)
+        counts = counts[counts > 0]
+        return len(counts) > 1 and counts.max() / counts.sum() < self.cat_max_ratio
 
     def _rare_pixels(self, sample: Sample, top: int, left: int) -> int:
         window = sample["label"][top:top + self.height, left:left + self.width]

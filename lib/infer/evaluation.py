@@ -8,10 +8,12 @@ horizontal flip.  The per-evaluation reports are gathered by the summary stage (
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from lib import provenance
 from lib.data.classes import CITYSCAPES19, CLASS_SETS, subset_lut
@@ -22,10 +24,12 @@ from lib.device import effective as effective_precision
 from lib.device import select_device
 from lib.errors import ConfigError
 from lib.infer.inference import inference_layout
-from lib.infer.metrics import protocol_subsets
+from lib.infer.metrics import protocol_subsets, summarize
 from lib.infer.params import EvaluateParams, InferenceParams
-from lib.infer.report import evaluate_split, write_report
+from lib.infer.report import evaluate_split, headline, percent, write_report
 from lib.models.artifact import load_model
+from lib.models.files import MODEL_FILE
+from lib.table import BEST
 
 MODELS_ROOT = Path("data/models")
 
@@ -42,6 +46,9 @@ def label_mapping(model_classes: str, target_classes: str, target: str) -> torch
 def run_evaluation(model_name: str, target: str, params: EvaluateParams, out_json: Path, out_dir: Path) -> dict:
     """Evaluate ``data/models/<model_name>`` on ``target``; write the report.
 
+    A model whose training selected a checkpoint (lib.train.select) is scored twice: the last
+    iterate is the report, the selected one (``data/models/<model_name>/best``) its ``best`` entry
+    (the headline numbers, per-class IoU and the iteration it was selected at).
     The report folder's ``provenance.json`` holds this evaluation's provenance (lib.provenance)
     and the evaluated model's training provenance from its meta (an ensemble's: each member's).
     """
@@ -49,27 +56,66 @@ def run_evaluation(model_name: str, target: str, params: EvaluateParams, out_jso
     model, meta = load_model(MODELS_ROOT / model_name, device)
     inference_layout(model, params.inference.channels_last)
     class_set = CLASS_SETS[meta["class_set"]]
-    prepared = PREPARED_ROOT / target
-    mean, std = meta["normalize"]["mean"], meta["normalize"]["std"]
-    dataset = PreparedDataset(prepared, params.split, Normalize(mean, std), seed=0, labelled=True)
-    lut = label_mapping(class_set.name, load_class_set(prepared).name, target)
-    loader = inference_loader(dataset, params.batch_size, params.workers, device)
-    if lut is not None:
-        loader = _mapped(loader, lut)
-    matrix, panels = evaluate_split(
-        model, loader, class_set.num_classes, device, inference_kwargs=_inference_kwargs(params.inference),
-        panel_ids=params.panels, mean=mean, std=std, desc=f"evaluate {model_name} on {target}",
-        model_name=str(MODELS_ROOT / model_name))
+    matrix, panels = split_matrix(model, meta, target, params.split, params.inference, params.batch_size,
+                                  params.workers, device, panels=params.panels,
+                                  desc=f"evaluate {model_name} on {target}", model_name=str(MODELS_ROOT / model_name))
     subsets = protocol_subsets(class_set.name, synthia_source=meta["source_protocol"].startswith("synthia"))
+    extra = None
+    best_dir = MODELS_ROOT / model_name / BEST
+    if (best_dir / MODEL_FILE).is_file():
+        best, best_meta = load_model(best_dir, device)
+        inference_layout(best, params.inference.channels_last)
+        best_matrix, _ = split_matrix(best, best_meta, target, params.split, params.inference, params.batch_size,
+                                      params.workers, device, desc=f"evaluate {model_name}/{BEST} on {target}",
+                                      model_name=str(best_dir))
+        scores = summarize(best_matrix.numpy(), class_set.names, subsets)
+        extra = {BEST: {**headline(scores, subsets, best_matrix.images),
+                        "iteration": best_meta["selection"]["best_iteration"],
+                        "classes": {c["name"]: percent(c["iou"]) for c in scores["classes"]}}}
     trained = meta.get("members") or {model_name: meta}
     made_with = {"evaluation": provenance.collect(device, effective_precision(params.inference.precision, device)),
                  "models": {name: m.get("provenance") for name, m in trained.items()}}
-    return write_report(out_json, out_dir, matrix, class_set, subsets, panels, provenance=made_with)
+    return write_report(out_json, out_dir, matrix, class_set, subsets, panels, extra=extra, provenance=made_with)
+
+
+def split_matrix(model, meta: dict, target: str, split: str, inference: InferenceParams, batch_size: int,
+                 workers: int, device, *, images: int = 0, panels: int = 0, progress: bool = True,
+                 desc: str = "evaluate", model_name: str = "the model"):
+    """(confusion matrix, panels) of ``model`` (in eval mode, on ``device``; ``meta`` its artifact's
+    meta) on the first ``images`` (0: all) of ``split`` of the prepared dataset ``target``."""
+    class_set = CLASS_SETS[meta["class_set"]]
+    prepared = PREPARED_ROOT / target
+    mean, std = meta["normalize"]["mean"], meta["normalize"]["std"]
+    dataset = PreparedDataset(prepared, split, Normalize(mean, std), seed=0, labelled=True)
+    if images:
+        dataset.index = dataset.index.iloc[:images].reset_index(drop=True)
+    lut = label_mapping(class_set.name, load_class_set(prepared).name, target)
+    loader = inference_loader(dataset, batch_size, workers, torch.device(device))
+    if lut is not None:
+        loader = _mapped(loader, lut)
+    return evaluate_split(model, loader, class_set.num_classes, device, inference_kwargs=_inference_kwargs(inference),
+                          panel_ids=panels, progress=progress, mean=mean, std=std, desc=desc, model_name=model_name)
+
+
+def validation_score(target: str, split: str, images: int, inference: InferenceParams, batch_size: int,
+                     workers: int, meta: dict) -> Callable[[nn.Module], float]:
+    """mIoU (percent; NaN when undefined) of a model in training on the first ``images`` of a split,
+    with the evaluation's protocol: the score of checkpoint selection (lib.train.select).  ``meta``
+    describes the model as its artifact will (class set, normalisation)."""
+    class_set = CLASS_SETS[meta["class_set"]]
+
+    def score(model: nn.Module) -> float:
+        device = next(model.parameters()).device
+        matrix, _ = split_matrix(model, meta, target, split, inference, batch_size, workers, device, images=images,
+                                 progress=False, model_name=f"the model in training (selection on {target})")
+        return float(summarize(matrix.numpy(), class_set.names)["mIoU"])
+
+    return score
 
 
 def _inference_kwargs(inference: InferenceParams) -> dict:
-    kwargs = {"mode": inference.mode, "input_size": inference.input_size, "flip": inference.flip,
-              "precision": inference.precision}
+    kwargs = {"mode": inference.mode, "input_size": inference.input_size, "resize_mode": inference.resize,
+              "flip": inference.flip, "precision": inference.precision}
     if inference.mode == "slide":
         kwargs.update(window=inference.window, stride=inference.stride)
     return kwargs

@@ -17,6 +17,7 @@ EVAL_ROOT = Path("metrics/eval")      # metrics/eval/<model>/<target>.json and <
 class InferenceParams:
     mode: Literal["whole", "slide"] = "whole"
     input_size: tuple[int, int] | None = None     # (h, w) the image is resized to; null = as stored
+    resize: Literal["bilinear", "bicubic"] = "bilinear"   # that resize (ADVENT, BAFFT: PIL bicubic)
     window: tuple[int, int] | None = None         # slide only: (h, w) window
     stride: tuple[int, int] | None = None         # slide only: (h, w) step
     flip: bool = False                            # average with the mirrored prediction

@@ -101,16 +101,16 @@ def evaluate_split(models, loader: Iterable[dict], num_classes: int, device: str
     return matrix, panels
 
 
-def _percent(value: float, digits: int = 2) -> float | None:
+def percent(value: float, digits: int = 2) -> float | None:
     """Rounded percentage for JSON; NaN (score undefined) becomes null."""
     return None if value is None or math.isnan(value) else round(float(value), digits)
 
 
 def headline(summary: dict, subsets: Mapping[str, Sequence[int]] | None, images: int) -> dict:
     """The metrics-JSON numbers of a ``summarize`` result: percent, 2 decimals, NaN -> null."""
-    out = {key: _percent(summary[key]) for key in HEADLINE_KEYS}
+    out = {key: percent(summary[key]) for key in HEADLINE_KEYS}
     for name in subsets or {}:
-        out[name] = _percent(summary[name])
+        out[name] = percent(summary[name])
     out["images"] = int(images)
     return out
 

@@ -4,8 +4,11 @@
 target of ``evaluate.targets`` and writes
 
 - ``metrics/summary.json``: ``{model: {target: {"mIoU", "mAcc"}, <average>: {"mIoU"}}}``, the one
-  file declared as a DVC metric (each evaluation's full report stays a plain output);
-- ``metrics/summary.md``: the same as a Markdown table (model rows, target columns, mIoU);
+  file declared as a DVC metric (each evaluation's full report stays a plain output); a model that
+  selected a checkpoint (lib.train.select) adds ``best_mIoU`` to each entry and
+  ``selected: {iteration}``: the last iterate is the headline, the best-on-validation beside it;
+- ``metrics/summary.md``: the same as a Markdown table (model rows, target columns, mIoU of the
+  last iterate, the selected checkpoint's in parentheses);
 - ``metrics/classes/<target>.csv``: ``class, model, iou`` for every model on that target, the
   data of the top-level per-class plot that overlays the chain's models.
 
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from lib.errors import ConfigError, DataError
 from lib.io import atomic_dir, write_json_atomic
+from lib.table import BEST
 
 SUMMARY_KEYS = ("mIoU", "mAcc")
 
@@ -54,18 +58,38 @@ def summarize(reports: Mapping[str, Mapping[str, Mapping]], averages: Mapping[st
         if clash:
             raise ConfigError(f"params: evaluate.averages.{clash[0]} has the name of a target; rename the average")
         row = {target: {k: report.get(k) for k in SUMMARY_KEYS} for target, report in per_target.items()}
+        selected = [report[BEST] for report in per_target.values() if isinstance(report.get(BEST), dict)]
+        for target, report in per_target.items():
+            if isinstance(report.get(BEST), dict):
+                row[target]["best_mIoU"] = report[BEST].get("mIoU")
         for name, targets in averages.items():
             row[name] = {"mIoU": average_over_targets({t: per_target[t] for t in targets})["mIoU"]}
+            if all(isinstance(per_target[t].get(BEST), dict) for t in targets):
+                row[name]["best_mIoU"] = average_over_targets({t: per_target[t][BEST] for t in targets})["mIoU"]
+        if selected:
+            row["selected"] = {"iteration": selected[0].get("iteration")}
         out[model] = row
     return out
 
 
 def markdown(summary: Mapping[str, Mapping[str, Mapping]]) -> str:
-    """Model rows, one column per target (and average): mIoU."""
-    columns = list(dict.fromkeys(c for row in summary.values() for c in row))
-    lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    """Model rows, one column per target (and average): the last iterate's mIoU, and for a model
+    that selected a checkpoint, the selected one's in parentheses and the iteration it was selected at."""
+    columns = list(dict.fromkeys(c for row in summary.values() for c in row if c != "selected"))
+    selecting = any("selected" in row for row in summary.values())
+    head = ["model", *columns, *(["selected at"] if selecting else [])]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+
+    def cell(entry: Mapping) -> str:
+        last = "–" if entry.get("mIoU") is None else f"{entry['mIoU']:.2f}"
+        if "best_mIoU" not in entry:
+            return last
+        return f"{last} ({'–' if entry['best_mIoU'] is None else format(entry['best_mIoU'], '.2f')})"
+
     for model, row in summary.items():
-        cells = ["–" if row.get(c, {}).get("mIoU") is None else f"{row[c]['mIoU']:.2f}" for c in columns]
+        cells = [cell(row.get(c, {})) for c in columns]
+        if selecting:
+            cells.append(str(row["selected"]["iteration"]) if "selected" in row else "–")
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -65,6 +65,7 @@ from lib.losses.segmentation import cross_entropy
 from lib.methods.base import Batch, Method, ParamGroup, StageContext
 from lib.models.ema import ema_update
 from lib.models.output import upsample
+from lib.train import distributed
 
 
 @dataclass(frozen=True)
@@ -223,28 +224,43 @@ class CpslStage1(Method):
 
     def _self_labelling(self, f_bar: torch.Tensor, o_bar: torch.Tensor, grid_label: torch.Tensor,
                         rng: torch.Generator) -> torch.Tensor:
+        """L_SL of this process's images.  The memories take every image of the global batch in its
+        order, as CPSL's single process (DataParallel) does: under several processes each one's
+        sampled pixels are gathered, and a process's image i is assigned with the memories as
+        they are after the global batch's images before it."""
         p, protos = self.params, self.prototypes
         picks = self._sample(f_bar, rng)
         c = protos.weight
+        sampled = [(F.normalize(f_bar[i].flatten(1)[:, picks].t(), dim=1),           # (B, D)
+                    F.normalize(o_bar[i].flatten(1)[:, picks].t(), dim=1),           # (B, K)
+                    grid_label[i].flatten()[picks]) for i in range(len(f_bar))]
+        first = distributed.rank() * len(f_bar)       # this process's images in the global batch
+        if distributed.world_size() > 1:
+            features, logits, labels = distributed.all_gather_cat([torch.stack([s[k] for s in sampled])
+                                                                   for k in range(3)])
+            pushed = list(zip(features, logits, labels))
+        else:
+            pushed = sampled
         losses = []
-        for i in range(len(f_bar)):
-            f = F.normalize(f_bar[i].flatten(1)[:, picks].t(), dim=1)              # (B, D)
-            o = F.normalize(o_bar[i].flatten(1)[:, picks].t(), dim=1)              # (B, K)
-            scores = f @ F.normalize(c, dim=1).t()                                 # grad to C only
-            b = len(f)
+        for j, (f, o, label) in enumerate(pushed):
+            if first <= j < first + len(f_bar):
+                f, o = sampled[j - first][:2]
+                scores = f @ F.normalize(c, dim=1).t()                               # grad to C only
+                b = len(f)
+                with torch.no_grad():
+                    if protos.features.full:
+                        feature_scores = torch.cat([protos.features.data @ c.t(), scores.detach()])
+                        logit_scores = torch.cat([protos.logits.data, o])
+                    else:
+                        feature_scores, logit_scores = scores.detach(), o
+                    q_a = sinkhorn(feature_scores, protos.prior, p.epsilon, p.sinkhorn_iterations)[-b:]
+                    q_b = sinkhorn(logit_scores, protos.prior, p.epsilon, p.sinkhorn_iterations)[-b:]
+                losses.append(self_labelling_loss(q_a, scores, p.temperature)
+                              + self_labelling_loss(q_b, scores, p.temperature))
             with torch.no_grad():
-                if protos.features.full:
-                    feature_scores = torch.cat([protos.features.data @ c.t(), scores.detach()])
-                    logit_scores = torch.cat([protos.logits.data, o])
-                else:
-                    feature_scores, logit_scores = scores.detach(), o
-                q_a = sinkhorn(feature_scores, protos.prior, p.epsilon, p.sinkhorn_iterations)[-b:]
-                q_b = sinkhorn(logit_scores, protos.prior, p.epsilon, p.sinkhorn_iterations)[-b:]
                 protos.features.push(f)
-                protos.labels.push(grid_label[i].flatten()[picks])
+                protos.labels.push(label)
                 protos.logits.push(o)
-            losses.append(self_labelling_loss(q_a, scores, p.temperature)
-                          + self_labelling_loss(q_b, scores, p.temperature))
         return torch.stack(losses).mean()
 
     def _contrast(self, embedding: torch.Tensor, grid_label: torch.Tensor, rng: torch.Generator) -> torch.Tensor:

@@ -17,9 +17,10 @@ from lib.models.files import MODEL_FILE, load_checked, save_atomic
 from lib.models.params import ModelParams
 
 
-def save_model(directory: Path, model, meta: dict) -> None:
-    """``model.pt`` (state_dict + meta) and a human-readable ``meta.json`` beside it."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+def save_model(directory: Path, model, meta: dict, state: dict | None = None) -> None:
+    """``model.pt`` (state_dict + meta) and a human-readable ``meta.json`` beside it; ``state``: other
+    weights of the same architecture (a selected checkpoint) instead of the model's own."""
+    state = {k: v.detach().cpu() for k, v in (model.state_dict() if state is None else state).items()}
     save_atomic({"state_dict": state, "meta": meta}, directory / MODEL_FILE)
     write_json_atomic(directory / "meta.json", meta)
 

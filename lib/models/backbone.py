@@ -1,11 +1,10 @@
-"""Dilated torchvision ResNet encoders for DeepLab, and their offline weight loading.
+"""Dilated ResNet encoders for DeepLab, and their offline weight loading.
 
-Layout deviation: the DeepLab ResNets of ADVENT, AdaptSegNet and CPSL (the released code:
-valeoai/ADVENT, wasidennis/AdaptSegNet, lslrh/CPSL) are Caffe-style ResNet v1, with a stage's stride
-on the first 1×1 conv of its first block.  We build torchvision's ResNet v1.5, which puts the stride
-on the 3×3 conv, so ImageNet weights come from torchvision's own files and Caffe-converted DeepLab
-checkpoints (``DeepLab_resnet_pretrained_*``) do not load (the two layouts' weights are not
-interchangeable).  Output sizes are the same in both layouts.
+Two layouts (``style``).  ``torchvision``: ResNet v1.5, a stage's stride on the 3×3 conv of its first
+block.  ``caffe``: the DeepLab ResNets of ADVENT, AdaptSegNet and CPSL (the released code:
+valeoai/ADVENT, wasidennis/AdaptSegNet, lslrh/CPSL), Caffe-style ResNet v1 with the stride on the
+first 1×1 conv, the layout the Caffe-converted ``DeepLab_resnet_pretrained_*`` files were trained in
+(lib.models.weights).  Both have the same tensor names and shapes and the same output sizes.
 """
 from __future__ import annotations
 
@@ -56,7 +55,7 @@ class ResNetBackbone(nn.Module):
     """
 
     def __init__(self, depth: int, dilations: tuple[int, int], ceil_pool: bool, bn: str,
-                 instance_norm: str = "none"):
+                 instance_norm: str = "none", style: str = "torchvision"):
         super().__init__()
         constructor = _RESNETS[depth]
         net = constructor(weights=None)
@@ -64,6 +63,10 @@ class ResNetBackbone(nn.Module):
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.maxpool.ceil_mode = ceil_pool
+        self.style = style
+        if style == "caffe":
+            for stage in (self.layer2, self.layer3, self.layer4):
+                _stride_on_the_first_1x1(stage[0])
         self.output_stride = 32
         for stage, dilation in zip((self.layer3, self.layer4), dilations):
             if dilation > 1:
@@ -130,6 +133,14 @@ def residual_sum(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out + identity
 
 
+def _stride_on_the_first_1x1(block: nn.Module) -> None:
+    """Caffe's ResNet v1 (the DeepLab-v2 initialisation): a stage's stride on the first 1×1 conv of its
+    first block instead of torchvision's 3×3.  The same tensors, another placement of the stride."""
+    if not isinstance(block, torchvision.models.resnet.Bottleneck):
+        raise ConfigError("the caffe ResNet layout exists for Bottleneck ResNets (depth 50 or 101)")
+    block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
+
+
 def _dilate(stage: nn.Sequential, dilation: int) -> None:
     """Trade the stage's stride for atrous 3×3 convs, so it keeps its input resolution."""
     for conv in stage.modules():
@@ -141,9 +152,9 @@ def _dilate(stage: nn.Sequential, dilation: int) -> None:
 
 
 def build_backbone(depth: int, dilations: tuple[int, int], ceil_pool: bool, bn: str,
-                   instance_norm: str = "none") -> ResNetBackbone:
+                   instance_norm: str = "none", style: str = "torchvision") -> ResNetBackbone:
     """A randomly initialised backbone; pretrained weights are laid on later (lib.models.weights)."""
-    return ResNetBackbone(depth, dilations, ceil_pool, bn, instance_norm)
+    return ResNetBackbone(depth, dilations, ceil_pool, bn, instance_norm, style)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

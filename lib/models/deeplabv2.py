@@ -96,7 +96,7 @@ class DeepLabV2(SegModel):
     """
 
     def __init__(self, params: ModelParams, num_classes: int):
-        backbone = build_backbone(params.depth, dilations=(2, 4), ceil_pool=True, bn=params.bn)
+        backbone = build_backbone(params.depth, dilations=(2, 4), ceil_pool=True, bn=params.bn, style=params.style)
         super().__init__(params, num_classes, backbone)
         channels = backbone.channels
         compat = params.aspp_two_branch_compat

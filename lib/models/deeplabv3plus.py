@@ -57,7 +57,7 @@ class DeepLabV3Plus(SegModel):
     """
 
     def __init__(self, params: ModelParams, num_classes: int):
-        backbone = build_backbone(params.depth, dilations=(1, 2), ceil_pool=False, bn=params.bn,
+        backbone = build_backbone(params.depth, dilations=(1, 2), ceil_pool=False, bn=params.bn, style=params.style,
                                   instance_norm=params.instance_norm)
         super().__init__(params, num_classes, backbone)
         channels = backbone.channels

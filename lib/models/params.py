@@ -32,6 +32,7 @@ class ModelParams:
 
     arch: Literal["deeplabv2", "deeplabv3plus"] = "deeplabv2"
     depth: Literal[18, 50, 101] = 101
+    style: Literal["torchvision", "caffe"] = "torchvision"
     bn: Literal["batch", "frozen_affine", "frozen"] = "frozen_affine"
     aux: bool = True
     head: Literal["aspp_sum", "cpsl"] = "aspp_sum"
@@ -41,6 +42,9 @@ class ModelParams:
     instance_norm: Literal["none", "in", "in_affine"] = "none"
 
     def validate(self, where: str) -> None:
+        if self.style == "caffe" and self.depth == 18:
+            raise ConfigError(f"params: {where}.style 'caffe' (stride on a block's first 1x1 conv) exists for "
+                              "depth 50 or 101, the Bottleneck ResNets")
         if self.instance_norm != "none" and self.arch != "deeplabv3plus":
             raise ConfigError(f"params: {where}.instance_norm = {self.instance_norm!r} exists for arch "
                               f"'deeplabv3plus' only (got arch {self.arch!r})")

@@ -46,7 +46,7 @@ from lib.pseudo.artifact import (
     confident,
     read_confidence,
 )
-from lib.table import table
+from lib.table import check_model_reference, model_reference, table
 
 FLOAT16_PATTERNS = 1 << 16    # every uint16 bit pattern of a float16
 
@@ -128,9 +128,12 @@ def pseudo_row(params: dict, name: str) -> tuple[PseudoJob, PseudoParams]:
         raise ConfigError(f"params: 'target' must name the prepared dataset pseudo-labels label (used by {where})")
     job = parse(PseudoJob, {"model": row.get("model"), "form": row.get("form"), "dataset": target,
                             "split": options.pop("split", "train")}, where)
-    if job.model not in {k for t in ("models", "selftrained", "ensembles") for k in table(params, t)}:
+    model, checkpoint = model_reference(job.model)
+    if model not in {k for t in ("models", "selftrained", "ensembles") for k in table(params, t)}:
         raise ConfigError(f"params: {where}.model {job.model!r} is not a model of the table "
-                          "(a key of models, selftrained or ensembles)")
+                          "(a key of models, selftrained or ensembles, or `<model>/best`)")
+    if model != job.model:
+        check_model_reference(params, job.model, f"{where}.model")
     return job, parse(PseudoParams, options, f"{where}.options")
 
 
@@ -397,7 +400,7 @@ def predict_probabilities(model, image: torch.Tensor, size: tuple[int, int], inf
                           flip: bool) -> torch.Tensor:
     """(N, C, H, W) float32 softmax at ``size``: softmax(up(logits)), flip-averaged if ``flip``
     (as CPSL's hard labels, ``softmax_average``).  Whole image or sliding window per ``inference``."""
-    kwargs = {"mode": inference.mode, "input_size": inference.input_size, "resize_mode": "bilinear",
+    kwargs = {"mode": inference.mode, "input_size": inference.input_size, "resize_mode": inference.resize,
               "precision": inference.precision}
     if inference.mode == "slide":
         kwargs.update(window=inference.window, stride=inference.stride)

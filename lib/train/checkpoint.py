@@ -27,6 +27,7 @@ from lib.errors import UserError
 from lib.io import atomic_dir, write_json_atomic
 from lib.models.artifact import save_model
 from lib.models.files import load_checked, save_atomic
+from lib.table import BEST
 from lib.train import distributed
 
 STATE_FILE = "last.pt"
@@ -64,8 +65,9 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def save(path: Path, fingerprint: str, done: int, modules, optimizers, schedulers) -> None:
-    """Rank 0 writes; every rank hands it its RNG state (``rng`` is rank 0's, ``rng_ranks`` the others')."""
+def save(path: Path, fingerprint: str, done: int, modules, optimizers, schedulers, stateful=None) -> None:
+    """Rank 0 writes; every rank hands it its RNG state (``rng`` is rank 0's, ``rng_ranks`` the others').
+    ``stateful``: other objects with a ``state_dict`` the run resumes (the checkpoint selection)."""
     states = distributed.gather_to_main(rng_state())
     if not distributed.is_main():
         return
@@ -76,13 +78,14 @@ def save(path: Path, fingerprint: str, done: int, modules, optimizers, scheduler
         "modules": {n: m.state_dict() for n, m in modules.items()},
         "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
         "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
+        "stateful": {n: s.state_dict() for n, s in (stateful or {}).items()},
         "rng": states[0],
         "rng_ranks": states[1:],
         "world_size": len(states),
     }, path)
 
 
-def resume(path: Path, fingerprint: str, modules, optimizers, schedulers) -> int:
+def resume(path: Path, fingerprint: str, modules, optimizers, schedulers, stateful=None) -> int:
     """Load the checkpoint if it belongs to this configuration; return the iteration to start at.
 
     A checkpoint of another configuration is set aside, not deleted (``set_aside/<its fingerprint>.pt``,
@@ -111,8 +114,9 @@ def resume(path: Path, fingerprint: str, modules, optimizers, schedulers) -> int
         if distributed.is_main():
             kept.replace(path)
         distributed.barrier()
-    for kind, targets in (("modules", modules), ("optimizers", optimizers), ("schedulers", schedulers)):
-        if set(state[kind]) != set(targets):
+    for kind, targets in (("modules", modules), ("optimizers", optimizers), ("schedulers", schedulers),
+                          ("stateful", stateful or {})):
+        if set(state.get(kind, {})) != set(targets):
             raise UserError(f"{path}: holds {kind} {sorted(state[kind])}, this method has {sorted(targets)}")
         for name, target in targets.items():
             target.load_state_dict(state[kind][name])
@@ -191,13 +195,18 @@ def check_finite(modules: dict, path: Path, iteration: int) -> None:
                                        f"training stopped and {kept} (lower the learning rate or check the data)")
 
 
-def publish_model(out: Path, model, meta: dict, checkpoint_dir: Path, iters: int, curves: Path | None = None) -> None:
-    """Write the model artifact ``out`` atomically and its training curves to ``curves`` (the run keeps
-    them in ``checkpoint_dir/curves`` until it ends), then retire the resumable state.  Only the model
+def publish_model(out: Path, model, meta: dict, checkpoint_dir: Path, iters: int, curves: Path | None = None,
+                  best: tuple[dict, dict] | None = None) -> None:
+    """Write the model artifact ``out`` atomically (with ``best`` = (weights, meta), the selected
+    checkpoint, in ``out/best``) and its training curves to ``curves`` (the run keeps them in
+    ``checkpoint_dir/curves`` until it ends), then retire the resumable state.  Only the model
     is a cached output and the curves are plots, so DVC's run cache keeps every finished training:
     a model deleted by hand, or a configuration run again, is restored instead of retrained."""
     with atomic_dir(out) as tmp:
         save_model(tmp, model, meta)
+        if best is not None:
+            (tmp / BEST).mkdir()
+            save_model(tmp / BEST, model, best[1], state=best[0])
     if curves is not None:       # the curves (DVCLive's plots/), not its summary of the last values
         with atomic_dir(curves) as tmp:
             shutil.copytree(checkpoint_dir / CURVES / "plots", tmp / "plots")

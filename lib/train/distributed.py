@@ -246,6 +246,20 @@ def average_losses(values: dict[str, float]) -> dict[str, float]:
     return {name: float(np.mean([part[name] for part in gathered if name in part])) for name in names}
 
 
+def all_gather_cat(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor concatenated over the processes along dim 0, in rank order (the order of the
+    global batch: rank r reads the r-th run of every global batch, lib.data.dataset); every rank
+    must pass tensors of the same shapes.  Unchanged in one process."""
+    if world_size() == 1:
+        return list(tensors)
+    out = []
+    for tensor in tensors:
+        parts = [torch.empty_like(tensor) for _ in range(world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        out.append(torch.cat(parts))
+    return out
+
+
 def gather_to_main(obj) -> list | None:
     """Every rank's ``obj``, in rank order, on rank 0 (None elsewhere)."""
     if world_size() == 1:

@@ -46,6 +46,7 @@ from lib.train.optim import (
     build_optimizer,
     build_scheduler,
 )
+from lib.train.select import Selection
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,14 @@ def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
 
 def train(method: Method, streams: dict[str, StreamFactory], params: TrainParams,
           optim: dict[str, OptimizerParams], schedule: ScheduleParams,
-          checkpoint_dir: str | Path, live_dir: str | Path | None, fingerprint: str, desc: str = "train") -> None:
+          checkpoint_dir: str | Path, live_dir: str | Path | None, fingerprint: str, desc: str = "train",
+          selection: Selection | None = None) -> None:
     """Train ``method`` for ``params.iters`` iterations, resuming from ``checkpoint_dir`` if possible.
 
     ``fingerprint`` identifies the configuration (params, inputs, code); a checkpoint made by another
-    configuration is set aside.  DVCLive's training curves go to ``live_dir`` (by default
+    configuration is set aside.  ``selection`` (lib.train.select) scores the model on a validation
+    split every ``select.every`` iterations on rank 0 and keeps the best.  DVCLive's training curves
+    (and ``select/mIoU``) go to ``live_dir`` (by default
     ``checkpoint_dir/curves``, which lib.train.checkpoint.publish_model publishes with the model: a
     run that fails or is killed never touches the curves of the last finished one).
     """
@@ -124,7 +128,8 @@ def train(method: Method, streams: dict[str, StreamFactory], params: TrainParams
     schedulers = {name: build_scheduler(opt, params.iters, schedule) for name, opt in optimizers.items()}
 
     checkpoint_path = Path(checkpoint_dir) / checkpoint.STATE_FILE
-    start = checkpoint.resume(checkpoint_path, fingerprint, modules, optimizers, schedulers)
+    stateful = {"selection": selection} if selection is not None else {}
+    start = checkpoint.resume(checkpoint_path, fingerprint, modules, optimizers, schedulers, stateful)
     distributed.broadcast_from_main([t for m in modules.values() for t in (*m.parameters(), *m.buffers())])
     synchronised = distributed.trained_parameters(optimizers.values())
     live = _open_live(live_dir, start) if main else None
@@ -163,9 +168,15 @@ def train(method: Method, streams: dict[str, StreamFactory], params: TrainParams
                 _log(live, live_dir, done, means, optimizers, world * images / max(elapsed, 1e-9))
             progress.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
             window, tick, images = {}, time.perf_counter(), 0
+        if selection is not None and main and selection.due(done):
+            checkpoint.check_finite(modules, checkpoint_path, it)     # a diverged model is never selected
+            score = selection.evaluate(done)
+            _log_selection(live, live_dir, done, score)
+            progress.write(f"{desc}: iteration {done}: validation mIoU {score:.2f} "
+                           f"(best {selection.best_score:.2f} at {selection.best_iteration})")
         if done % params.checkpoint_every == 0 or done == params.iters:
             checkpoint.check_finite(modules, checkpoint_path, it)     # never keep or publish diverged weights
-            checkpoint.save(checkpoint_path, fingerprint, done, modules, optimizers, schedulers)
+            checkpoint.save(checkpoint_path, fingerprint, done, modules, optimizers, schedulers, stateful)
     progress.close()
     if live is not None:
         try:
@@ -208,6 +219,14 @@ def _open_live(live_dir: Path, start: int) -> Live:
         raise output_error(live_dir, err) from None
     live.step = start
     return live
+
+
+def _log_selection(live: Live, live_dir: Path, step: int, score: float) -> None:
+    try:
+        live.step = step
+        live.log_metric("select/mIoU", score)
+    except OSError as err:
+        raise output_error(live_dir, err) from None
 
 
 def _log(live: Live, live_dir: Path, step: int, losses: dict[str, float], optimizers, images_per_s: float) -> None:

@@ -12,6 +12,7 @@ set; the recipe (``recipes.<method>`` with the row's ``overrides`` laid over it)
     schedule: {...}
     train: {...}                 # iterations, seed, checkpoints, precision (TrainParams)
     pseudo_threshold: 0.95       # hard pseudo-labels: confidence <= this -> ignored (CPSL)
+    select: {every: 1000, ...}   # checkpoint selection on a validation split (lib.train.select)
 
 It writes ``data/models/<name>/`` (the model artifact), keeps its resumable state in
 ``data/checkpoints/<name>/`` and its DVCLive curves in ``metrics/train/<name>/``.
@@ -27,7 +28,13 @@ from typing import Any, Literal
 from lib import provenance
 from lib.config import parse
 from lib.data.dataset import PreparedDataset
-from lib.data.prepared import PREPARED_ROOT, load_class_set, load_meta, require_prepared
+from lib.data.prepared import (
+    PREPARED_ROOT,
+    load_class_set,
+    load_index,
+    load_meta,
+    require_prepared,
+)
 from lib.data.streams import (
     NORMALIZATION,
     DataParams,
@@ -38,7 +45,8 @@ from lib.data.streams import (
     train_transforms,
     training_stream,
 )
-from lib.errors import ConfigError
+from lib.errors import ConfigError, DataError
+from lib.infer.evaluation import validation_score
 from lib.io import check_writable
 from lib.methods.base import StageContext, method_class
 from lib.models import ModelParams, build_model
@@ -49,9 +57,15 @@ from lib.pseudo.artifact import PSEUDO_ROOT, PseudoLabels
 from lib.pseudo.stream import pseudo_stream
 from lib.table import TrainingRow
 from lib.train import distributed
-from lib.train.checkpoint import fingerprint, publish_model, training_identity, training_lock
+from lib.train.checkpoint import (
+    fingerprint,
+    publish_model,
+    training_identity,
+    training_lock,
+)
 from lib.train.loop import TrainParams, seed_everything, train
 from lib.train.optim import OptimizerParams, ScheduleParams
+from lib.train.select import Selection, SelectParams
 
 MODELS_ROOT = Path("data/models")
 CHECKPOINTS_ROOT = Path("data/checkpoints")
@@ -67,10 +81,11 @@ class Recipe:
     optim: dict[str, OptimizerParams]
     train: TrainParams
     method: dict[str, Any] = dataclasses.field(default_factory=dict)
-    normalize: Literal["imagenet", "unit", "symmetric"] = "imagenet"
+    normalize: Literal["imagenet", "unit", "symmetric", "caffe"] = "imagenet"
     schedule: ScheduleParams = ScheduleParams()
     target_data: DataParams | None = None
     pseudo_threshold: float | None = None
+    select: SelectParams = SelectParams()
 
     def validate(self, where: str) -> None:
         if self.pseudo_threshold is not None and not 0.0 <= self.pseudo_threshold < 1.0:
@@ -132,7 +147,8 @@ class StageInputs:
     paths: list[Path] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def load(cls, row: TrainingRow, class_set: str, normalize: tuple, needs_teacher: bool) -> "StageInputs":
+    def load(cls, row: TrainingRow, class_set: str, normalize: tuple, needs_teacher: bool,
+             normalize_name: str = "") -> StageInputs:
         expected = {"mean": list(normalize[0]), "std": list(normalize[1])}
         start = MODELS_ROOT / row.start
         payload = load_checked(start / MODEL_FILE, f"start of {row.where} (`from: {row.start}`)")
@@ -142,6 +158,10 @@ class StageInputs:
                               "starts from imported weights or one trained model")
         if meta.get("kind", "model") == "model":
             _check_compatible(meta, start, f"{row.where}.from", class_set, expected)
+        elif meta.get("normalize") not in (None, normalize_name):
+            raise ConfigError(f"params: {row.where}.from: {start} holds {meta['format']} weights trained on inputs "
+                              f"normalised as '{meta['normalize']}'; recipes.{row.recipe}.normalize is "
+                              f"'{normalize_name}' (set it to '{meta['normalize']}')")
         inputs = cls(row, payload["state_dict"], meta, paths=[start / MODEL_FILE])
         if row.pseudo is not None:
             inputs.pseudo = PseudoLabels.load(PSEUDO_ROOT / row.pseudo)
@@ -197,6 +217,7 @@ class BuiltStage:
     streams: dict[str, StreamFactory]
     fingerprint: str
     meta: dict                 # the model artifact's meta, less what only the finished run knows
+    selection: Selection | None = None
 
 
 def build_training_stage(row: TrainingRow) -> BuiltStage:
@@ -219,9 +240,16 @@ def build_training_stage(row: TrainingRow) -> BuiltStage:
     if row.pseudo is not None and "target" not in needed:
         raise ConfigError(f"params: method '{row.recipe}' reads no target stream, so {row.where}.pseudo would "
                           "never be read; move the row under `models`")
+    if recipe.select.enabled:
+        selected = {"source": row.source, "target": row.target}[recipe.select.domain]
+        if selected is None:
+            raise ConfigError(f"params: recipes.{row.recipe}.select.domain is 'target' but `target` is null "
+                              "(select on the source's validation split: domain: source)")
+        require_prepared(selected)
+        load_index(PREPARED_ROOT / selected, recipe.select.split, labelled=True)      # the split exists, labelled
     class_set = load_class_set(PREPARED_ROOT / row.source)
     mean, std = NORMALIZATION[recipe.normalize]
-    inputs = StageInputs.load(row, class_set.name, (mean, std), method_type.needs_teacher)
+    inputs = StageInputs.load(row, class_set.name, (mean, std), method_type.needs_teacher, recipe.normalize)
     if recipe.model.arch == "deeplabv3plus" and recipe.data.batch_size < 2:
         raise ConfigError(f"params: recipes.{row.recipe}.data.batch_size must be >= 2 for deeplabv3plus "
                           "(BatchNorm on its image-pooling branch needs two samples)")
@@ -262,8 +290,15 @@ def build_training_stage(row: TrainingRow) -> BuiltStage:
         "params": row.raw,
     }
     identity = training_identity(row.raw, recipe.data, recipe.train)
-    return BuiltStage(row, recipe, model, method, streams,
-                      fingerprint(identity, list(needed.values()), inputs.paths), meta)
+    selected = {"source": row.source, "target": row.target}[recipe.select.domain] if recipe.select.enabled else None
+    selection = None
+    if selected is not None:
+        scored = validation_score(selected, recipe.select.split, recipe.select.images, recipe.select.inference,
+                                  recipe.select.batch_size, recipe.select.workers, meta)
+        selection = Selection(recipe.select, model, scored, recipe.train.iters)
+    datasets_read = [*needed.values(), *([selected] if selected and selected not in needed.values() else [])]
+    return BuiltStage(row, recipe, model, method, streams, fingerprint(identity, datasets_read, inputs.paths), meta,
+                      selection)
 
 
 def stylized_pair_streams(recipe: Recipe, row: TrainingRow, transfer, seeds: dict[str, int]) -> dict[str, StreamFactory]:
@@ -302,10 +337,18 @@ def run_training_stage(row: TrainingRow) -> Path:
     checkpoint_dir = CHECKPOINTS_ROOT / row.name
     with training_lock(checkpoint_dir, row.stage) if distributed.is_main() else contextlib.nullcontext():
         train(built.method, built.streams, recipe.train, recipe.optim, recipe.schedule, checkpoint_dir=checkpoint_dir,
-              live_dir=None, fingerprint=built.fingerprint, desc=row.stage)
+              live_dir=None, fingerprint=built.fingerprint, desc=row.stage, selection=built.selection)
         meta = {**built.meta, "world_size": distributed.world_size()}
         meta["provenance"] = provenance.training(recipe.train.precision, recipe.train.seed, world=meta["world_size"])
+        best = None
+        if built.selection is not None:
+            if built.selection.best_state is None:
+                raise DataError(f"{row.stage}: no validation score was defined (no labelled pixel in the first "
+                                f"{recipe.select.images or 'all'} images of the {recipe.select.split} split)")
+            meta["selection"] = built.selection.summary()
+            best = (built.selection.best_state, {**meta, "iteration": built.selection.best_iteration})
         out = MODELS_ROOT / row.name
         if distributed.is_main():
-            publish_model(out, built.model, meta, checkpoint_dir, recipe.train.iters, curves=CURVES_ROOT / row.name)
+            publish_model(out, built.model, meta, checkpoint_dir, recipe.train.iters, curves=CURVES_ROOT / row.name,
+                          best=best)
     return out
