@@ -13,7 +13,7 @@
 (b) ``cpsl``: CPSL stage 1 at the paper's batch on one GPU (presets/gta5_cityscapes_cpsl.yaml's row
     ``selftrained.stage1``, recipe ``recipes.cpsl_stage1``: 4 source + 4 target crops of 512x896,
     ResNet-101 with the 256-d CPSL head, a 65536-pixel memory, soft pseudo-labels of 19 classes at
-    crop size): peak memory and speed of its training step, both precisions;
+    the logits' stride with their sampling grids, as the loader hands them): peak memory and speed of its training step, both precisions;
 (c) ``repro``: the whole default pipeline (the CPSL chain) on the tiny params of the end-to-end tests
     (tests/test_pipeline.py), copied to a temporary git repository and run by ``dvc repro``: wall time.
 
@@ -60,6 +60,7 @@ from lib.models import build_model  # noqa: E402
 from lib.preset import apply  # noqa: E402
 from ruamel.yaml import YAML  # noqa: E402
 from lib.pseudo.artifact import PseudoLabels  # noqa: E402
+from lib.pseudo.stream import SOFT_GRID, soft_grid  # noqa: E402
 from lib.table import SCRATCH, TrainingRow, find_training_row, table  # noqa: E402
 from lib.train.stage import Recipe, parse_recipe  # noqa: E402
 
@@ -69,9 +70,11 @@ PRECISIONS = {"fp32": (None, False), "bf16+channels_last": (torch.bfloat16, True
 DEEPLABV2_PRESET, ADVENT_PRESET = "gta5_cityscapes_deeplabv2.yaml", "gta5_cityscapes_advent.yaml"
 CPSL_PRESET = "gta5_cityscapes_cpsl.yaml"
 # the base's recipe trained source-only: one more row, as a preset adds one
-SOURCE_ONLY_ROW = {"recipe": "source_only", "from": "imagenet_r101"}
+SOURCE_ONLY_ROW = {"recipe": "source_only", "from": "deeplab_imagenet"}
 # --dry-run: every size shrunk so the whole script runs in seconds on a CPU
-TINY_RECIPE = {"model": {"depth": 18, "head_width": 32}, "data": {"crop": [32, 64], "resize": None, "scale": None}}
+# ResNet-18 has no Caffe layout (that is a Bottleneck variant): the dry run uses the torchvision one
+TINY_RECIPE = {"model": {"depth": 18, "head_width": 32, "style": "torchvision"},
+               "data": {"crop": [32, 64], "resize": None, "scale": None}}
 TINY_METHOD = {"cpsl_stage1": {"queue_length": 64, "samples_per_image": 16}}
 
 
@@ -157,9 +160,10 @@ def random_batch(recipe: Recipe, streams: tuple[str, ...], soft_labels: bool) ->
             label = torch.randint(0, NUM_CLASSES, (n, h, w), generator=generator)
             label[:, : h // 8] = 255                       # an ignored band, as real labels have
             sample["label"] = label
-        elif soft_labels:
-            soft = F.softmax(4 * torch.randn(n, NUM_CLASSES, h, w, generator=generator), dim=1)
-            sample["soft"], sample["pseudo"] = soft, soft.argmax(1)
+        elif soft_labels:     # as the loader hands them: the stored map (logits' stride) and its grid
+            cells = (-(-h // 8) + 1, -(-w // 8) + 1)
+            sample["soft"] = F.softmax(4 * torch.randn(n, NUM_CLASSES, *cells, generator=generator), dim=1).half()
+            sample[SOFT_GRID] = torch.from_numpy(soft_grid((h, w), cells, cells)).permute(2, 0, 1).expand(n, 2, h, w)
         batch[name] = sample
     return batch
 

@@ -17,6 +17,7 @@ from ruamel.yaml import YAML
 from bench import gpu, loader_throughput
 from bench import optimizer as optimizer_bench
 from bench import precision as precision_bench
+from bench import soft_labels as soft_labels_bench
 from bench.loader_throughput import (
     configured_workers,
     require_inputs,
@@ -117,6 +118,7 @@ def run_bench(project, script, args: list[str], workers: int = 0, method: str = 
     from scratch, the tiny source-only blocks): (its JSON, what it printed)."""
     recipe = plain(tiny_params()["recipes"]["source_only"])
     recipe["data"].update(batch_size=2, crop=[32, 64], workers=workers)
+    recipe.pop("select")            # the tiny project has no validation split to select on
     if method == "advent":
         recipe["optim"]["discriminator"] = DISCRIMINATOR
     (project / "params.yaml").write_text(yaml.safe_dump(one_row("warmup", method, recipe, source="gta",
@@ -250,3 +252,13 @@ def test_gpu_bench_dry_run_exercises_every_measurement(tmp_path, capsys):
     # check + synthesize: the params are validated before any data is written
     assert r["repro"]["stages_run"] == 2 and r["repro"]["wall_s"] > 0 and not r["repro"]["chain"]
     assert "tiny dvc repro" in capsys.readouterr().out
+
+
+def test_soft_labels_bench_measures_both_ways_of_loading_a_soft_label(tmp_path, capsys):
+    """At 512x1024 the full-size map alone is 40 MB; the stored map and its grid are a fraction."""
+    soft_labels_bench.main(["--size", "512", "1024", "--draws", "1", "--out", str(tmp_path / "soft.json")])
+    r = json.loads((tmp_path / "soft.json").read_text())
+    assert r["size"] == [512, 1024] and r["classes"] == 19
+    full, stored = r["per_sample_mb"]["full_size"], r["per_sample_mb"]["stored_size"]
+    assert full > 40 and stored < 0.5 * full and r["ratio"] == pytest.approx(stored / full)
+    assert "stored size + sampling grid" in capsys.readouterr().out

@@ -305,6 +305,18 @@ def test_a_stage_asking_for_two_processes_runs_under_torchrun(project):
     assert json.loads((project / "data/checkpoints/warmup/finished.json").read_text())["iterations"] == 2
 
 
+def test_two_processes_select_a_checkpoint_and_publish_it_once(project):
+    """Rank 0 scores the model; the other rank trains beside it and publishes nothing."""
+    params = warmup_params(processes=2)
+    params["recipes"]["source_only"]["select"] = {"every": 1, "domain": "source", "split": "train", "images": 2,
+                                                  "batch_size": 1}
+    res = run_stage(project, params)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("wrote data/models/warmup") == 1
+    best = json.loads((project / "data/models/warmup/best/meta.json").read_text())
+    assert best["iteration"] in (1, 2) and best["world_size"] == 2
+
+
 def test_failing_workers_end_the_stage_with_their_exit_code_and_one_line(monkeypatch, capsys):
     launched = []
 

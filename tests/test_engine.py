@@ -243,16 +243,18 @@ def test_checkpoint_of_another_configuration_is_set_aside_and_taken_back(tmp_pat
 
 
 def test_keys_that_change_no_weight_keep_the_checkpoint():
-    """Loader workers, checkpoint and log periods, processes and backend are out of the identity."""
+    """Loader workers, checkpoint and log periods, processes and backend, the selection's loader and
+    batch are out of the identity; what and when the selection scores is in."""
     raw = {"data": {"batch_size": 2, "workers": 2}, "target_data": {"workers": 2, "crop": [8, 8]},
            "train": {"iters": 5, "checkpoint_every": 1, "log_every": 1, "processes": 1, "backend": "gloo"},
-           "method": {"ema": 0.9}}
+           "method": {"ema": 0.9}, "select": {"every": 2, "images": 4, "workers": 2, "batch_size": 4}}
     other = {"data": {"batch_size": 2, "workers": 0}, "target_data": {"workers": 7, "crop": [8, 8]},
-             "train": {"iters": 5, "checkpoint_every": 9, "log_every": 3}, "method": {"ema": 0.9}}
+             "train": {"iters": 5, "checkpoint_every": 9, "log_every": 3}, "method": {"ema": 0.9},
+             "select": {"every": 2, "images": 4, "workers": 0, "batch_size": 1}}
     data, train_params = DataParams(batch_size=2), TrainParams(iters=5)
     assert training_identity(raw, data, train_params) == training_identity(other, data, train_params)
-    changed = dict(other, method={"ema": 0.99})
-    assert training_identity(changed, data, train_params) != training_identity(other, data, train_params)
+    for changed in (dict(other, method={"ema": 0.99}), dict(other, select={"every": 3, "images": 4})):
+        assert training_identity(changed, data, train_params) != training_identity(other, data, train_params)
 
 
 def test_the_code_a_run_loaded_is_part_of_its_identity(tmp_path, monkeypatch):

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from lib.data.classes import IGNORE
 from lib.data.streams import DataParams
-from lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Normalize
+from lib.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Compose, HorizontalFlip, Normalize, RandomCrop, RandomScale
 from lib.errors import ConfigError, DataError
 from lib.infer.params import InferenceParams
 from lib.io import read_label_png, read_rgb, write_label_png, write_rgb
@@ -26,7 +26,7 @@ from lib.models.artifact import MODEL_FILE, load_model, save_model
 from lib.models.output import upsample
 from lib.pseudo import writer as pseudo_module
 from lib.pseudo.artifact import LABELLER, PseudoLabels
-from lib.pseudo.stream import PseudoLabelledDataset, pseudo_stream
+from lib.pseudo.stream import SOFT_GRID, PseudoLabelledDataset, pseudo_stream, soft_at, soft_grid
 from lib.pseudo.writer import (
     PseudoJob,
     PseudoParams,
@@ -475,26 +475,92 @@ def test_pseudo_labelled_dataset_never_returns_the_ground_truth(project):
     art = PseudoLabels.load(project / "data/pseudo/soft")
     dataset = PseudoLabelledDataset(project / "data/prepared" / DATASET, "train", Normalize(), 0, art)
     raw = dataset.load(0)
-    assert set(raw) == {"id", "image", "pseudo", "soft"}
+    assert set(raw) == {"id", "image", "soft", SOFT_GRID}
     item = dataset[0]
-    assert "label" not in item and item["pseudo"].dtype == torch.int64
-    assert item["soft"].shape == (C, H, W) and item["soft"].dtype == torch.float32
+    assert "label" not in item and "pseudo" not in item
+    stored = np.load(project / "data/pseudo/soft/soft/img0.npy")
+    assert item["soft"].dtype == torch.float16 and torch.equal(item["soft"], torch.from_numpy(stored))
+    assert item[SOFT_GRID].shape == (2, H, W) and item[SOFT_GRID].dtype == torch.float32
     hard = PseudoLabels.load(project / "data/pseudo/hard")
     thresholded = PseudoLabelledDataset(project / "data/prepared" / DATASET, "train", Normalize(), 0, hard,
                                         threshold=0.5)[1]
     assert "label" not in thresholded and "soft" not in thresholded
     np.testing.assert_array_equal(thresholded["pseudo"].numpy(), hard.sample("img1", 0.5)["pseudo"])
+    with pytest.raises(ConfigError, match="soft pseudo-labels are probabilities.*set it to null"):
+        PseudoLabelledDataset(project / "data/prepared" / DATASET, "train", Normalize(), 0, art, threshold=0.9)
+
+
+def full_size_soft_dataset(project, transforms, seed):
+    """The soft maps upsampled to the image before the transforms, as a float map that moves with the
+    image: the reference the stored-size path must reproduce."""
+    art = PseudoLabels.load(project / "data/pseudo/soft")
+
+    class FullSize(PseudoLabelledDataset):
+        def load(self, i):
+            sample = super(PseudoLabelledDataset, self).load(i)
+            return {**sample, "soft": self.pseudo.sample(sample["id"])["soft"]}
+    return FullSize(project / "data/prepared" / DATASET, "train", transforms, seed, art)
+
+
+@pytest.mark.parametrize("crop", [(33, 49), (81, 161)])      # inside the image, and padded beyond it
+def test_a_soft_label_read_at_its_stored_size_is_the_full_size_map_cropped_and_flipped(project, crop):
+    transforms = Compose([RandomCrop(*crop), HorizontalFlip(1.0), Normalize()])
+    art = PseudoLabels.load(project / "data/pseudo/soft")
+    stored = PseudoLabelledDataset(project / "data/prepared" / DATASET, "train", transforms, 0, art)
+    full = full_size_soft_dataset(project, transforms, 0)
+    for i in range(N_IMAGES):
+        ours, reference = stored[i], full[i]
+        torch.testing.assert_close(ours["image"], reference["image"])          # the same crop drawn
+        read = soft_at(ours["soft"][None], ours[SOFT_GRID][None], crop)[0]
+        torch.testing.assert_close(read, reference["soft"], atol=2e-6, rtol=0)
+        assert read.shape == (C, *crop)
+    # at the loss's quarter size (align_corners: every 4th pixel of these crops) the same values
+    quarter = ((crop[0] - 1) // 4 + 1, (crop[1] - 1) // 4 + 1)
+    torch.testing.assert_close(soft_at(ours["soft"][None], ours[SOFT_GRID][None], quarter)[0],
+                               reference["soft"][:, ::4, ::4], atol=2e-6, rtol=0)
+
+
+def test_a_rescaled_soft_label_is_a_distribution_inside_the_image(project):
+    """Under a rescale the stored map is interpolated once (the full-size map would be twice): the
+    result stays a probability map inside the image and zero on the padding."""
+    transforms = Compose([RandomScale(0.5, 1.5), RandomCrop(80, 160), Normalize()])
+    art = PseudoLabels.load(project / "data/pseudo/soft")
+    stored = PseudoLabelledDataset(project / "data/prepared" / DATASET, "train", transforms, 3, art)
+    full = full_size_soft_dataset(project, transforms, 3)
+    item, reference = stored[2], full[2]
+    torch.testing.assert_close(item["image"], reference["image"])
+    read = soft_at(item["soft"][None], item[SOFT_GRID][None], (80, 160))[0]
+    inside = reference["soft"].sum(0) > 0.5
+    assert 0 < inside.sum() < inside.numel()                                   # some padding
+    torch.testing.assert_close(read.sum(0)[inside], torch.ones(int(inside.sum())), atol=5e-3, rtol=0)
+    assert (read[:, ~inside] == 0).all()
+    assert (read - reference["soft"]).abs()[:, inside].max() < 0.05
+
+
+def test_soft_grids_of_images_of_several_sizes_read_their_own_map():
+    """A split whose stored maps differ in size pads them to the largest: the grid of each image
+    still reads its own cells (a constant map per class reads back everywhere)."""
+    small, large = (4, 6), (7, 9)
+    maps = torch.zeros(2, 2, *large)
+    maps[0, 0, :small[0], :small[1]] = 1.0               # image 0: class 0 on its 4x6 cells, padded
+    maps[1, 1] = 1.0                                     # image 1: class 1 on all 7x9 cells
+    grids = torch.stack([torch.from_numpy(soft_grid((25, 41), small, large)).permute(2, 0, 1),
+                         torch.from_numpy(soft_grid((25, 41), large, large)).permute(2, 0, 1)])
+    read = soft_at(maps, grids, (25, 41))
+    torch.testing.assert_close(read[0, 0], torch.ones(25, 41))
+    torch.testing.assert_close(read[1, 1], torch.ones(25, 41))
+    assert read[0, 1].abs().max() == 0 and read[1, 0].abs().max() == 0
 
 
 def test_pseudo_stream_batches(project):
     art = PseudoLabels.load(project / "data/pseudo/soft")
     data = DataParams(batch_size=2, crop=(32, 48), workers=0)
     batch = next(pseudo_stream(DATASET, art, None, data, "imagenet", seed=3)(0))
-    assert set(batch) == {"id", "image", "pseudo", "soft", "draw"}
-    assert batch["image"].shape == (2, 3, 32, 48) and batch["pseudo"].shape == (2, 32, 48)
-    assert batch["soft"].shape == (2, C, 32, 48) and batch["pseudo"].dtype == torch.int64
+    assert set(batch) == {"id", "image", "soft", SOFT_GRID, "draw"}
+    assert batch["image"].shape == (2, 3, 32, 48) and batch[SOFT_GRID].shape == (2, 2, 32, 48)
+    assert batch["soft"].shape == (2, C, 9, 17) and batch["soft"].dtype == torch.float16   # the stored size
     again = list(islice(pseudo_stream(DATASET, art, None, data, "imagenet", seed=3)(0), 1))[0]
-    assert torch.equal(again["soft"], batch["soft"])
+    assert torch.equal(again["soft"], batch["soft"]) and torch.equal(again[SOFT_GRID], batch[SOFT_GRID])
     with pytest.raises(ConfigError, match="sample uniformly"):
         pseudo_stream(DATASET, art, None, dataclasses.replace(data, sampling="rare_class"), "imagenet", 0)
     with pytest.raises(ConfigError, match="cannot label 'other'"):

@@ -221,6 +221,7 @@ def test_kd_released_gradient_raises_the_teachers_class():
 from lib.methods.cpsl_kd import CpslKd, CpslKdParams  # noqa: E402
 from lib.methods.cpsl_stage1 import CpslStage1, CpslStage1Params  # noqa: E402
 from lib.models import ModelParams, build_model  # noqa: E402
+from lib.pseudo.stream import SOFT_GRID, soft_grid  # noqa: E402
 
 C = 5
 NORMALIZE = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -237,8 +238,9 @@ def chain_batch(seed: int = 0, soft: bool = True) -> dict:
     source = {"image": torch.randn(2, 3, 32, 64, generator=g), "label": torch.randint(0, C, (2, 32, 64), generator=g)}
     target = {"image": torch.randn(2, 3, 32, 64, generator=g),
               "pseudo": torch.randint(0, C, (2, 32, 64), generator=g)}
-    if soft:
-        target["soft"] = torch.softmax(torch.randn(2, C, 32, 64, generator=g), 1)
+    if soft:      # as the loader hands it on: the stored map (logits' stride) and its sampling grid
+        target["soft"] = torch.softmax(torch.randn(2, C, 5, 9, generator=g), 1).half()
+        target[SOFT_GRID] = torch.from_numpy(soft_grid((32, 64), (5, 9), (5, 9))).permute(2, 0, 1).expand(2, 2, 32, 64)
     return {"source": source, "target": target}
 
 

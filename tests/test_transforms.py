@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from lib.data.transforms import (Compose, GaussianBlur, HorizontalFlip, Normalize, PhotometricJitter,
-                                 RandomCrop, RandomScale, Resize)
+from lib.data.transforms import (OUTSIDE, Compose, GaussianBlur, HorizontalFlip, Normalize, PhotometricJitter,
+                                 RandomCrop, RandomScale, Resize, pad_to)
 
 # Class c is painted with colour PALETTE[c]; 255 (ignore) is black, like the image padding.
 PALETTE = np.zeros((256, 3), np.uint8)
@@ -157,6 +157,15 @@ def test_normalize_values_and_tensor_types():
     assert out["id"] == "a"
 
 
+def test_padding_fills_each_kind_of_map_with_what_reads_as_nothing():
+    sample = {"image": np.full((2, 3, 3), 9, np.uint8), "label": np.zeros((2, 3), np.uint8),
+              "conf": np.ones((2, 3), np.float32), "soft_grid": np.zeros((2, 3, 2), np.float32)}
+    out = pad_to(sample, 4, 3)
+    assert (out["image"][0] == 0).all() and (out["image"][1:3] == 9).all()
+    assert (out["label"][[0, 3]] == 255).all() and (out["conf"][[0, 3]] == 0).all()
+    assert (out["soft_grid"][[0, 3]] == OUTSIDE).all() and (out["soft_grid"][1:3] == 0).all()
+
+
 def test_same_generator_seed_gives_the_same_augmentation():
     pipeline = Compose([RandomScale(0.5, 1.5), RandomCrop(32, 32), HorizontalFlip(),
                         PhotometricJitter(0.4, 0.4, 0.4, 0.1, p=0.5), GaussianBlur(0.15, 1.3, p=0.5)])
@@ -201,6 +210,23 @@ def test_cat_max_ratio_redraws_crops_one_class_dominates(seed):
     reference = np.random.default_rng(seed)
     first = int(reference.integers(0, 41)), int(reference.integers(0, 71))
     np.testing.assert_array_equal(plain["label"], label[first[0]:first[0] + 20, first[1]:first[1] + 20])
+
+
+def test_rare_class_attempts_are_crops_already_balanced_under_cat_max_ratio():
+    """DAFormer's order (CISS sets both): each rare-class attempt is a whole mmseg crop, so the crop
+    kept holds the rare class whenever a balanced crop with it was drawn.  Columns 0-3 are the rare
+    class 5, two bands of class 1 make other crops balanced, the rest is road (0); of the 8-wide
+    crops, starts 0-1 hold the rare class and are balanced, start 2 holds it but is 3/4 road."""
+    label = np.zeros((8, 40), np.uint8)
+    label[:, :4], label[:, 20:24], label[:, 32:36] = 5, 1, 1
+    sample = {"image": PALETTE[label], "label": label, "rare_class": 5, "min_pixels": 8}
+    kept = []
+    for seed in range(400):
+        out = RandomCrop(8, 8, cat_max_ratio=0.75)(sample, np.random.default_rng(seed))
+        kept.append(np.count_nonzero(out["label"] == 5) > 8)
+    # a balanced draw holds the rare class with p = 2/15, so ten attempts keep it with p = 1 - (13/15)^10
+    # = 0.76; cropping for the rare class first and balancing after keeps it with p = 0.44
+    assert np.mean(kept) > 0.68
 
 
 def test_a_one_class_image_keeps_the_eleventh_crop():

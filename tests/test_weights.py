@@ -2,7 +2,9 @@
 shapes (a random network saved under the real names); the loaded backbone must equal the file's tensors."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +18,7 @@ from lib.models.factory import build_model
 from lib.models.params import ModelParams
 from lib.models.weights import WeightsParams, import_weights, initialise, load_imported
 from lib.table import find_training_row
-from lib.train.stage import build_training_stage
+from lib.train.stage import StageInputs, build_training_stage
 from lib.validate import check_params
 from tests import layouts as L
 from tests.tables import ensure_scratch, one_row
@@ -186,3 +188,18 @@ def test_a_missing_file_points_at_the_torch_hub_cache_copy(tmp_path, monkeypatch
         f"the torch hub cache holds {cached}: set weights.imagenet_r101.file to it)")
     kept, _, meta = imported(tmp_path, "torchvision", torch.load(cached, weights_only=True))   # and it loads
     assert meta["mapped"] == len(kept)
+
+
+def test_a_trained_model_of_the_other_layout_is_refused_as_a_start(tmp_path):
+    """Both ResNet layouts have the same tensor names and shapes: only the recorded style tells them apart."""
+    caffe = build_model(ModelParams(arch="deeplabv2", depth=50, bn="frozen_affine", aux=False, style="caffe"), C)
+    row = SimpleNamespace(where="selftrained.s1", recipe="cpsl_stage1")
+    start = StageInputs(row, caffe.state_dict(), {"kind": "model", "model": {"style": "caffe"}},
+                        paths=[tmp_path / "m/model.pt"])
+    plain = ModelParams(arch="deeplabv2", depth=50, bn="frozen_affine", aux=False)
+    with pytest.raises(ConfigError, match=r"selftrained\.s1\.from: .*m is a caffe-layout ResNet, "
+                                          r"recipes\.cpsl_stage1\.model\.style is 'torchvision' \(set it to 'caffe'\)"):
+        start.initialise(build_model(plain, C), plain)
+    same = build_model(dataclasses.replace(plain, style="caffe"), C)
+    start.initialise(same, dataclasses.replace(plain, style="caffe"))
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), caffe.state_dict().values()))

@@ -3,9 +3,11 @@
 A sample is a plain dict:
 - ``image``: (H, W, 3) uint8 RGB;
 - ``label``: (H, W) uint8 train IDs (255 = ignore), absent for unlabelled samples;
-- any other numpy array: an extra dense map aligned with the image (pseudo-labels, confidences,
-  soft labels).  Its dtype says how it moves: integer maps are label-like (nearest neighbour,
-  padded with 255), floating maps are continuous (bilinear, padded with 0);
+- any other numpy array: an extra dense map aligned with the image (pseudo-labels, confidences).
+  Its dtype says how it moves: integer maps are label-like (nearest neighbour, padded with 255),
+  floating maps are continuous (bilinear, padded with 0); a floating map whose key ends in
+  ``_grid`` holds sampling coordinates into another map (lib.pseudo.stream: a soft label kept at
+  its stored resolution) and is padded with ``OUTSIDE``, a coordinate that samples nothing;
 - crop hints placed by the sampler: ``centroid`` (cy, cx) and ``rare_class`` with ``min_pixels``;
   geometric transforms keep ``centroid`` in the current image's coordinates;
 - anything else (ids, ...) passes through untouched.
@@ -35,6 +37,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # DAFormer's rare-class re-crop gives up after this many crops and keeps the last one.
 RECROP_ATTEMPTS = 10
 CAT_MAX_REDRAWS = 10     # mmseg RandomCrop: up to 10 crops drawn again, the last one kept
+GRID_SUFFIX = "_grid"
+OUTSIDE = -3.0           # a grid coordinate beyond [-1, 1]: grid_sample reads zeros there
 
 
 class Transform(Protocol):
@@ -48,6 +52,12 @@ def _dense_keys(sample: Sample) -> list[str]:
 
 def _is_label_like(array: np.ndarray) -> bool:
     return not np.issubdtype(array.dtype, np.floating)
+
+
+def _pad_value(key: str, array: np.ndarray) -> float:
+    if _is_label_like(array):
+        return IGNORE
+    return OUTSIDE if key.endswith(GRID_SUFFIX) else 0.0
 
 
 def _resize_nearest(array: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -121,7 +131,8 @@ class RandomScale:
 
 
 def pad_to(sample: Sample, height: int, width: int) -> Sample:
-    """Pad symmetrically up to at least (height, width): image 0, label-like maps 255, others 0."""
+    """Pad symmetrically up to at least (height, width): image 0, label-like maps 255, grids
+    ``OUTSIDE``, other maps 0."""
     h, w = sample["image"].shape[:2]
     pad_h, pad_w = max(0, height - h), max(0, width - w)
     if pad_h == 0 and pad_w == 0:
@@ -134,7 +145,7 @@ def pad_to(sample: Sample, height: int, width: int) -> Sample:
 
     out = dict(sample, image=pad(sample["image"], 0))
     for key in _dense_keys(sample):
-        out[key] = pad(sample[key], IGNORE if _is_label_like(sample[key]) else 0)
+        out[key] = pad(sample[key], _pad_value(key, sample[key]))
     if sample.get("centroid") is not None:
         cy, cx = sample["centroid"]
         out["centroid"] = (cy + top, cx + left)
@@ -160,6 +171,9 @@ class RandomCrop:
     Hints on the sample steer the crop: a ``centroid`` makes every crop contain it; a
     ``rare_class`` c re-draws the crop (up to RECROP_ATTEMPTS crops, DAFormer's rare-class
     sampling) until it holds more than ``min_pixels`` labelled pixels of c, else keeps the last.
+    With ``cat_max_ratio`` each of those crops is itself mmseg's: redrawn (up to CAT_MAX_REDRAWS
+    times) while one class covers that share of its labelled pixels, as DAFormer re-runs the whole
+    crop for every rare-class attempt.
     """
 
     def __init__(self, height: int, width: int, cat_max_ratio: float | None = None):
@@ -171,16 +185,21 @@ class RandomCrop:
         cy, cx = sample.get("centroid") or (None, None)
         recrop = sample.get("rare_class") is not None and "label" in sample
         for _ in range(RECROP_ATTEMPTS if recrop else 1):
-            top = crop_origin(h, self.height, rng, cy)
-            left = crop_origin(w, self.width, rng, cx)
+            top, left = self._origin(sample, h, w, cy, cx, rng)
             if not recrop or self._rare_pixels(sample, top, left) > sample["min_pixels"]:
                 break
+        return self._crop(sample, top, left)
+
+    def _origin(self, sample: Sample, h: int, w: int, cy: int | None, cx: int | None,
+                rng: np.random.Generator) -> tuple[int, int]:
+        """One crop's (top, left), redrawn under ``cat_max_ratio`` (the last draw is kept)."""
+        top, left = crop_origin(h, self.height, rng, cy), crop_origin(w, self.width, rng, cx)
         if self.cat_max_ratio is not None and "label" in sample:
             for _ in range(CAT_MAX_REDRAWS):
                 if self._balanced(sample["label"][top:top + self.height, left:left + self.width]):
                     break
                 top, left = crop_origin(h, self.height, rng, cy), crop_origin(w, self.width, rng, cx)
-        return self._crop(sample, top, left)
+        return top, left
 
     def _balanced(self, window: np.ndarray) -> bool:
         """mmseg's ``cat_max_ratio`` rule (DAFormer, CISS: 0.75 on the source): the crop holds at least

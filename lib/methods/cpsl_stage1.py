@@ -65,6 +65,7 @@ from lib.losses.segmentation import cross_entropy
 from lib.methods.base import Batch, Method, ParamGroup, StageContext
 from lib.models.ema import ema_update
 from lib.models.output import upsample
+from lib.pseudo.stream import SOFT_GRID, soft_at
 from lib.train import distributed
 
 
@@ -156,7 +157,7 @@ class CpslStage1(Method):
     def training_step(self, batch: Batch, it: int) -> dict[str, torch.Tensor]:
         p = self.params
         xs, ys = batch["source"]["image"], batch["source"]["label"]
-        xt, soft = batch["target"]["image"], batch["target"]["soft"]
+        xt = batch["target"]["image"]
         n, _, h, w = xt.shape
         size = (max(1, round(h * p.label_scale)), max(1, round(w * p.label_scale)))
         rng = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))   # global RNG: exact resume
@@ -177,7 +178,8 @@ class CpslStage1(Method):
 
         c_bar = self.prototypes.ema
         weights = prototype_weights(upsample(f_bar, size), c_bar, p.temperature)
-        label = rectify(upsample(soft.float(), size), weights, p.rectify_threshold)
+        soft = soft_at(batch["target"]["soft"], batch["target"][SOFT_GRID], size)   # stored map, read at `size`
+        label = rectify(soft, weights, p.rectify_threshold)
         target_label = self._mix_label(label, ys, boxes, (h, w), size) if mixed else label
 
         terms = {"sce": symmetric_ce(upsample(weak.logits, size), target_label, p.sce_alpha, p.sce_beta)}

@@ -137,6 +137,31 @@ class PseudoLabels:
     def __contains__(self, sample_id: str) -> bool:
         return sample_id in self._row
 
+    def row_of(self, sample_id: str) -> pd.Series:
+        """The index row of one sample; an unknown id is a DataError naming the set."""
+        if sample_id not in self._row:
+            raise DataError(f"{self.path}: no pseudo-label for sample '{sample_id}' (the artifact "
+                            f"covers {self.meta.get('dataset')}/{self.meta.get('split')}, {len(self._row)} images)")
+        return self.index.iloc[self._row[sample_id]]
+
+    def stored_soft(self, sample_id: str) -> np.ndarray:
+        """The soft form's stored map of one sample: float16 (C, h, w), the softmax at the logits' stride."""
+        path = self.path / self.row_of(sample_id)["soft"]
+        soft = _load_npy(path, "soft pseudo-label")
+        if soft.ndim != 3 or soft.shape[0] != self.meta["num_classes"]:
+            raise DataError(f"{path}: expected ({self.meta['num_classes']}, h, w) probabilities, "
+                            f"found shape {soft.shape}")
+        return soft
+
+    def stored_soft_size(self, sample_id: str) -> tuple[int, int]:
+        """(h, w) of :meth:`stored_soft` from the file's header alone."""
+        path = self.path / self.row_of(sample_id)["soft"]
+        try:
+            shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
+        except (ValueError, OSError, EOFError):
+            shape = self.stored_soft(sample_id).shape     # the one-line error of a missing or corrupt file
+        return int(shape[-2]), int(shape[-1])
+
     def sample(self, sample_id: str, threshold: float | None = None) -> dict:
         """The maps of one sample at its image size.
 
@@ -144,20 +169,14 @@ class PseudoLabels:
         class_median labels carry their 255s already).  For the soft form also ``soft``: (H, W, C)
         float32, the stored softmax upsampled bilinearly with align_corners=True (our choice: the
         convention every logit map of the project is upsampled with, lib.models.output.upsample);
-        its ``pseudo`` is the argmax of that upsampled map and conf its maximum.
+        its ``pseudo`` is the argmax of that upsampled map and conf its maximum.  (A training stream
+        keeps the soft map at its stored size instead: lib.pseudo.stream.)
         """
-        if sample_id not in self._row:
-            raise DataError(f"{self.path}: no pseudo-label for sample '{sample_id}' (the artifact "
-                            f"covers {self.meta.get('dataset')}/{self.meta.get('split')}, {len(self._row)} images)")
-        row = self.index.iloc[self._row[sample_id]]
+        row = self.row_of(sample_id)
         size = (int(row["height"]), int(row["width"]))
         out = {}
         if self.form == "soft":
-            path = self.path / row["soft"]
-            soft = _load_npy(path, "soft pseudo-label")
-            if soft.ndim != 3 or soft.shape[0] != self.meta["num_classes"]:
-                raise DataError(f"{path}: expected ({self.meta['num_classes']}, h, w) probabilities, "
-                                f"found shape {soft.shape}")
+            soft = self.stored_soft(sample_id)
             with torch.no_grad():
                 full = upsample(torch.from_numpy(soft.astype(np.float32))[None], size)[0]
                 conf, pseudo = full.max(0)

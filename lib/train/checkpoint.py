@@ -117,7 +117,7 @@ def resume(path: Path, fingerprint: str, modules, optimizers, schedulers, statef
     for kind, targets in (("modules", modules), ("optimizers", optimizers), ("schedulers", schedulers),
                           ("stateful", stateful or {})):
         if set(state.get(kind, {})) != set(targets):
-            raise UserError(f"{path}: holds {kind} {sorted(state[kind])}, this method has {sorted(targets)}")
+            raise UserError(f"{path}: holds {kind} {sorted(state.get(kind, {}))}, this method has {sorted(targets)}")
         for name, target in targets.items():
             target.load_state_dict(state[kind][name])
     rank, others = distributed.rank(), state.get("rng_ranks", [])
@@ -141,15 +141,15 @@ def set_aside(path: Path, its_fingerprint: str, keep: Path) -> None:
 
 # Keys that change how a run is launched or reported, never the weights it ends with.
 NOT_TRAINING = {"train": ("processes", "backend", "checkpoint_every", "log_every"), "data": ("workers",),
-                "target_data": ("workers",)}
+                "target_data": ("workers",), "select": ("workers", "batch_size")}
 
 
 def training_identity(raw: dict, data, train) -> dict:
     """``raw`` as a checkpoint's fingerprint sees it: without the keys that do not change the weights
-    (loader workers, checkpoint and log periods, the launch keys processes and backend), and with the
-    global batch (processes x per-process batch) in place of each per-process one.  A run can so be
-    resumed with other loader workers or by another number of processes with the same global batch;
-    a run whose global batch changed is another configuration."""
+    (loader workers, checkpoint and log periods, the launch keys processes and backend, the selection's
+    loader and batch), and with the global batch (processes x per-process batch) in place of each
+    per-process one.  A run can so be resumed with other loader workers or by another number of
+    processes with the same global batch; a run whose global batch changed is another configuration."""
     out = {k: ({kk: vv for kk, vv in v.items() if kk not in NOT_TRAINING.get(k, ())} if isinstance(v, dict) else v)
            for k, v in raw.items()}
     out["data"] = dict(out.get("data") or {}, batch_size=data.batch_size * train.processes)

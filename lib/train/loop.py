@@ -168,12 +168,14 @@ def train(method: Method, streams: dict[str, StreamFactory], params: TrainParams
                 _log(live, live_dir, done, means, optimizers, world * images / max(elapsed, 1e-9))
             progress.set_postfix({k: f"{v:.3f}" for k, v in means.items()}, refresh=False)
             window, tick, images = {}, time.perf_counter(), 0
-        if selection is not None and main and selection.due(done):
+        if selection is not None and selection.due(done):
+            # every process checks (they hold the same weights, so they stop together), the main one scores
             checkpoint.check_finite(modules, checkpoint_path, it)     # a diverged model is never selected
-            score = selection.evaluate(done)
-            _log_selection(live, live_dir, done, score)
-            progress.write(f"{desc}: iteration {done}: validation mIoU {score:.2f} "
-                           f"(best {selection.best_score:.2f} at {selection.best_iteration})")
+            if main:
+                score = selection.evaluate(done)
+                _log_selection(live, live_dir, done, score)
+                progress.write(f"{desc}: iteration {done}: validation mIoU {score:.2f} "
+                               f"(best {selection.best_score:.2f} at {selection.best_iteration})")
         if done % params.checkpoint_every == 0 or done == params.iters:
             checkpoint.check_finite(modules, checkpoint_path, it)     # never keep or publish diverged weights
             checkpoint.save(checkpoint_path, fingerprint, done, modules, optimizers, schedulers, stateful)

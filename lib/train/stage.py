@@ -194,6 +194,10 @@ class StageInputs:
             initialise(model, path.parent, self.start_state, self.start_meta,
                        f"the ResNet-{model_params.depth} backbone of {self.row.where} (recipes.{self.row.recipe}.model)")
         else:
+            style = (self.start_meta.get("model") or {}).get("style", "torchvision")
+            if style != model_params.style:     # the same tensor names and shapes, another network
+                raise ConfigError(f"params: {self.row.where}.from: {path.parent} is a {style}-layout ResNet, "
+                                  f"recipes.{self.row.recipe}.model.style is '{model_params.style}' (set it to '{style}')")
             load_weights(model, self.start_state, path,
                          f"a {model_params.arch}-{model_params.depth} ({self.row.where}: recipes.{self.row.recipe}.model)")
 
@@ -340,15 +344,15 @@ def run_training_stage(row: TrainingRow) -> Path:
               live_dir=None, fingerprint=built.fingerprint, desc=row.stage, selection=built.selection)
         meta = {**built.meta, "world_size": distributed.world_size()}
         meta["provenance"] = provenance.training(recipe.train.precision, recipe.train.seed, world=meta["world_size"])
-        best = None
-        if built.selection is not None:
-            if built.selection.best_state is None:
-                raise DataError(f"{row.stage}: no validation score was defined (no labelled pixel in the first "
-                                f"{recipe.select.images or 'all'} images of the {recipe.select.split} split)")
-            meta["selection"] = built.selection.summary()
-            best = (built.selection.best_state, {**meta, "iteration": built.selection.best_iteration})
         out = MODELS_ROOT / row.name
-        if distributed.is_main():
+        if distributed.is_main():      # the one process that scored the model and publishes it
+            best = None
+            if built.selection is not None:
+                if built.selection.best_state is None:
+                    raise DataError(f"{row.stage}: no validation score was defined (no labelled pixel in the first "
+                                    f"{recipe.select.images or 'all'} images of the {recipe.select.split} split)")
+                meta["selection"] = built.selection.summary()
+                best = (built.selection.best_state, {**meta, "iteration": built.selection.best_iteration})
             publish_model(out, built.model, meta, checkpoint_dir, recipe.train.iters, curves=CURVES_ROOT / row.name,
                           best=best)
     return out
