@@ -50,7 +50,7 @@ from lib.models.ema import warmup_momentum
 from lib.models.weights import WeightsParams, import_weights
 from lib.stylize.transfer import Transfer
 from lib.table import find_training_row
-from lib.train.stage import CURVES_ROOT, build_training_stage
+from lib.train.stage import CURVES_ROOT, build_training_stage, source_frames
 from tests import layouts as L
 from tests.tables import ensure_scratch, one_row, train
 
@@ -410,6 +410,20 @@ def test_a_restyled_source_takes_a_random_target_image_at_every_draw(project, mo
         np.testing.assert_array_equal(got, expected)
         assert torch.equal(sample["label"], source[draw]["label"])       # the label is the source's
     assert len(set(styles)) > 1
+
+
+def test_source_frames_are_whole_distinct_normalised_frames_drawn_by_the_seed(project, monkeypatch):
+    """What a method that measures on source frames (RobustNet ISW) gets from its stage."""
+    monkeypatch.chdir(project)
+    frames = source_frames("gta", "train", "imagenet")
+    first = list(frames(4, [7, 0]))
+    plain = PreparedDataset("data/prepared/gta", "train", Normalize(IMAGENET_MEAN, IMAGENET_STD), seed=0)
+    whole = [plain[i]["image"] for i in range(len(plain))]
+    rows = [next(i for i, w in enumerate(whole) if torch.equal(w, f[0])) for f in first]
+    assert len(set(rows)) == 4 and all(f.shape == (1, 3, 12, 16) for f in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, frames(4, [7, 0])))
+    assert len(list(frames(100, [7, 1]))) == len(plain)                   # at most every frame once
+    assert [torch.equal(a, b) for a, b in zip(first, frames(4, [7, 1]))] != [True] * 4
 
 
 def test_a_recipe_with_a_source_style_trains_on_restyled_crops(project, monkeypatch):

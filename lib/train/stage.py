@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
+import torch
 
 from lib import provenance
 from lib.config import parse
@@ -45,6 +49,7 @@ from lib.data.streams import (
     train_transforms,
     training_stream,
 )
+from lib.data.transforms import Normalize
 from lib.errors import ConfigError, DataError
 from lib.infer.evaluation import validation_score
 from lib.io import check_writable
@@ -283,7 +288,8 @@ def build_training_stage(row: TrainingRow) -> BuiltStage:
     model = build_model(recipe.model, class_set.num_classes)
     inputs.initialise(model, recipe.model)
     context = StageContext(num_classes=class_set.num_classes, teacher=inputs.teacher, pseudo=inputs.pseudo,
-                           normalize=(mean, std), start=inputs.start_kind)
+                           normalize=(mean, std), start=inputs.start_kind, seed=recipe.train.seed,
+                           source_frames=source_frames(row.source, recipe.data.split, recipe.normalize))
     method = method_type.build(model, method_params, context)
     seeds = {s: stream_seed(recipe.train.seed, s) for s in needed}
     stylization = method.stream_stylization()
@@ -328,6 +334,16 @@ def build_training_stage(row: TrainingRow) -> BuiltStage:
     datasets_read = list(dict.fromkeys(read))
     return BuiltStage(row, recipe, model, method, streams, fingerprint(identity, datasets_read, inputs.paths), meta,
                       selection)
+
+
+def source_frames(name: str, split: str, normalize: str):
+    """``StageContext.source_frames`` of prepared dataset ``name``: frames read whole and normalised;
+    opened only when a method asks for frames."""
+    def frames(count: int, seed) -> Iterator[torch.Tensor]:
+        dataset = PreparedDataset(PREPARED_ROOT / name, split, Normalize(*NORMALIZATION[normalize]), seed=0)
+        for i in np.random.default_rng(seed).permutation(len(dataset))[:count]:
+            yield dataset[int(i)]["image"][None]
+    return frames
 
 
 def restyled_source_stream(recipe: Recipe, row: TrainingRow, seed: int) -> StreamFactory:
