@@ -628,9 +628,20 @@ def blindnet():
     return BlindNet(build_model(v3(), C), BlindNetParams(**SMALL), NORMALIZE)
 
 
+DRAWN_FRAMES = []
+
+
+def frames(count: int, seed: list[int]):
+    """Whole source frames as the stage hands them (distinct per seed, 40x56, one at a time)."""
+    DRAWN_FRAMES.append((count, list(seed)))
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    for _ in range(count):
+        yield torch.randn(1, 3, 40, 56, generator=g)
+
+
 def isw():
     return RobustNet(build_model(v3(), C), RobustNetParams(statistics_iter=1, trials=2, trial_images=3),
-                     NORMALIZE)
+                     NORMALIZE, frames, seed=7)
 
 
 def test_blindnet_trains_through_the_engine(tmp_path):
@@ -644,16 +655,32 @@ def test_blindnet_trains_through_the_engine(tmp_path):
 
 
 def test_isw_measures_then_whitens_through_the_engine(tmp_path):
-    """Statistics from iteration 1, two trials of 3 images at batch 2: trials close at iterations 2
-    and 4, and the whitening term is on from iteration 4 (logged as steps 5 and 6)."""
+    """The statistics phase runs whole at iteration 1 (two trials of 3 frames each, drawn with the
+    seeds (7, 0) and (7, 1)); the whitening term is on from that iteration (logged as steps 2 to 6)."""
+    DRAWN_FRAMES.clear()
     state = run(tmp_path, isw, 6)
+    assert DRAWN_FRAMES == [(3, [7, 0]), (3, [7, 1])]
     table = pd.read_csv(tmp_path / "live/plots/metrics/train/loss/whitening.tsv", sep="\t")
-    assert list(table["step"]) == [5, 6]
+    assert list(table["step"]) == [2, 3, 4, 5, 6]
     selection = state["selection"]
     assert int(selection["trials_done"]) == 2
     for i, channels in enumerate((64, 64, 128)):
         mask = selection[f"mask_{i}"]
         assert 0 < int(mask.sum()) < channels * (channels - 1) // 2 and not mask.tril().any()
+
+
+def test_isw_statistics_leave_the_weights_and_modes_as_they_were():
+    """RobustNet measures with the weights fixed: no parameter, BatchNorm statistic or module mode moves."""
+    torch.manual_seed(0)
+    method = isw()
+    method.model.train()
+    before = {k: v.clone() for k, v in method.model.state_dict().items()}
+    method.measure_styles(torch.device("cpu"))
+    assert int(method.selection.trials_done) == 2 and method.selection_ready
+    assert all(torch.equal(before[k], v) for k, v in method.model.state_dict().items())
+    assert all(m.training for m in method.model.modules())
+    with pytest.raises(ConfigError, match="measures its statistics on source frames"):
+        RobustNet(build_model(v3(), C), RobustNetParams(), NORMALIZE)
 
 
 @pytest.mark.parametrize("factory", [blindnet, isw], ids=["blindnet", "isw"])

@@ -28,7 +28,7 @@ from lib.data.classmix import (
     mix,
 )
 from lib.data.dataset import PreparedDataset
-from lib.data.paired import STYLIZED, StylizedPairs, stylize
+from lib.data.paired import STYLIZED, RestyledSource, StylizedPairs, stylize, to_uint8
 from lib.data.sampling import Draw, uniform_stream
 from lib.data.transforms import (
     IMAGENET_MEAN,
@@ -50,7 +50,7 @@ from lib.models.ema import warmup_momentum
 from lib.models.weights import WeightsParams, import_weights
 from lib.stylize.transfer import Transfer
 from lib.table import find_training_row
-from lib.train.stage import CURVES_ROOT, build_training_stage
+from lib.train.stage import CURVES_ROOT, build_training_stage, source_frames
 from tests import layouts as L
 from tests.tables import ensure_scratch, one_row, train
 
@@ -389,6 +389,61 @@ def test_fda_copy_is_not_clipped_and_beta_zero_is_the_image(project, monkeypatch
     assert np.array_equal(stylize(image, image[::-1], Transfer("fda", 0.0)), image.astype(np.float32))
     restyled = stylize(image, other, Transfer("fda", 0.2))
     assert restyled.dtype == np.float32 and restyled.max() > 255
+
+
+def test_a_restyled_source_takes_a_random_target_image_at_every_draw(project, monkeypatch):
+    """CPSL's loader: each load of a source image is restyled (Lab) by a target image drawn from (seed, k)."""
+    monkeypatch.chdir(project)
+    unit = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    source = PreparedDataset("data/prepared/gta", "train", Compose([Normalize(*unit)]), seed=3, labelled=True)
+    target = PreparedDataset("data/prepared/cs", "train", None, seed=3)
+    restyled = RestyledSource(source, target, Transfer("lab"))
+    styles = []
+    for k in range(8):
+        draw = Draw(index=k % len(source), k=k)
+        sample = restyled[draw]
+        j = restyled.style_row(k)
+        assert j == restyled.style_row(k) and 0 <= j < len(target)      # a pure function of (seed, k)
+        styles.append(j)
+        expected = to_uint8(stylize(source.load(draw.index)["image"], target.load(j)["image"], Transfer("lab")))
+        got = np.rint(sample["image"].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        np.testing.assert_array_equal(got, expected)
+        assert torch.equal(sample["label"], source[draw]["label"])       # the label is the source's
+    assert len(set(styles)) > 1
+
+
+def test_source_frames_are_whole_distinct_normalised_frames_drawn_by_the_seed(project, monkeypatch):
+    """What a method that measures on source frames (RobustNet ISW) gets from its stage."""
+    monkeypatch.chdir(project)
+    frames = source_frames("gta", "train", "imagenet")
+    first = list(frames(4, [7, 0]))
+    plain = PreparedDataset("data/prepared/gta", "train", Normalize(IMAGENET_MEAN, IMAGENET_STD), seed=0)
+    whole = [plain[i]["image"] for i in range(len(plain))]
+    rows = [next(i for i, w in enumerate(whole) if torch.equal(w, f[0])) for f in first]
+    assert len(set(rows)) == 4 and all(f.shape == (1, 3, 12, 16) for f in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, frames(4, [7, 0])))
+    assert len(list(frames(100, [7, 1]))) == len(plain)                   # at most every frame once
+    assert [torch.equal(a, b) for a, b in zip(first, frames(4, [7, 1]))] != [True] * 4
+
+
+def test_a_recipe_with_a_source_style_trains_on_restyled_crops(project, monkeypatch):
+    monkeypatch.chdir(project)
+    ensure_scratch()
+    recipe = {"model": {"arch": "deeplabv2", "depth": 18, "bn": "frozen", "aux": False},
+              "data": {"batch_size": 2, "crop": [8, 16], "workers": 0},
+              "optim": {"model": {"lr": 1.0e-3}}, "train": {"iters": 1, "precision": "fp32"}}
+    plain = one_row("plain", "source_only", recipe, "gta", "cs")
+    styled = one_row("styled", "source_only", {**recipe, "source_style": "lab"}, "gta", "cs")
+    batch = {name: next(build_training_stage(find_training_row(params, name)).streams["source"](0))
+             for name, params in (("plain", plain), ("styled", styled))}
+    assert torch.equal(batch["plain"]["label"], batch["styled"]["label"])       # the same draws and crops
+    assert not torch.equal(batch["plain"]["image"], batch["styled"]["image"])   # restyled
+    with pytest.raises(ConfigError, match=r"recipes\.source_only\.source_style = 'hsv' is not a transfer"):
+        build_training_stage(find_training_row(one_row("x", "source_only", {**recipe, "source_style": "hsv"},
+                                                       "gta", "cs"), "x"))
+    with pytest.raises(ConfigError, match=r"source_style restyles the source by target images, but `target` is null"):
+        build_training_stage(find_training_row(one_row("x", "source_only", {**recipe, "source_style": "lab"},
+                                                       "gta"), "x"))
 
 
 # ---------------------------------------------------------------- through the engine

@@ -91,7 +91,7 @@ def dry_run(tmp_path: Path, preset: Path) -> set[str]:
 
 def test_dry_run_of_the_cpsl_recipe_lists_its_chain(tmp_path):
     stages = dry_run(tmp_path, ROOT / "presets/gta5_cityscapes_cpsl.yaml")
-    assert stages == {"check", "synthesize", "prepare@gta5", "prepare@cityscapes", "stylize@gta5_lab", "scratch",
+    assert stages == {"check", "synthesize", "prepare@gta5", "prepare@cityscapes", "scratch",
                       "weights@imagenet_r101", "weights@simclr_r101", "train@warmup", "pseudo_label@soft_warmup",
                       "selftrain@stage1", "pseudo_label@hard_stage1", "selftrain@kd1", "pseudo_label@hard_kd1",
                       "selftrain@kd2", *(f"evaluate@{m}-cityscapes" for m in ("warmup", "stage1", "kd1", "kd2")),
@@ -132,6 +132,8 @@ def test_published_cpsl_recipe(tmp_path):
     for recipe in (warmup, stage1, kd1):
         assert (recipe.model.style, recipe.normalize, recipe.train.precision) == ("caffe", "unit", "fp32")
         assert (recipe.select.every, recipe.select.split, recipe.select.images) == (1000, "val", 0)
+        assert recipe.source_style == "lab"        # GTA5 restyled by a random Cityscapes image at each load
+    assert params["source"] == "gta5" and not params["stylize"].get("outputs")
 
 
 def test_published_advent_numbers(tmp_path):

@@ -1,5 +1,7 @@
-"""CISS's paired source/target samples, as in the released code (SysCV/CISS): each training sample
-also carries a stylized copy.
+"""Source images restyled by target images as they are loaded: CISS's paired samples and CPSL's
+random Lab style.
+
+**CISS** (the released code, SysCV/CISS): each training sample also carries a stylized copy.
 
 Draw k of the source stream and draw k of the target stream form a pair.  The source image is
 restyled by the target's full image and the target by the source's (FDA or Reinhard, on the full
@@ -14,6 +16,12 @@ that agree on the pairs without talking to each other.  Source and target theref
 size.  Our choice: a style image of another size is resized to the content's (bilinear) before FDA;
 CISS centre-crops both to one 1024x1920 canvas first (any equal-size resize works).
 FDA's output is not clipped (CISS); Reinhard's is.
+
+**CPSL** (Li et al., CVPR 2022, its GTA5 loader): every time a source image is loaded it is restyled
+by a Cityscapes training image drawn at random, matching mean and std per CIE-Lab channel
+(:class:`RestyledSource`).  The style image of draw k is drawn from (seed, k), so a resumed run sees
+the same styles.  Our choice: the restyled image is rounded to 8 bits, as the stylize stage's cached
+copies are.
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ from lib.data.sampling import Draw
 from lib.stylize.transfer import Transfer
 
 STYLIZED = "image_stylized"
+STYLE_DRAWS = 0x5717E       # keys the style image's generator apart from the draw's augmentation
 
 
 def stylize(content: np.ndarray, style: np.ndarray, transfer: Transfer) -> np.ndarray:
@@ -65,3 +74,28 @@ class StylizedPairs(Dataset):
         sample = self.content.augment(sample, draw)
         sample[STYLIZED] = (sample[STYLIZED] / 255.0 - self.mean) / self.std
         return sample
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+class RestyledSource(Dataset):
+    """The samples of ``content``, each image restyled (before its transforms) by the full image of
+    a row of ``style`` drawn uniformly with the generator of (seed, k, STYLE_DRAWS)."""
+
+    def __init__(self, content: PreparedDataset, style: PreparedDataset, transfer: Transfer):
+        self.content, self.style, self.transfer = content, style, transfer
+        self.seed = content.seed
+
+    def __len__(self) -> int:
+        return len(self.content)
+
+    def style_row(self, k: int) -> int:
+        return int(np.random.default_rng([self.seed, k, STYLE_DRAWS]).integers(len(self.style)))
+
+    def __getitem__(self, draw: Draw) -> dict:
+        sample = self.content.load(draw.index)
+        style = self.style.load(self.style_row(draw.k))["image"]
+        sample["image"] = to_uint8(stylize(sample["image"], style, self.transfer))
+        return self.content.augment(sample, draw)

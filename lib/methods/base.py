@@ -47,7 +47,10 @@ class StageContext:
       the soft form the class prototypes and prior), or None;
     - ``normalize``: the (mean, std) the stage's images were normalised with (strong views undo it);
     - ``start``: what the row's ``from`` is: ``scratch``, imported ``weights`` or a trained ``model``
-      (its weights are already in the model the method gets).
+      (its weights are already in the model the method gets);
+    - ``source_frames``: ``(count, seed) -> iterator`` of that many distinct source training frames
+      drawn with ``seed``, whole and normalised, each (1, 3, H, W) (RobustNet ISW's statistics);
+    - ``seed``: the recipe's training seed.
     """
 
     num_classes: int
@@ -55,6 +58,8 @@ class StageContext:
     pseudo: Any = None
     normalize: tuple[tuple[float, ...], tuple[float, ...]] = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     start: str = "scratch"
+    source_frames: Any = None
+    seed: int = 0
 
 
 class Method:

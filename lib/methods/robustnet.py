@@ -19,19 +19,20 @@ with p = 0.5, blur: BlindNet's original view) with
 - ``none``: no whitening loss: RobustNet's baseline (``model.instance_norm: none``) or its "IBN"
   (``model.instance_norm: in_affine``).
 
-Our choices, flagged: RobustNet runs its statistics phase between epochs (end of epoch 5) on 500
-uncropped training images per trial with the weights fixed; our engine hands a method one training
-batch per step, so the phase runs on the training crops of the batches from iteration
-``statistics_iter`` on (no-grad forwards of the un-jittered crop and its style view, eval mode)
-while training continues with the loss off; a trial ends with the batch that reaches
-``trial_images`` images, and the ISW loss is on from the step whose batch completes the last trial.  The selection
-state is a checkpointed module, so a resumed run continues the phase exactly.
+ISW's statistics phase runs as RobustNet runs it between epochs 5 and 6: once, at iteration
+``statistics_iter``, with the weights fixed (eval mode, no gradients), on ``trials`` x ``trial_images``
+full-resolution source training frames (batch 1, no geometric augmentation; the stage hands them over
+as ``StageContext.source_frames``), each trial its own random draw of frames; the ISW loss is on from
+that iteration.  The selection is a checkpointed module, so a resumed run never measures twice.  Our
+choice: trial t draws its frames and style views from the generator of (train seed, t).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,6 +55,9 @@ from lib.losses.covariance import (
 from lib.losses.segmentation import cross_entropy, cross_entropy_on_grid
 from lib.methods.base import Batch, Method, StageContext
 from lib.models.backbone import INSTANCE_NORM_FEATURES
+
+# (count, seed) -> that many distinct source training frames, drawn with the seed, each (1, 3, H, W) normalised
+Frames = Callable[[int, list[int]], Iterator[torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -116,11 +120,15 @@ class RobustNet(Method):
     params_type = RobustNetParams
 
     def __init__(self, model: nn.Module, params: RobustNetParams,
-                 normalize: tuple[tuple[float, ...], tuple[float, ...]]):
+                 normalize: tuple[tuple[float, ...], tuple[float, ...]], frames: Frames | None = None,
+                 seed: int = 0):
         super().__init__(model, params)
+        self.frames, self.seed = frames, seed
         if params.whitening != "none" and model.params.instance_norm == "none":
             raise ConfigError(f"params: robustnet whitening {params.whitening!r} needs model.instance_norm: in "
                               "(model.arch deeplabv3plus)")
+        if params.whitening == "isw" and frames is None:
+            raise ConfigError("robustnet whitening 'isw' measures its statistics on source frames; none were given")
         channels = model.backbone.channels
         self.channels = [channels["stem"], channels["layer1"], channels["layer2"]]
         self.selection = StyleSelection(self.channels) if params.whitening == "isw" else None
@@ -128,7 +136,7 @@ class RobustNet(Method):
 
     @classmethod
     def build(cls, model: nn.Module, params: RobustNetParams, context: StageContext) -> "RobustNet":
-        return cls(model, params, context.normalize)
+        return cls(model, params, context.normalize, context.source_frames, context.seed)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model} if self.selection is None else {"model": self.model, "selection": self.selection}
@@ -143,7 +151,7 @@ class RobustNet(Method):
         rng = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))   # global RNG: exact resume
         x = photometric_view(image, self.mean, self.std, p.train_view, rng)
         if p.whitening == "isw" and it >= p.statistics_iter and not self.selection_ready:
-            self.measure_styles(image, rng)
+            self.measure_styles(image.device)
         out = self.model(x)
         losses = {"seg": cross_entropy(out.logits, label)}
         if out.aux_logits is not None and p.aux_weight > 0:
@@ -165,19 +173,25 @@ class RobustNet(Method):
         return strict_upper(c, device), margin
 
     @torch.no_grad()
-    def measure_styles(self, image: torch.Tensor, rng: torch.Generator) -> None:
-        """One batch of ISW statistics: covariances of the plain crop and its style view, eval mode."""
+    def measure_styles(self, device: torch.device) -> None:
+        """ISW's statistics phase: for each trial, the covariances of ``trial_images`` frames and of
+        their style views, in eval mode with the weights as they are, then the trial's mask."""
         p = self.params
-        styled = photometric_view(image, self.mean, self.std, p.style_view, rng)
+        modes = {m: m.training for m in self.model.modules()}
         self.model.eval()
         try:
-            plain, style = self.model(image), self.model(styled)
+            for trial in range(int(self.selection.trials_done), p.trials):
+                rng = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, trial]).generate_state(1)[0]))
+                for frame in self.frames(p.trial_images, [self.seed, trial]):
+                    frame = frame.to(device)
+                    styled = photometric_view(frame, self.mean, self.std, p.style_view, rng)
+                    plain, style = self.model(frame), self.model(styled)
+                    self.selection.add([view_variance(plain.features[name], style.features[name], p.covariance_eps)
+                                        for name in INSTANCE_NORM_FEATURES], len(frame))
+                self.selection.close_trial(p.clusters)
         finally:
-            self.model.train()
-        self.selection.add([view_variance(plain.features[name], style.features[name], p.covariance_eps)
-                            for name in INSTANCE_NORM_FEATURES], len(image))
-        if int(self.selection.images) >= p.trial_images:
-            self.selection.close_trial(p.clusters)
+            for module, training in modes.items():
+                module.train(training)
 
 
 METHOD = RobustNet

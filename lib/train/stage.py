@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+import numpy as np
+import torch
 
 from lib import provenance
 from lib.config import parse
@@ -45,6 +49,7 @@ from lib.data.streams import (
     train_transforms,
     training_stream,
 )
+from lib.data.transforms import Normalize
 from lib.errors import ConfigError, DataError
 from lib.infer.evaluation import validation_score
 from lib.io import check_writable
@@ -68,6 +73,7 @@ from lib.train.optim import OptimizerParams, ScheduleParams
 from lib.train.select import Selection, SelectParams
 
 MODELS_ROOT = Path("data/models")
+FDA_BETA = 0.01              # a plain `fda` source_style: CISS's beta (`fda:<beta>` names another)
 CHECKPOINTS_ROOT = Path("data/checkpoints")
 CURVES_ROOT = Path("metrics/train")
 
@@ -86,10 +92,22 @@ class Recipe:
     target_data: DataParams | None = None
     pseudo_threshold: float | None = None
     select: SelectParams = SelectParams()
+    # CPSL's loader: each source image restyled, as it is loaded, by a random image of the target's
+    # training split (a transfer: lab, reinhard, fda or fda:<beta>); null: the source as it is
+    source_style: str | None = None
 
     def validate(self, where: str) -> None:
         if self.pseudo_threshold is not None and not 0.0 <= self.pseudo_threshold < 1.0:
             raise ConfigError(f"params: {where}.pseudo_threshold must be in [0, 1), got {self.pseudo_threshold}")
+        if self.source_style is not None:
+            self.style_transfer(where)
+
+    def style_transfer(self, where: str):
+        """The parsed ``source_style`` (None without one)."""
+        if self.source_style is None:
+            return None
+        from lib.stylize.transfer import parse_transfer   # lazy: only a restyled source needs it
+        return parse_transfer(self.source_style, FDA_BETA, f"{where}.source_style")
 
     def stream_data(self, stream: str) -> DataParams:
         return self.target_data if stream != "source" and self.target_data is not None else self.data
@@ -244,6 +262,12 @@ def build_training_stage(row: TrainingRow) -> BuiltStage:
     if row.pseudo is not None and "target" not in needed:
         raise ConfigError(f"params: method '{row.recipe}' reads no target stream, so {row.where}.pseudo would "
                           "never be read; move the row under `models`")
+    if recipe.source_style is not None:
+        if row.target is None:
+            raise ConfigError(f"params: recipes.{row.recipe}.source_style restyles the source by target images, "
+                              "but `target` is null")
+        require_prepared(row.target)
+        load_index(PREPARED_ROOT / row.target, recipe.stream_data("target").split)   # the style split exists
     if recipe.select.enabled:
         selected = {"source": row.source, "target": row.target}[recipe.select.domain]
         if selected is None:
@@ -264,11 +288,15 @@ def build_training_stage(row: TrainingRow) -> BuiltStage:
     model = build_model(recipe.model, class_set.num_classes)
     inputs.initialise(model, recipe.model)
     context = StageContext(num_classes=class_set.num_classes, teacher=inputs.teacher, pseudo=inputs.pseudo,
-                           normalize=(mean, std), start=inputs.start_kind)
+                           normalize=(mean, std), start=inputs.start_kind, seed=recipe.train.seed,
+                           source_frames=source_frames(row.source, recipe.data.split, recipe.normalize))
     method = method_type.build(model, method_params, context)
     seeds = {s: stream_seed(recipe.train.seed, s) for s in needed}
     stylization = method.stream_stylization()
     if stylization is not None:
+        if recipe.source_style is not None:
+            raise ConfigError(f"params: method '{row.recipe}' restyles its own pairs; "
+                              f"recipes.{row.recipe}.source_style must be null")
         streams = stylized_pair_streams(recipe, row, stylization, seeds)
     else:
         streams = {}
@@ -276,6 +304,8 @@ def build_training_stage(row: TrainingRow) -> BuiltStage:
             if s == "target" and inputs.pseudo is not None:
                 streams[s] = pseudo_stream(name, inputs.pseudo, recipe.pseudo_threshold, recipe.stream_data(s),
                                            recipe.normalize, seeds[s])
+            elif s == "source" and recipe.source_style is not None:
+                streams[s] = restyled_source_stream(recipe, row, seeds[s])
             else:
                 streams[s] = training_stream(name, recipe.stream_data(s), recipe.normalize, seeds[s],
                                              labelled=(s == "source"))
@@ -300,9 +330,32 @@ def build_training_stage(row: TrainingRow) -> BuiltStage:
         scored = validation_score(selected, recipe.select.split, recipe.select.images, recipe.select.inference,
                                   recipe.select.batch_size, recipe.select.workers, meta)
         selection = Selection(recipe.select, model, scored, recipe.train.iters)
-    datasets_read = [*needed.values(), *([selected] if selected and selected not in needed.values() else [])]
+    read = [*needed.values(), *([row.target] if recipe.source_style is not None else []), *([selected] if selected else [])]
+    datasets_read = list(dict.fromkeys(read))
     return BuiltStage(row, recipe, model, method, streams, fingerprint(identity, datasets_read, inputs.paths), meta,
                       selection)
+
+
+def source_frames(name: str, split: str, normalize: str):
+    """``StageContext.source_frames`` of prepared dataset ``name``: frames read whole and normalised;
+    opened only when a method asks for frames."""
+    def frames(count: int, seed) -> Iterator[torch.Tensor]:
+        dataset = PreparedDataset(PREPARED_ROOT / name, split, Normalize(*NORMALIZATION[normalize]), seed=0)
+        for i in np.random.default_rng(seed).permutation(len(dataset))[:count]:
+            yield dataset[int(i)]["image"][None]
+    return frames
+
+
+def restyled_source_stream(recipe: Recipe, row: TrainingRow, seed: int) -> StreamFactory:
+    """The source stream with every image restyled as it is loaded by a random image of the target's
+    training split (``source_style``, CPSL's Lab transfer; lib.data.paired.RestyledSource)."""
+    from lib.data.paired import RestyledSource      # lazy: only a restyled source uses it
+    data = recipe.stream_data("source")
+    prepared = PREPARED_ROOT / row.source
+    content = PreparedDataset(prepared, data.split, train_transforms(data, recipe.normalize), seed, labelled=True)
+    style = PreparedDataset(PREPARED_ROOT / row.target, recipe.stream_data("target").split, None, seed)
+    restyled = RestyledSource(content, style, recipe.style_transfer(f"recipes.{row.recipe}"))
+    return batches_from(restyled, sampler(prepared, content.ids, data, seed), data)
 
 
 def stylized_pair_streams(recipe: Recipe, row: TrainingRow, transfer, seeds: dict[str, int]) -> dict[str, StreamFactory]:
