@@ -55,6 +55,7 @@ from lib.losses.covariance import (
 from lib.losses.segmentation import cross_entropy, cross_entropy_on_grid
 from lib.methods.base import Batch, Method, StageContext
 from lib.models.backbone import INSTANCE_NORM_FEATURES
+from lib.train.checkpoint import evaluating
 
 # (count, seed) -> that many distinct source training frames, drawn with the seed, each (1, 3, H, W) normalised
 Frames = Callable[[int, list[int]], Iterator[torch.Tensor]]
@@ -177,9 +178,7 @@ class RobustNet(Method):
         """ISW's statistics phase: for each trial, the covariances of ``trial_images`` frames and of
         their style views, in eval mode with the weights as they are, then the trial's mask."""
         p = self.params
-        modes = {m: m.training for m in self.model.modules()}
-        self.model.eval()
-        try:
+        with evaluating(self.model):
             for trial in range(int(self.selection.trials_done), p.trials):
                 rng = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, trial]).generate_state(1)[0]))
                 for frame in self.frames(p.trial_images, [self.seed, trial]):
@@ -189,9 +188,6 @@ class RobustNet(Method):
                     self.selection.add([view_variance(plain.features[name], style.features[name], p.covariance_eps)
                                         for name in INSTANCE_NORM_FEATURES], len(frame))
                 self.selection.close_trial(p.clusters)
-        finally:
-            for module, training in modes.items():
-                module.train(training)
 
 
 METHOD = RobustNet

@@ -42,6 +42,19 @@ class TrainingDiverged(UserError):
     """A loss or the weights became NaN or infinite; the last good checkpoint is kept."""
 
 
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module):
+    """``model`` in eval mode for a measurement; afterwards every submodule is back in the mode it
+    was in (a frozen BatchNorm stays in eval mode)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+
+
 def rng_state() -> dict:
     """Every global generator a training step may touch (dropout, library code)."""
     np_state = np.random.get_state()

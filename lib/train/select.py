@@ -32,7 +32,7 @@ from torch import nn
 
 from lib.config import positive
 from lib.infer.params import InferenceParams
-from lib.train.checkpoint import rng_state, set_rng_state
+from lib.train.checkpoint import evaluating, rng_state, set_rng_state
 
 
 @dataclass(frozen=True)
@@ -72,14 +72,10 @@ class Selection:
     def evaluate(self, done: int) -> float:
         """Score the model after ``done`` iterations; keep its weights if they are the best so far."""
         rng = rng_state()
-        modes = {m: m.training for m in self.model.modules()}
         try:
-            self.model.eval()
-            with torch.no_grad():
+            with evaluating(self.model), torch.no_grad():
                 value = float(self.score(self.model))
         finally:
-            for module, training in modes.items():
-                module.train(training)
             set_rng_state(rng)
         self.history.append((done, value))
         if value > self.best_score:
