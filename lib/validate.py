@@ -16,6 +16,7 @@ from lib.errors import ConfigError
 from lib.infer.params import EvaluateParams
 from lib.models.ensemble import EnsembleParams
 from lib.models.weights import WeightsParams, missing_file
+from lib.pseudo.artifact import load_threshold_error
 from lib.pseudo.writer import pseudo_row
 from lib.stylize.paired import StylizeParams
 from lib.stylize.transfer import parse_transfer
@@ -45,8 +46,8 @@ def check_params(params: dict) -> dict[str, int]:
         parse_transfer(spec, stylize.fda_beta, f"stylize.outputs.{name}")
     translated = check_cyclegan(params)
     produced = {*datasets, *stylize.outputs, *translated}
-    for key, name in (("stylize.source", stylize.source), ("stylize.style", stylize.style),
-                      ("source", params.get("source")), ("target", params.get("target"))):
+    restyled = (("stylize.source", stylize.source), ("stylize.style", stylize.style)) if stylize.outputs else ()
+    for key, name in (*restyled, ("source", params.get("source")), ("target", params.get("target"))):
         if name is not None and name not in produced:
             raise ConfigError(f"params: {key} {name!r} is not a dataset of the pipeline "
                               f"(datasets, stylize.outputs, cyclegan.outputs: {', '.join(sorted(produced))})")
@@ -57,7 +58,14 @@ def check_params(params: dict) -> dict[str, int]:
     check_unique_artifacts(params)
     rows = [name for t in TRAINING_TABLES for name in table(params, t)]
     for name in rows:
-        parse_recipe(find_training_row(params, name))
+        row = find_training_row(params, name)
+        recipe, _ = parse_recipe(row)
+        if row.pseudo and recipe.pseudo_threshold is not None and row.pseudo in table(params, "pseudo_labels"):
+            job, options = pseudo_row(params, row.pseudo)
+            error = load_threshold_error(job.form, options.threshold, recipe.pseudo_threshold, row.pseudo)
+            if error:
+                raise ConfigError(f"params: {row.where} (recipes.{row.recipe}.pseudo_threshold) reads "
+                                  f"pseudo_labels.{row.pseudo}: {error}")
     for name in table(params, "pseudo_labels"):
         pseudo_row(params, name)
     for name, raw in table(params, "ensembles").items():

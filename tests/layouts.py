@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.io
+import torch
 from PIL import Image
 
 # Cityscapes (and GTA5) label ID -> train ID (the released code, valeoai/ADVENT, root0yang/BlindNet).
@@ -94,12 +95,14 @@ def save_png16_rgb(path: Path, rgb16: np.ndarray) -> Path:
 
 # --- whole layouts: each returns {id: expected train-ID array} -------------------------------
 
-def make_gta5(root: Path, rng, n: int = 3, split_mat: dict | None = None) -> dict[str, np.ndarray]:
+def make_gta5(root: Path, rng, n: int = 3, split_mat: dict | None = None, size: tuple[int, int] = (H, W),
+              label_sizes: dict[int, tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+    """Frames 00001.. of ``size``; ``label_sizes`` gives frame i a label of another size (as a few real ones have)."""
     expected = {}
     for i in range(1, n + 1):
         name = f"{i:05d}"
-        save_rgb(root / "images" / f"{name}.png", random_image(rng))
-        ids = raw_ids(rng, list(range(34)) + [255])
+        save_rgb(root / "images" / f"{name}.png", random_image(rng, *size))
+        ids = raw_ids(rng, list(range(34)) + [255], *(label_sizes or {}).get(i, size))
         save_palette(root / "labels" / f"{name}.png", ids)
         expected[name] = spec_map(ids, SPEC_LABELID_TO_TRAIN)
     if split_mat is not None:
@@ -107,15 +110,15 @@ def make_gta5(root: Path, rng, n: int = 3, split_mat: dict | None = None) -> dic
     return expected
 
 
-def make_gtav_split(root: Path, rng, per_split: dict[str, int]) -> dict[str, np.ndarray]:
+def make_gtav_split(root: Path, rng, per_split: dict[str, int], size: tuple[int, int] = (H, W)) -> dict[str, np.ndarray]:
     colors = list(SPEC_GTAV_COLORS) + [(1, 2, 3), (0, 0, 0)]
     expected, frame = {}, 0
     for folder, n in per_split.items():
         for _ in range(n):
             frame += 1
-            choice = raw_ids(rng, list(range(len(colors))))
+            choice = raw_ids(rng, list(range(len(colors))), *size)
             rgb = np.array(colors, np.uint8)[choice]
-            save_rgb(root / "images" / folder / "1" / f"{frame:05d}.png", random_image(rng))
+            save_rgb(root / "images" / folder / "1" / f"{frame:05d}.png", random_image(rng, *size))
             save_rgb(root / "labels" / folder / "1" / f"{frame:05d}.png", rgb)
             expected[f"{frame:05d}"] = np.array([SPEC_GTAV_COLORS.get(c, 255) for c in colors], np.uint8)[choice]
     return expected
@@ -136,34 +139,35 @@ def make_synthia(root: Path, rng, n: int = 10) -> dict[str, np.ndarray]:
 CITIES = {"train": ("aachen", "bremen"), "val": ("frankfurt", "lindau"), "test": ("berlin",)}
 
 
-def make_cityscapes(root: Path, rng, per_split: dict[str, int]) -> dict[str, np.ndarray]:
+def make_cityscapes(root: Path, rng, per_split: dict[str, int], size: tuple[int, int] = (H, W)) -> dict[str, np.ndarray]:
     expected = {}
     for split, n in per_split.items():
         cities = CITIES[split]
         for i in range(n):
             city = cities[i % len(cities)]
             stem = f"{city}_{i:06d}_{19 + i:06d}"
-            save_rgb(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", random_image(rng))
-            ids = raw_ids(rng, list(range(34)))
+            save_rgb(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", random_image(rng, *size))
+            ids = raw_ids(rng, list(range(34)), *size)
             save_gray(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", ids)
             expected[stem] = spec_map(ids, SPEC_LABELID_TO_TRAIN)
     return expected
 
 
-def trainid_label(rng) -> np.ndarray:
-    return raw_ids(rng, list(range(19)) + [255])
+def trainid_label(rng, size: tuple[int, int] = (H, W)) -> np.ndarray:
+    return raw_ids(rng, list(range(19)) + [255], *size)
 
 
-def make_acdc_native(root: Path, rng, conditions: dict[str, dict[str, int]]) -> dict[str, np.ndarray]:
+def make_acdc_native(root: Path, rng, conditions: dict[str, dict[str, int]],
+                     size: tuple[int, int] = (H, W)) -> dict[str, np.ndarray]:
     expected = {}
     for c, (cond, splits) in enumerate(conditions.items()):
         for k, (split, n) in enumerate(splits.items()):
             seq = f"GOPR0{c}{k}{len(cond)}"
             for i in range(n):
                 stem = f"{seq}_frame_{i:06d}"
-                save_rgb(root / "rgb_anon" / cond / split / seq / f"{stem}_rgb_anon.png", random_image(rng))
+                save_rgb(root / "rgb_anon" / cond / split / seq / f"{stem}_rgb_anon.png", random_image(rng, *size))
                 if split != "test":
-                    ids = trainid_label(rng)
+                    ids = trainid_label(rng, size)
                     save_gray(root / "gt" / cond / split / seq / f"{stem}_gt_labelTrainIds.png", ids)
                     expected[stem] = ids
                 else:
@@ -183,29 +187,31 @@ def make_acdc_flat(root: Path, rng, per_split: dict[str, int]) -> dict[str, np.n
     return expected
 
 
-def make_dark_zurich(root: Path, rng, train: dict[str, int], val: int) -> dict[str, np.ndarray | None]:
+def make_dark_zurich(root: Path, rng, train: dict[str, int], val: int,
+                     size: tuple[int, int] = (H, W)) -> dict[str, np.ndarray | None]:
     expected = {}
     for time, n in train.items():
         for i in range(n):
             stem = f"GOPR0{len(time)}_{time}_frame_{i:06d}"
-            save_rgb(root / "rgb_anon" / "train" / time / "GOPR0356" / f"{stem}_rgb_anon.png", random_image(rng))
+            save_rgb(root / "rgb_anon" / "train" / time / "GOPR0356" / f"{stem}_rgb_anon.png", random_image(rng, *size))
             expected[stem] = None
     for i in range(val):
         stem = f"GOPR0356_frame_{i:06d}"
-        save_rgb(root / "rgb_anon" / "val" / "night" / "GOPR0356" / f"{stem}_rgb_anon.png", random_image(rng))
-        ids = trainid_label(rng)
+        save_rgb(root / "rgb_anon" / "val" / "night" / "GOPR0356" / f"{stem}_rgb_anon.png", random_image(rng, *size))
+        ids = trainid_label(rng, size)
         save_gray(root / "gt" / "val" / "night" / "GOPR0356" / f"{stem}_gt_labelTrainIds.png", ids)
         expected[stem] = ids
     return expected
 
 
-def make_bdd100k(root: Path, rng, per_split: dict[str, int], suffix: str = "") -> dict[str, np.ndarray]:
+def make_bdd100k(root: Path, rng, per_split: dict[str, int], suffix: str = "",
+                 size: tuple[int, int] = (H, W)) -> dict[str, np.ndarray]:
     expected = {}
     for split, n in per_split.items():
         for i in range(n):
             stem = f"{split[0]}{i:04d}abcd-1234"
-            save_rgb(root / "images" / split / f"{stem}.jpg", random_image(rng))
-            ids = trainid_label(rng)
+            save_rgb(root / "images" / split / f"{stem}.jpg", random_image(rng, *size))
+            ids = trainid_label(rng, size)
             save_gray(root / "labels" / split / f"{stem}{suffix}.png", ids)
             expected[stem] = ids
     return expected
@@ -241,3 +247,38 @@ def prepare_gta_and_cityscapes(root: Path, gta5_split_mat: dict | None = None) -
                            "cs": {"layout": "cityscapes", "root": "raw/cs", "splits": ["train"]}}.items():
             prepare_dataset(parse_dataset_spec(name, spec), Path("data/prepared") / name, params)
     return root
+
+
+# --- weights files in the key layouts their authors publish them in ----------------------------
+
+def torchvision_resnet_state(depth: int) -> dict[str, torch.Tensor]:
+    """A randomly initialised torchvision ResNet state dict (the layout of resnet<depth>-<hash>.pth)."""
+    import torchvision
+    return getattr(torchvision.models, f"resnet{depth}")(weights=None).state_dict()
+
+
+def simclr_state(state: dict[str, torch.Tensor]) -> dict:
+    """SimCLRv2's converted r101_1x_sk0.pth: a ``state_dict`` under torchvision's names, with its
+    classifier and the projection head's layers beside it."""
+    extra = {"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000),
+             "projection.0.weight": torch.zeros(2048, 2048), "projection.1.running_mean": torch.zeros(2048)}
+    return {"state_dict": {**state, **extra}}
+
+
+def caffe_reference():
+    """A seeded Caffe-layout ResNet-101 backbone (DeepLab's), frozen affine BN, in eval mode."""
+    from lib.models.backbone import ResNetBackbone
+    torch.manual_seed(2)
+    return ResNetBackbone(101, dilations=(2, 4), ceil_pool=True, bn="frozen_affine", style="caffe").eval()
+
+
+def deeplab_caffe_state(reference) -> dict[str, torch.Tensor]:
+    """The layout of DeepLab_resnet_pretrained_init-f81d91e8.pth: `Scale.` before every key, conv1 over
+    BGR inputs, no num_batches_tracked, and the checkpoint's own classifier `layer5` (four dilated 3x3
+    convs to its 21 classes)."""
+    state = {f"Scale.{k}": v.clone() for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state["Scale.conv1.weight"] = reference.conv1.weight.detach().flip(1).clone()       # BGR order in the file
+    for i in range(4):
+        state[f"Scale.layer5.conv2d_list.{i}.weight"] = torch.randn(21, 2048, 3, 3)
+        state[f"Scale.layer5.conv2d_list.{i}.bias"] = torch.randn(21)
+    return state

@@ -19,6 +19,7 @@ from lib.preset import main as apply_preset
 from lib.pseudo.writer import pseudo_row
 from lib.table import SCRATCH, check_acyclic, find_training_row, model_names, model_reference, table
 from lib.train.stage import parse_recipe
+from lib.validate import check_params
 from tests.test_pipeline import ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +44,13 @@ def produced_datasets(params: dict) -> set[str]:
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_preset_gives_a_valid_table(tmp_path, preset):
+def test_preset_gives_a_valid_table(tmp_path, preset, monkeypatch):
     params, text = applied(tmp_path, preset)
+    monkeypatch.chdir(tmp_path)
+    for raw in params["weights"].values():
+        Path(raw["file"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(raw["file"]).touch()
+    check_params(params)      # what the check stage runs before any other stage
     check_acyclic(params)
     rows = [k for t in ("models", "selftrained") for k in table(params, t)]
     for name in rows:
@@ -318,3 +324,19 @@ def test_small_floats_stay_floats_for_the_stages(tmp_path):
     params, _ = applied(tmp_path, preset)
     recipe = params["recipes"]["source_only"]
     assert recipe["optim"]["model"]["lr"] == 6e-5 and recipe["schedule"]["warmup_ratio"] == 1e-6
+
+
+def test_a_load_time_threshold_the_set_was_not_written_for_is_refused_before_any_stage(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    check_params(params)
+    params["recipes"]["cpsl_kd"]["pseudo_threshold"] = 0.9
+    with pytest.raises(ConfigError, match=r"selftrained\.kd1 \(recipes\.cpsl_kd\.pseudo_threshold\) reads "
+                                          r"pseudo_labels\.hard_stage1: .*written for \(0\.95\).* set "
+                                          r"pseudo_labels\.hard_stage1\.options\.threshold: 0\.9"):
+        check_params(params)
+    for name in ("hard_stage1", "hard_kd1"):
+        params["pseudo_labels"][name]["options"]["threshold"] = 0.9
+    check_params(params)
+    params["pseudo_labels"]["hard_stage1"]["form"] = "class_balanced"
+    with pytest.raises(ConfigError, match="thresholded per class when written"):
+        check_params(params)

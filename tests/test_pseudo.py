@@ -25,7 +25,7 @@ from lib.models import ModelParams, build_model
 from lib.models.artifact import MODEL_FILE, load_model, save_model
 from lib.models.output import upsample
 from lib.pseudo import writer as pseudo_module
-from lib.pseudo.artifact import LABELLER, PseudoLabels
+from lib.pseudo.artifact import CODE_KEPT, LABELLER, PseudoLabels, decode_confidence, encode_confidence
 from lib.pseudo.stream import SOFT_GRID, PseudoLabelledDataset, pseudo_stream, soft_at, soft_grid
 from lib.pseudo.writer import (
     PseudoJob,
@@ -243,43 +243,73 @@ def test_class_prior_normalises_counts():
 # hard_threshold (CPSL P2/P3)
 
 
+def full_precision_hard(project) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(label, float32 confidence) of each image: the flip-averaged softmax written out."""
+    model, _ = load_model(project / "data/models/cpsl")
+    out = []
+    for x in normalised_images(project):
+        conf, label = manual_softmax(model, x, flip=True)[0].max(0)
+        out.append((label.numpy().astype(np.uint8), conf.numpy()))
+    return out
+
+
 def test_hard_threshold_is_the_flip_averaged_softmax(project):
     model, _ = load_model(project / "data/models/cpsl")
     art = PseudoLabels.load(project / "data/pseudo/hard")
     assert art.meta["flip"] is True
     flip_matters = False
-    for i, x in enumerate(normalised_images(project)):
-        conf, label = manual_softmax(model, x, flip=True)[0].max(0)
+    for i, (x, (label, conf)) in enumerate(zip(normalised_images(project), full_precision_hard(project))):
         stored_label = read_label_png(project / f"data/pseudo/hard/labels/img{i}.png")
-        stored_conf = np.load(project / f"data/pseudo/hard/conf/img{i}.npy")
-        assert stored_conf.dtype == np.float16 and stored_conf.shape == (H, W)
-        np.testing.assert_array_equal(stored_label, label.numpy())
-        np.testing.assert_allclose(stored_conf.astype(np.float32), conf.numpy(), atol=1e-3, rtol=0)
+        code = read_label_png(project / f"data/pseudo/hard/conf/img{i}.png")
+        assert code.dtype == np.uint8 and code.shape == (H, W)
+        np.testing.assert_array_equal(stored_label, label)
+        np.testing.assert_array_equal(code >= CODE_KEPT, conf.astype(np.float64) > HARD.threshold)
+        step = np.where(conf > HARD.threshold, (1 - HARD.threshold) / 128, HARD.threshold / 127)
+        assert (np.abs(decode_confidence(code, HARD.threshold) - conf) <= step + 1e-6).all()
         plain = manual_softmax(model, x, flip=False)[0].max(0).values.numpy()
-        flip_matters |= bool(np.abs(plain - conf.numpy()).max() > 1e-2)
+        flip_matters |= bool(np.abs(plain - conf).max() > 1e-2)
     assert flip_matters
 
 
 def test_load_time_threshold_sets_low_confidence_to_ignore(project):
     art = PseudoLabels.load(project / "data/pseudo/hard")
-    label = read_label_png(project / "data/pseudo/hard/labels/img1.png")
-    conf = np.load(project / "data/pseudo/hard/conf/img1.npy")
-    t = float(np.median(conf.astype(np.float64)))   # a stored value: conf == t must be dropped too
-    thresholded = art.sample("img1", t)["pseudo"]
-    np.testing.assert_array_equal(thresholded, np.where(conf.astype(np.float64) > t, label, IGNORE))
+    label, conf = full_precision_hard(project)[1]
+    thresholded = art.sample("img1", HARD.threshold)["pseudo"]
+    np.testing.assert_array_equal(thresholded, np.where(conf.astype(np.float64) > HARD.threshold, label, IGNORE))
     assert (thresholded == IGNORE).any() and (thresholded != IGNORE).any()
     np.testing.assert_array_equal(art.sample("img1", None)["pseudo"], label)
     assert art.default_threshold == 0.5 and "soft" not in art.sample("img1")
+    with pytest.raises(ConfigError, match=r"stored exactly at the threshold it was written for \(0\.5\), not at the "
+                                          r"load-time pseudo_threshold 0\.95; set pseudo_labels\.hard\.options\.threshold"):
+        art.sample("img1", 0.95)
+
+
+@pytest.mark.parametrize("threshold", [0.95, 0.5, 0.9, 0.968, 0.0])
+def test_stored_confidence_keeps_exactly_the_full_precision_pixels(threshold):
+    """Constructed confidences on both sides of t by one float32 step, t itself, 0 and 1, and random
+    values: the stored code keeps exactly the pixels conf > t keeps (a float16 map does not: it rounds
+    values within its step of t across it)."""
+    t32 = np.float32(threshold)
+    near = [np.nextafter(t32, np.float32(0)), t32, np.nextafter(t32, np.float32(1)), np.float32(threshold + 1e-5),
+            np.float32(threshold - 1e-5), np.float32(threshold + 2.4e-4), np.float32(threshold - 2.4e-4)]
+    rng = np.random.default_rng(0)
+    conf = np.concatenate([np.array([0.0, 1.0, *near], np.float32), rng.random(3991, dtype=np.float32),
+                           (threshold + (rng.random(4000) - 0.5) * 1e-3).clip(0, 1).astype(np.float32)]).reshape(80, -1)
+    code = encode_confidence(conf, threshold)
+    full = conf.astype(np.float64) > threshold
+    np.testing.assert_array_equal(code >= CODE_KEPT, full)
+    np.testing.assert_array_equal(decode_confidence(code, threshold).astype(np.float64) > threshold, full)
+    assert np.abs(decode_confidence(code, threshold) - conf).max() <= max(threshold / 127, (1 - threshold) / 128) + 1e-6
+    if threshold in (0.95, 0.968):
+        assert ((conf.astype(np.float16).astype(np.float64) > threshold) != full).any()
 
 
 def test_hard_threshold_kept_fractions_in_meta_and_metrics(project):
     art = PseudoLabels.load(project / "data/pseudo/hard")
     predicted, kept = np.zeros(C), np.zeros(C)
-    for i in range(N_IMAGES):
-        label = read_label_png(project / f"data/pseudo/hard/labels/img{i}.png")
-        conf = np.load(project / f"data/pseudo/hard/conf/img{i}.npy").astype(np.float64)
+    for label, conf in full_precision_hard(project):
         predicted += np.bincount(label.ravel(), minlength=C)
-        kept += np.bincount(label[conf > HARD.threshold], minlength=C)
+        kept += np.bincount(label[conf.astype(np.float64) > HARD.threshold], minlength=C)
     expected = np.divide(kept, predicted, out=np.zeros(C), where=predicted > 0)
     np.testing.assert_allclose(art.meta["kept_fraction"], expected)
     np.testing.assert_allclose(art.meta["predicted_fraction"], predicted / predicted.sum())
@@ -338,6 +368,7 @@ def test_class_median_artifact(project):
     taus = reference_thresholds(labels, confs, C, MEDIAN.median_cap)
     art = PseudoLabels.load(project / "data/pseudo/median")
     assert art.meta["flip"] is False and art.default_threshold is None
+    assert not (art.path / "conf").exists() and "conf" not in art.index.columns    # the labels carry tau_c
     assert art.meta["thresholds"] == taus
     assert any(t == 0.0 for t in taus) and any(0 < t < MEDIAN.median_cap for t in taus)
     kept = np.zeros(C)
@@ -457,13 +488,13 @@ def test_reader_errors_name_the_file(project, tmp_path):
         art.sample("ghost")
     copy = tmp_path / "hard"
     shutil.copytree(project / "data/pseudo/hard", copy)
-    (copy / "conf/img0.npy").unlink()
-    (copy / "conf/img1.npy").write_bytes(b"not numpy")
+    (copy / "conf/img0.png").unlink()
+    (copy / "conf/img1.png").write_bytes(b"not a png")
     broken = PseudoLabels.load(copy)
-    with pytest.raises(DataError, match=r"conf/img0\.npy: confidence map not found"):
-        broken.sample("img0")
-    with pytest.raises(DataError, match=r"conf/img1\.npy: not a readable confidence map"):
-        broken.sample("img1")
+    with pytest.raises(DataError, match=r"conf/img0\.png: confidence map not found"):
+        broken.sample("img0", HARD.threshold)
+    with pytest.raises(DataError, match=r"conf/img1\.png: not a readable confidence map"):
+        broken.sample("img1", HARD.threshold)
     soft = tmp_path / "soft"
     shutil.copytree(project / "data/pseudo/soft", soft)
     (soft / "prototypes.npy").unlink()

@@ -354,12 +354,12 @@ def test_a_distillation_rows_teacher_is_the_labeller_of_its_pseudo_label_set(tmp
                      models={"warmup": {"recipe": "source_only", "from": "scratch"},
                              "other": {"recipe": "source_only", "from": "scratch",
                                        "overrides": {"train": {"seed": 1}}}},
-                     pseudo_labels={"set": {"model": "warmup", "form": "hard_threshold"}})
+                     pseudo_labels={"set": {"model": "warmup", "form": "hard_threshold", "options": {"threshold": 0.5}}})
     train(params, "warmup")
     train(params, "other")
     monkeypatch.setattr("lib.pseudo.writer.select_device", lambda: torch.device("cpu"))
     generate_pseudo_labels(Path("data/models/warmup"), "cs", "train", "hard_threshold",
-                           PseudoParams(batch_size=1, workers=0), Path("data/pseudo/set"), progress=False)
+                           PseudoParams(batch_size=1, workers=0, threshold=0.5), Path("data/pseudo/set"), progress=False)
     labeller = PseudoLabels.load("data/pseudo/set").labeller
     expected, _ = load_model(labeller)
     shutil.rmtree("data/models/warmup")               # the set's copy is what the row reads

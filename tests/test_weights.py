@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torchvision
 import yaml
 
 from lib.data.streams import NORMALIZATION
@@ -49,8 +48,7 @@ def assert_loaded(model, file_state: dict[str, torch.Tensor]) -> None:
 
 
 def random_torchvision_resnet101() -> dict[str, torch.Tensor]:
-    torch.manual_seed(1)
-    return torchvision.models.resnet101(weights=None).state_dict()
+    return L.torchvision_resnet_state(101)
 
 
 @pytest.mark.parametrize("style", ["torchvision", "caffe"])
@@ -65,21 +63,7 @@ def test_torchvision_imagenet_file_loads_into_either_layout(tmp_path, style):
     assert_loaded(model, {k: v for k, v in state.items() if not k.startswith("fc.")})
 
 
-def caffe_reference() -> ResNetBackbone:
-    torch.manual_seed(2)
-    return ResNetBackbone(101, dilations=(2, 4), ceil_pool=True, bn="frozen_affine", style="caffe").eval()
-
-
-def deeplab_init_file(reference: ResNetBackbone) -> dict[str, torch.Tensor]:
-    """The layout of DeepLab_resnet_pretrained_init-f81d91e8.pth: `Scale.` before every key, conv1 over
-    BGR inputs, no num_batches_tracked, and the checkpoint's own classifier `layer5` (four dilated 3x3
-    convs to its 21 classes)."""
-    state = {f"Scale.{k}": v.clone() for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
-    state["Scale.conv1.weight"] = reference.conv1.weight.detach().flip(1).clone()       # BGR order in the file
-    for i in range(4):
-        state[f"Scale.layer5.conv2d_list.{i}.weight"] = torch.randn(21, 2048, 3, 3)
-        state[f"Scale.layer5.conv2d_list.{i}.bias"] = torch.randn(21)
-    return state
+caffe_reference, deeplab_init_file = L.caffe_reference, L.deeplab_caffe_state
 
 
 def test_deeplab_init_strips_the_prefix_skips_its_classifier_and_keeps_rgb_inputs(tmp_path):
@@ -129,9 +113,9 @@ def test_the_caffe_layout_puts_the_stride_on_the_first_1x1():
 
 def test_simclr_file_skips_the_projection_head_and_reports_it(tmp_path):
     state = random_torchvision_resnet101()
-    extra = {"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000),
-             "projection.0.weight": torch.zeros(2048, 2048), "projection.1.running_mean": torch.zeros(2048)}
-    kept, read, meta = imported(tmp_path, "simclr", {"state_dict": {**state, **extra}})
+    file_state = L.simclr_state(state)
+    extra = {k: v for k, v in file_state["state_dict"].items() if k not in state or k.startswith("fc.")}
+    kept, read, meta = imported(tmp_path, "simclr", file_state)
     assert meta["skipped"] == sorted(extra) and set(kept) == set(state) - {"fc.weight", "fc.bias"}
     model = build_model(r101("caffe", extra_bn=True, head="cpsl"), C)       # CPSL's KD-1 student
     initialise(model, tmp_path / "models/w", kept, read)

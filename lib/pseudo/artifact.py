@@ -11,13 +11,17 @@ training batches).
   the softmax at the logits' stride; ``prototypes.npy`` float32 (C, D) class centroids of the
   embedding; ``prior.npy`` float32 (C,) the class prior r (argmax shares on the logit grid);
 - ``hard_threshold`` (CPSL's distillation labels): ``labels/<id>.png`` uint8 argmax of the
-  (flip-averaged) softmax at the image size, ``conf/<id>.npy`` float16 (H, W) its maximum; the
-  threshold is applied when the labels are loaded (conf <= t -> 255, t = 0.95 by default);
+  (flip-averaged) softmax at the image size, ``conf/<id>.png`` its maximum as a uint8 code exact at
+  the set's threshold t (:func:`encode_confidence`: code >= 128 exactly where the float32
+  confidence is > t); the threshold is applied when the labels are loaded (conf <= t -> 255, CPSL's
+  released code, t = 0.95 by default), and only at the t the set was written for.  (A float16 map,
+  2 bytes a pixel, would be 12 GB for Cityscapes train at 2048x1024 and would move pixels within
+  its rounding of t across it; the code is 1 byte before PNG compression);
 - ``class_median`` (BAFFT step 2, after SIM's class-wise median, Wang et al., CVPR 2020):
-  the same two files, without flip, the labels already set to 255 where conf < tau_c, tau_c the
-  class's median confidence capped at 0.9;
+  ``labels/<id>.png`` without flip, already set to 255 where conf < tau_c, tau_c the class's median
+  float16 confidence capped at 0.9 (the confidence maps are kept only while the set is written);
 - ``class_balanced`` (OUR ADDITION, CBST's class-balanced selection, Zou et al. ECCV 2018, on CPSL's
-  flip-averaged hard labels): the same two files, labels set to 255 where conf < tau_c, tau_c the
+  flip-averaged hard labels): the same, labels set to 255 where conf < tau_c, tau_c the
   confidence that keeps the top ``class_portion`` of class c's pixels, capped at ``threshold``;
 - ``labeller/``: a copy of the model artifact that made the set (``model.pt``, ``meta.json``).  A
   distillation round's frozen teacher is this labeller (CPSL's KD rounds distil the model whose
@@ -34,7 +38,7 @@ import pandas as pd
 import torch
 
 from lib.data.classes import IGNORE
-from lib.errors import DataError
+from lib.errors import ConfigError, DataError
 from lib.io import read_label_png
 from lib.models.output import upsample
 
@@ -50,12 +54,36 @@ LABELLER = "labeller"           # the copy of the model that made the set
 
 
 
-def confident(conf: np.ndarray, threshold: float) -> np.ndarray:
-    """Pixels kept by a load-time threshold: conf > t (CPSL's released code: conf <= t becomes ignore).
+CODE_KEPT = 128        # confidence codes >= this are above the set's threshold
+CODE_STEPS = 128       # codes on each side of the threshold
 
-    Compared in float64, so the stored float16 value is what counts.
-    """
+
+def confident(conf: np.ndarray, threshold: float) -> np.ndarray:
+    """Pixels kept by a threshold: conf > t (CPSL's released code: conf <= t becomes ignore),
+    compared in float64."""
     return np.asarray(conf).astype(np.float64) > threshold
+
+
+def encode_confidence(conf: np.ndarray, threshold: float) -> np.ndarray:
+    """(H, W) uint8 code of a confidence map in [0, 1], exact at ``threshold`` t: code >= 128 iff
+    conf > t (compared in float64).  Below, code = floor(127 conf / t) (steps of t / 127); above,
+    code = 128 + floor(128 (conf - t) / (1 - t)), at most 255 (steps of (1 - t) / 128)."""
+    conf = np.clip(np.asarray(conf, np.float64), 0.0, 1.0)
+    kept = conf > threshold
+    below = np.floor(conf / max(threshold, 1e-12) * (CODE_STEPS - 1))
+    above = CODE_KEPT + np.floor((conf - threshold) / (1.0 - threshold) * CODE_STEPS)
+    code = np.where(kept, np.clip(above, CODE_KEPT, 255), np.clip(below, 0, CODE_STEPS - 1))
+    return code.astype(np.uint8)
+
+
+def decode_confidence(code: np.ndarray, threshold: float) -> np.ndarray:
+    """float32 values of :func:`encode_confidence`'s codes: the lower edge of a bin below t (<= t),
+    the upper edge above (> t), so a value decoded from a code is on the same side of t as the
+    confidence it was encoded from, and within one step of it."""
+    code = np.asarray(code).astype(np.float64)
+    below = code / (CODE_STEPS - 1) * threshold
+    above = threshold + (code - (CODE_KEPT - 1)) / CODE_STEPS * (1.0 - threshold)
+    return np.where(code >= CODE_KEPT, above, below).astype(np.float32)
 
 
 def _load_npy(path: Path, what: str) -> np.ndarray:
@@ -69,11 +97,22 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
 
 
 def read_confidence(path: Path) -> np.ndarray:
-    """A stored float16 (H, W) confidence map; a missing or corrupt file is a DataError naming it."""
+    """A float16 (H, W) confidence map (the class forms' maps while their set is written); a missing
+    or corrupt file is a DataError naming it."""
     array = _load_npy(path, "confidence map")
     if array.dtype != np.float16 or array.ndim != 2:
         raise DataError(f"{path}: expected a float16 (H, W) confidence map, found {array.dtype} {array.shape}")
     return array
+
+
+def read_confidence_code(path: Path) -> np.ndarray:
+    """A hard set's (H, W) uint8 confidence code; a missing or corrupt file is a DataError naming it."""
+    if not path.is_file():
+        raise DataError(f"{path}: confidence map not found")
+    try:
+        return read_label_png(path)
+    except DataError:
+        raise DataError(f"{path}: not a readable confidence map (expected an 8-bit single-channel PNG)") from None
 
 
 class PseudoLabels:
@@ -104,7 +143,7 @@ class PseudoLabels:
         if not (path / INDEX).is_file():
             raise DataError(f"{path / INDEX}: pseudo-label index not found")
         index = pd.read_csv(path / INDEX, dtype={"id": str}, keep_default_na=False)
-        files = ["soft"] if meta["form"] == "soft" else ["label", "conf"]
+        files = {"soft": ["soft"], "hard_threshold": ["label", "conf"]}.get(meta["form"], ["label"])
         missing = [c for c in ["id", "height", "width", *files] if c not in index.columns]
         if missing:
             raise DataError(f"{path / INDEX}: missing column '{missing[0]}'")
@@ -166,7 +205,8 @@ class PseudoLabels:
         """The maps of one sample at its image size.
 
         ``pseudo``: (H, W) uint8 train IDs, 255 where conf <= ``threshold`` (None: no threshold;
-        class_median labels carry their 255s already).  For the soft form also ``soft``: (H, W, C)
+        a hard set is thresholded only at the threshold it was written for; class_median labels
+        carry their 255s already).  For the soft form also ``soft``: (H, W, C)
         float32, the stored softmax upsampled bilinearly with align_corners=True (our choice: the
         convention every logit map of the project is upsampled with, lib.models.output.upsample);
         its ``pseudo`` is the argmax of that upsampled map and conf its maximum.  (A training stream
@@ -184,11 +224,41 @@ class PseudoLabels:
             conf, pseudo = conf.numpy(), pseudo.numpy().astype(np.uint8)
         else:
             pseudo = read_label_png(self.path / row["label"])
-            conf = read_confidence(self.path / row["conf"])
-            if pseudo.shape != size or conf.shape != size:
-                raise DataError(f"{self.path / row['label']}: label {pseudo.shape} or confidence "
-                                f"{conf.shape} is not the indexed size {size}")
+            if pseudo.shape != size:
+                raise DataError(f"{self.path / row['label']}: label {pseudo.shape} is not the indexed size {size}")
         if threshold is not None:
-            pseudo = np.where(confident(conf, threshold), pseudo, IGNORE).astype(np.uint8)
+            if self.form != "soft":
+                self.check_threshold(threshold)
+            if self.form == "soft":
+                kept = confident(conf, threshold)
+            else:
+                code = read_confidence_code(self.path / row["conf"])
+                if code.shape != size:
+                    raise DataError(f"{self.path / row['conf']}: confidence {code.shape} is not the indexed size {size}")
+                kept = code >= CODE_KEPT
+            pseudo = np.where(kept, pseudo, IGNORE).astype(np.uint8)
         out["pseudo"] = pseudo
         return out
+
+    def check_threshold(self, threshold: float) -> None:
+        """A load-time threshold this set can apply exactly (:func:`load_threshold_error`)."""
+        error = load_threshold_error(self.form, self.default_threshold, threshold, self.path.name)
+        if error:
+            raise ConfigError(f"{self.path}: {error}")
+
+
+def load_threshold_error(form: str, written: float | None, threshold: float, name: str) -> str | None:
+    """Why set ``name`` of ``form``, written for threshold ``written``, cannot apply a load-time
+    ``threshold`` (None: it can): a hard set only the one it was written for, the soft form and the
+    class forms none (probabilities, and labels thresholded when written)."""
+    if form == "soft":
+        return (f"soft pseudo-labels are probabilities, not thresholded labels; a load-time "
+                f"pseudo_threshold ({threshold}) has nothing to act on (set it to null)")
+    if form in CLASS_THRESHOLD_FORMS:
+        return (f"{form} pseudo-labels were thresholded per class when written; a load-time "
+                f"pseudo_threshold ({threshold}) would undo that (set it to null)")
+    if form == "hard_threshold" and threshold != written:
+        return (f"its confidence is stored exactly at the threshold it was written for ({written}), not at "
+                f"the load-time pseudo_threshold {threshold}; set pseudo_labels.{name}.options.threshold: "
+                f"{threshold} (or the recipe's pseudo_threshold: {written})")
+    return None

@@ -24,7 +24,7 @@ from lib.data.streams import DataParams, StreamFactory, batches_from, train_tran
 from lib.data.transforms import GRID_SUFFIX, Transform
 from lib.errors import ConfigError, DataError
 from lib.models.output import upsample
-from lib.pseudo.artifact import CLASS_THRESHOLD_FORMS, PseudoLabels
+from lib.pseudo.artifact import PseudoLabels
 
 SOFT_GRID = "soft" + GRID_SUFFIX
 
@@ -123,9 +123,8 @@ def pseudo_stream(dataset_name: str, pseudo: PseudoLabels, threshold: float | No
     if pseudo.meta.get("dataset") != dataset_name:
         raise ConfigError(f"{pseudo.path}: pseudo-labels of dataset '{pseudo.meta.get('dataset')}' "
                           f"cannot label '{dataset_name}'")
-    if threshold is not None and pseudo.form in CLASS_THRESHOLD_FORMS:
-        raise ConfigError(f"{pseudo.path}: {pseudo.form} pseudo-labels were thresholded per class when written; "
-                          f"a load-time pseudo_threshold ({threshold}) would undo that (set it to null)")
+    if threshold is not None:
+        pseudo.check_threshold(threshold)
     require_prepared(dataset_name)
     dataset = PseudoLabelledDataset(PREPARED_ROOT / dataset_name, data.split,
                                     train_transforms(data, normalize), seed, pseudo, threshold)

@@ -44,6 +44,7 @@ from lib.pseudo.artifact import (
     PROTOTYPES,
     Form,
     confident,
+    encode_confidence,
     read_confidence,
 )
 from lib.table import check_model_reference, model_reference, table
@@ -411,11 +412,12 @@ def predict_probabilities(model, image: torch.Tensor, size: tuple[int, int], inf
 
 def _write_hard(model, loader, tmp: Path, form: str, params: PseudoParams, num_classes: int,
                 device, bar, model_dir: Path) -> dict:
-    """CPSL's hard labels and SIM's, as their released code writes them: argmax PNG + float16
-    confidence per image.
+    """CPSL's hard labels and SIM's: an argmax PNG per image, and for hard_threshold its confidence
+    as a uint8 code exact at the set's threshold (lib.pseudo.artifact.encode_confidence).
 
-    class_median then takes tau_c from the histogram of the stored confidences and rewrites the
-    labels in a second pass that reads the files back one image at a time.
+    The class forms take tau_c from the histogram of the float16 confidences, written to the
+    temporary folder, and rewrite the labels in a second pass that reads them back one image at a
+    time; the set publishes only the labels.
     """
     if num_classes >= IGNORE:
         raise ConfigError(f"{num_classes} classes do not fit a uint8 label with {IGNORE} as ignore")
@@ -433,23 +435,30 @@ def _write_hard(model, loader, tmp: Path, form: str, params: PseudoParams, num_c
         probabilities = _checked_probabilities(
             predict_probabilities(model, image, size, params.inference, flip), ids, model_dir)
         conf, label = probabilities.max(1)
-        conf16 = conf.half().cpu().numpy()
         label = label.to(torch.uint8).cpu().numpy()
         pred_counts += np.bincount(label.ravel(), minlength=num_classes)
         if histogram is None:
-            kept_counts += np.bincount(label[confident(conf16, params.threshold)], minlength=num_classes)
+            conf = conf.float().cpu().numpy()
+            kept_counts += np.bincount(label[confident(conf, params.threshold)], minlength=num_classes)
         else:
-            histogram += confidence_histogram(label, conf16, num_classes)
-        for sample_id, one_label, one_conf in zip(ids, label, conf16):
+            conf = conf.half().cpu().numpy()
+            histogram += confidence_histogram(label, conf, num_classes)
+        for sample_id, one_label, one_conf in zip(ids, label, conf):
             write_label_png(tmp / "labels" / f"{sample_id}.png", one_label)
-            np.save(tmp / "conf" / f"{sample_id}.npy", one_conf)
-            index.append({"id": sample_id, "height": int(size[0]), "width": int(size[1]),
-                          "label": f"labels/{sample_id}.png", "conf": f"conf/{sample_id}.npy"})
+            row = {"id": sample_id, "height": int(size[0]), "width": int(size[1]), "label": f"labels/{sample_id}.png"}
+            if histogram is None:
+                row["conf"] = f"conf/{sample_id}.png"
+                write_label_png(tmp / row["conf"], encode_confidence(one_conf, params.threshold))
+            else:
+                np.save(tmp / "conf" / f"{sample_id}.npy", one_conf)
+            index.append(row)
         bar.update(len(ids))
     result = {"index": index}
     if histogram is None:
         result["threshold"] = {"load_time": params.threshold,
-                               "rule": "at load time, conf <= threshold becomes 255 (CPSL's released code)"}
+                               "rule": "at load time, conf <= threshold becomes 255 (CPSL's released code)",
+                               "stored": "conf/<id>.png: uint8 code, >= 128 exactly where the float32 confidence "
+                                         "is > threshold (lib.pseudo.artifact.encode_confidence)"}
         result["thresholds"] = None
     else:
         if form == "class_median":
@@ -460,6 +469,7 @@ def _write_hard(model, loader, tmp: Path, form: str, params: PseudoParams, num_c
             rule = (f"conf < thresholds[label] (top {params.class_portion:g} of the class, capped at "
                     f"{params.threshold:g}) was set to 255 when written (CBST, our addition)")
         kept_counts = apply_class_thresholds(tmp, [row["id"] for row in index], taus, num_classes)
+        shutil.rmtree(tmp / "conf")       # the labels carry the thresholds: no reader needs the maps
         result["threshold"] = {"load_time": None, "rule": rule}
         result["thresholds"] = taus.tolist()
     predicted, kept = class_fractions(pred_counts, kept_counts)
