@@ -59,7 +59,9 @@ FULL_COUNTS = {"gta5": {"train": 24966}, "gtav_split": {"train": 12403, "val": 6
 PIXEL_PAIRS = ("resize", "crop", "input_size", "window", "stride")   # [h, w] pixel sizes in the params
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 BAR = re.compile(r"^\s*(.*?):\s+\d+%\|.*?\| *(\d+)/(\d+) \[(?:(\d+):)?(\d+):(\d+)<[^,]*, *([\d.]+)(s/[a-z]+|[a-z]+/s)")
-ENV = dict(os.environ, PYTHONUNBUFFERED="1", DVC_NO_ANALYTICS="1", TQDM_MININTERVAL="1")
+BIN = Path(sys.executable).parent         # the environment's `python` and `dvc` first on the stages' PATH
+ENV = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONUNBUFFERED="1",
+           DVC_NO_ANALYTICS="1", TQDM_MININTERVAL="1")
 
 
 # --- the project --------------------------------------------------------------------------------
@@ -136,8 +138,9 @@ def write_dataset(spec: dict, root: Path, frames: int, scale: float, rng) -> dic
     if layout == "gta5":
         L.make_gta5(root, rng, n=frames + 1, size=size, label_sizes={frames + 1: size_at(GTA5_ODD_LABEL, scale)})
         return {"train": frames}
-    if layout == "gtav_split":
-        L.make_gtav_split(root, rng, {("valid" if s == "val" else s): n for s, n in counts.items()}, size=size)
+    if layout == "gtav_split":       # the first training frame's label has another size
+        folders = {("valid" if s == "val" else s): n + (s == "train") for s, n in counts.items()}
+        L.make_gtav_split(root, rng, folders, size=size, label_sizes={1: size_at(GTA5_ODD_LABEL, scale)})
     elif layout == "cityscapes":
         L.make_cityscapes(root, rng, counts, size=size)
     elif layout == "acdc":
@@ -257,7 +260,7 @@ class Watcher:
 
 def run_repro(project: Path, log) -> dict[str, StageRecord]:
     """``dvc repro`` in ``project``, timed and sampled stage by stage."""
-    dvc = shutil.which("dvc") or sys.exit("error: dvc not found on PATH (activate the .venv)")
+    dvc = shutil.which("dvc", path=ENV["PATH"]) or sys.exit("error: dvc not found (install the project: make install)")
     proc = subprocess.Popen([dvc, "repro"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=ENV, text=True, bufsize=1)
     watcher = Watcher(proc.pid).start()
@@ -292,11 +295,24 @@ def run_repro(project: Path, log) -> dict[str, StageRecord]:
     return watcher.records
 
 
-def lock_sizes(project: Path) -> dict[str, int]:
-    """Bytes of every stage's outputs, from dvc.lock."""
+CONSTANT_PARTS = ("labeller",)     # a pseudo-label set's copy of its model: one per set, not per image
+
+
+def lock_sizes(project: Path) -> dict[str, tuple[int, int]]:
+    """(bytes of every stage's outputs from dvc.lock, the part of them that grows with the images:
+    the files in sub-folders of an output folder other than a labeller copy)."""
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    return {name: sum(int(out.get("size", 0)) for out in stage.get("outs", []))
-            for name, stage in lock.get("stages", {}).items()}
+    sizes = {}
+    for name, stage in lock.get("stages", {}).items():
+        total = sum(int(out.get("size", 0)) for out in stage.get("outs", []))
+        per_image = 0
+        for out in stage.get("outs", []):
+            folder = project / out["path"]
+            if folder.is_dir():
+                per_image += sum(f.stat().st_size for sub in folder.iterdir() if sub.is_dir()
+                                 and sub.name not in CONSTANT_PARTS for f in sub.rglob("*") if f.is_file())
+        sizes[name] = (total, per_image)
+    return sizes
 
 
 # --- the table ----------------------------------------------------------------------------------------
@@ -320,11 +336,12 @@ def row_of(params: dict, name: str) -> dict:
     return {**(params.get("models") or {}), **(params.get("selftrained") or {})}[name]
 
 
-def stage_row(stage: str, rec: StageRecord, size: int, full: dict, run: dict, written: dict, project: Path,
+def stage_row(stage: str, rec: StageRecord, sizes: tuple[int, int], full: dict, run: dict, written: dict, project: Path,
               iters: int) -> dict:
     """One stage: measured, then extrapolated to the published data and iteration counts (``full``:
     the preset's params before the bench's changes; ``run``: as run; ``written``: frames per dataset)."""
     kind, _, name = stage.partition("@")
+    size, per_image_bytes = sizes
     row = {"stage": stage, "seconds": round(rec.seconds, 1), "peak_rss_mb": round(rec.peak_rss_mb),
            "peak_tree_mb": round(rec.peak_tree_mb), "out_bytes": size, "unit": None, "per_unit_s": None,
            "full_units": None, "full_cpu_h": None, "full_out_bytes": size}
@@ -382,7 +399,7 @@ def stage_row(stage: str, rec: StageRecord, size: int, full: dict, run: dict, wr
             if n_full:
                 row["full_cpu_h"] = round(unit_s * n_full / 3600, 2)
                 if kind != "evaluate":
-                    row["full_out_bytes"] = round(size * n_full / n_written)
+                    row["full_out_bytes"] = round(size - per_image_bytes + per_image_bytes * n_full / n_written)
     return row
 
 
@@ -440,7 +457,7 @@ def run_preset(preset: Path, workdir: Path, args) -> dict:
             records = {}
     result["seconds"] = time.perf_counter() - started
     sizes = lock_sizes(project) if (project / "dvc.lock").is_file() else {}
-    result["stages"] = [stage_row(s, r, sizes.get(s, 0), full, run, written, project, args.iters)
+    result["stages"] = [stage_row(s, r, sizes.get(s, (0, 0)), full, run, written, project, args.iters)
                         for s, r in records.items()]
     result["full_cpu_h"] = sum(r["full_cpu_h"] or 0 for r in result["stages"])
     result["full_out_bytes"] = sum(r["full_out_bytes"] or 0 for r in result["stages"])

@@ -110,13 +110,15 @@ def make_gta5(root: Path, rng, n: int = 3, split_mat: dict | None = None, size: 
     return expected
 
 
-def make_gtav_split(root: Path, rng, per_split: dict[str, int], size: tuple[int, int] = (H, W)) -> dict[str, np.ndarray]:
+def make_gtav_split(root: Path, rng, per_split: dict[str, int], size: tuple[int, int] = (H, W),
+                    label_sizes: dict[int, tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+    """Frames numbered from 1 across the split folders; ``label_sizes`` gives frame i a label of another size."""
     colors = list(SPEC_GTAV_COLORS) + [(1, 2, 3), (0, 0, 0)]
     expected, frame = {}, 0
     for folder, n in per_split.items():
         for _ in range(n):
             frame += 1
-            choice = raw_ids(rng, list(range(len(colors))), *size)
+            choice = raw_ids(rng, list(range(len(colors))), *(label_sizes or {}).get(frame, size))
             rgb = np.array(colors, np.uint8)[choice]
             save_rgb(root / "images" / folder / "1" / f"{frame:05d}.png", random_image(rng, *size))
             save_rgb(root / "labels" / folder / "1" / f"{frame:05d}.png", rgb)
