@@ -1,6 +1,6 @@
 """Every published recipe end to end at the real image sizes on this CPU: the dry run before renting GPUs.
 
-    python bench/recipes.py [--preset NAME ...] [--scale 1.0] [--frames 3] [--iters 3]
+    python bench/recipes.py [--preset NAME ...] [--scale 1.0] [--frames 3] [--iters 2]
                             [--workdir DIR] [--out bench/results/recipes.json]
 
 For each preset (default: every one not named ``synthetic_*``) it copies the project's tracked files
@@ -43,6 +43,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lib.preset import chain as preset_chain  # noqa: E402
 from lib.preset import main as apply_preset  # noqa: E402
 from tests import layouts as L  # noqa: E402
 
@@ -95,8 +96,19 @@ def scaled(node, scale: float, key: str = ""):
     return node
 
 
-def bench_overlay(params: dict, iters: int, scale: float) -> dict:
-    """The keys this bench changes: the iteration counts (and, at ``scale`` != 1, the pixel sizes)."""
+def capped_workers(node, cap: int, key: str = ""):
+    """``node`` with every data loader's ``workers`` at most ``cap`` (more processes than cores only
+    add memory: each holds its own copy of the batches it prepares)."""
+    if isinstance(node, dict):
+        return {k: capped_workers(v, cap, k) for k, v in node.items()}
+    if key == "workers" and isinstance(node, int) and node > cap:
+        return cap
+    return node
+
+
+def bench_overlay(params: dict, iters: int, scale: float, workers: int) -> dict:
+    """The keys this bench changes: the iteration counts, the loaders' workers (at most ``workers``)
+    and, at ``scale`` != 1, the pixel sizes."""
     short = {"iters": iters, "checkpoint_every": iters, "log_every": 1}
     recipes = {}
     for name, recipe in (params.get("recipes") or {}).items():
@@ -109,10 +121,11 @@ def bench_overlay(params: dict, iters: int, scale: float) -> dict:
     out = {"recipes": recipes}
     if (params.get("cyclegan") or {}).get("outputs"):
         out["cyclegan"] = {"train": dict(short), "schedule": {"constant_iters": 1}}
-    if scale != 1.0:
-        sized = scaled({k: params[k] for k in ("recipes", "datasets", "evaluate", "pseudo_labels", "cyclegan",
-                                                "prepare") if k in params}, scale)
-        for key, value in sized.items():
+    sections = {k: params[k] for k in ("recipes", "datasets", "evaluate", "pseudo_labels", "cyclegan", "prepare",
+                                       "stylize") if isinstance(params.get(k), dict)}
+    changed = capped_workers(scaled(sections, scale) if scale != 1.0 else sections, workers)
+    for key, value in changed.items():
+        if value != sections[key]:
             out[key] = merge(value, out.get(key, {}))
     return out
 
@@ -210,6 +223,13 @@ def seconds_per_item(bars: list[Bar], n: int, desc: str | None = None) -> float 
     return done[-1].elapsed / n if done[-1].elapsed >= 5 else done[-1].per_item
 
 
+def last_lines(log) -> str:
+    """The end of the log file being written."""
+    log.flush()
+    with open(log.name, errors="replace") as f:
+        return f.read()[-2000:]
+
+
 def step_seconds(bars: list[Bar], desc: str, iters: int) -> float | None:
     """Seconds per training iteration after the first: (elapsed at ``iters`` - elapsed at 1) / (iters - 1)."""
     first = [b.elapsed for b in bars if b.desc == desc and b.total == iters and b.n == 1]
@@ -258,8 +278,8 @@ class Watcher:
             rec.peak_tree_mb = max(rec.peak_tree_mb, sum(rss[1:]))
 
 
-def run_repro(project: Path, log) -> dict[str, StageRecord]:
-    """``dvc repro`` in ``project``, timed and sampled stage by stage."""
+def run_repro(project: Path, log) -> tuple[dict[str, StageRecord], str | None]:
+    """``dvc repro`` in ``project``, timed and sampled stage by stage; (the records, why it failed or None)."""
     dvc = shutil.which("dvc", path=ENV["PATH"]) or sys.exit("error: dvc not found (install the project: make install)")
     proc = subprocess.Popen([dvc, "repro"], cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=ENV, text=True, bufsize=1)
@@ -291,8 +311,9 @@ def run_repro(project: Path, log) -> dict[str, StageRecord]:
     if watcher.stage is not None:
         watcher.records[watcher.stage].seconds = time.perf_counter() - started
     if code != 0:
-        raise RuntimeError(f"dvc repro failed in {project} (exit {code}); see its log")
-    return watcher.records
+        killed = " (killed: -9, out of memory)" if "exited with -9" in last_lines(log) else ""
+        return watcher.records, f"dvc repro failed at stage '{watcher.stage}' (exit {code}){killed}"
+    return watcher.records, None
 
 
 CONSTANT_PARTS = ("labeller",)     # a pseudo-label set's copy of its model: one per set, not per image
@@ -433,7 +454,7 @@ def run_preset(preset: Path, workdir: Path, args) -> dict:
     apply_preset([str(preset), "--params", str(params_file)])
     full = yaml.safe_load(params_file.read_text())
     overlay = project / "bench_overlay.yaml"
-    overlay.write_text(yaml.safe_dump(bench_overlay(full, args.iters, args.scale)))
+    overlay.write_text(yaml.safe_dump(bench_overlay(full, args.iters, args.scale, args.workers)))
     apply_preset([str(overlay), "--params", str(params_file)])
     overlay.unlink()
     run = yaml.safe_load(params_file.read_text())
@@ -449,12 +470,10 @@ def run_preset(preset: Path, workdir: Path, args) -> dict:
     result = {"preset": preset.stem, "scale": args.scale, "iters": args.iters, "frames": written,
               "cpus": os.cpu_count(), "completed": False}
     with open(workdir / f"{preset.stem}.log", "w") as log:
-        try:
-            records = run_repro(project, log)
-            result["completed"] = True
-        except RuntimeError as err:
-            result["error"] = str(err)
-            records = {}
+        records, error = run_repro(project, log)
+        result["completed"] = error is None
+        if error:
+            result["error"] = error
     result["seconds"] = time.perf_counter() - started
     sizes = lock_sizes(project) if (project / "dvc.lock").is_file() else {}
     result["stages"] = [stage_row(s, r, sizes.get(s, (0, 0)), full, run, written, project, args.iters)
@@ -465,19 +484,36 @@ def run_preset(preset: Path, workdir: Path, args) -> dict:
     return result
 
 
+def published_presets() -> list[str]:
+    """The presets of the published recipes: not ``synthetic_*``, and with rows to train (a base
+    such as gta5_cityscapes_deeplabv2 holds only the shared setting)."""
+    names = []
+    for path in sorted((ROOT / "presets").glob("*.yaml")):
+        layers = [layer for _, layer in preset_chain(path)]
+        if not path.stem.startswith("synthetic") and any(layer.get("models") or layer.get("selftrained")
+                                                         for layer in layers):
+            names.append(path.stem)
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", action="append", help="a preset's name (repeatable; default: the published ones)")
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--frames", type=int, default=3, help="training frames per dataset")
-    parser.add_argument("--iters", type=int, default=3, help="iterations per training stage")
+    parser.add_argument("--iters", type=int, default=2, help="iterations per training stage (the first is not timed)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/segda-recipes"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "recipes.json")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="cap of every loader's workers")
+    parser.add_argument("--skip-done", action="store_true", help="skip the presets --out has completed at --scale")
     args = parser.parse_args(argv)
-    names = args.preset or sorted(p.stem for p in (ROOT / "presets").glob("*.yaml") if not p.stem.startswith("synthetic"))
+    names = args.preset or published_presets()
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.out.read_text())["presets"] if args.out.is_file() else []
+    done = {r["preset"] for r in results if r["completed"] and r["scale"] == args.scale}
     for name in names:
+        if args.skip_done and name in done:
+            continue
         print(f"== {name}", flush=True)
         res = run_preset(ROOT / "presets" / f"{name}.yaml", args.workdir, args)
         results = [r for r in results if r["preset"] != name] + [res]

@@ -57,6 +57,9 @@ def check_params(params: dict) -> dict[str, int]:
             raise missing_file(name, weights, started_from(params, name))
     check_unique_artifacts(params)
     rows = [name for t in TRAINING_TABLES for name in table(params, t)]
+    if not rows:
+        raise ConfigError("params: the model table is empty (models and selftrained have no row): add a row, or "
+                          "apply a preset that does (a base preset such as gta5_cityscapes_deeplabv2 only sets up its recipes)")
     for name in rows:
         row = find_training_row(params, name)
         recipe, _ = parse_recipe(row)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_blindnet_recipe_end_to_end_at_the_real_aspect_ratios(tmp_path):
-    args = argparse.Namespace(scale=0.125, frames=2, iters=2)
+    args = argparse.Namespace(scale=0.125, frames=2, iters=2, workers=1)
     result = recipes.run_preset(ROOT / "presets" / "gta5_blindnet.yaml", tmp_path, args)
     assert result["completed"], (tmp_path / "gta5_blindnet.log").read_text()[-4000:]
     project = tmp_path / "gta5_blindnet"
