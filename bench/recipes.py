@@ -106,13 +106,17 @@ def capped_workers(node, cap: int, key: str = ""):
     return node
 
 
-def bench_overlay(params: dict, iters: int, scale: float, workers: int) -> dict:
-    """The keys this bench changes: the iteration counts, the loaders' workers (at most ``workers``)
-    and, at ``scale`` != 1, the pixel sizes."""
+def bench_overlay(params: dict, iters: int, scale: float, workers: int, max_batch: int | None = None) -> dict:
+    """The keys this bench changes: the iteration counts, the loaders' workers (at most ``workers``),
+    at ``scale`` != 1 the pixel sizes, and with ``max_batch`` the training batches (a recipe whose
+    step does not fit this machine's memory at its own batch still runs every shape at a smaller one)."""
     short = {"iters": iters, "checkpoint_every": iters, "log_every": 1}
     recipes = {}
     for name, recipe in (params.get("recipes") or {}).items():
         over = {"train": dict(short)}
+        batch = (recipe.get("data") or {}).get("batch_size")
+        if max_batch and isinstance(batch, int) and batch > max_batch:
+            over["data"] = {"batch_size": max_batch}
         if "select" in recipe:
             over["select"] = {"every": iters}
         if name == "robustnet":
@@ -395,7 +399,7 @@ def stage_row(stage: str, rec: StageRecord, sizes: tuple[int, int], full: dict, 
             hours = step * n_full + (selections * sel_images * (sel_image or 0.0))
             row["full_cpu_h"] = round(hours / 3600, 1)
     elif kind == "cyclegan_train":
-        step = step_seconds(rec.bars, stage, iters)
+        step = step_seconds(rec.bars, f"cyclegan_{name}", iters)
         n_full = full["cyclegan"]["train"]["iters"]
         row.update(unit="iteration", per_unit_s=step, full_units=n_full,
                    full_cpu_h=round(step * n_full / 3600, 1) if step else None)
@@ -432,7 +436,8 @@ def markdown(results: list[dict]) -> str:
     lines = []
     for res in results:
         head = f"### {res['preset']}: {'completed' if res['completed'] else 'FAILED: ' + res.get('error', '')}"
-        lines += [head, "", f"{res['seconds']:.0f} s on {res['cpus']} cores at scale {res['scale']}; "
+        capped = f", training batches capped at {res['max_batch']}" if res.get("max_batch") else ""
+        lines += [head, "", f"{res['seconds']:.0f} s on {res['cpus']} cores at scale {res['scale']}{capped}; "
                   f"extrapolated: {res['full_cpu_h']:.0f} CPU hours, {gigabytes(res['full_out_bytes'])} GB of outputs "
                   f"(as many again in the DVC cache).", "",
                   "| stage | s | per unit (s) | peak RSS MB (tree) | outputs MB | full: units | CPU h | GB |",
@@ -454,7 +459,8 @@ def run_preset(preset: Path, workdir: Path, args) -> dict:
     apply_preset([str(preset), "--params", str(params_file)])
     full = yaml.safe_load(params_file.read_text())
     overlay = project / "bench_overlay.yaml"
-    overlay.write_text(yaml.safe_dump(bench_overlay(full, args.iters, args.scale, args.workers)))
+    overlay.write_text(yaml.safe_dump(bench_overlay(full, args.iters, args.scale, args.workers,
+                                                    getattr(args, "max_batch", None))))
     apply_preset([str(overlay), "--params", str(params_file)])
     overlay.unlink()
     run = yaml.safe_load(params_file.read_text())
@@ -468,6 +474,7 @@ def run_preset(preset: Path, workdir: Path, args) -> dict:
         write_weights(spec, project / spec["file"])
     started = time.perf_counter()
     result = {"preset": preset.stem, "scale": args.scale, "iters": args.iters, "frames": written,
+              "max_batch": getattr(args, "max_batch", None),
               "cpus": os.cpu_count(), "completed": False}
     with open(workdir / f"{preset.stem}.log", "w") as log:
         records, error = run_repro(project, log)
@@ -505,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/segda-recipes"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "recipes.json")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="cap of every loader's workers")
+    parser.add_argument("--max-batch", type=int, help="cap of every training batch (for a step that does not fit)")
     parser.add_argument("--skip-done", action="store_true", help="skip the presets --out has completed at --scale")
     args = parser.parse_args(argv)
     names = args.preset or published_presets()
