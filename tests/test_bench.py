@@ -262,3 +262,14 @@ def test_soft_labels_bench_measures_both_ways_of_loading_a_soft_label(tmp_path, 
     full, stored = r["per_sample_mb"]["full_size"], r["per_sample_mb"]["stored_size"]
     assert full > 40 and stored < 0.5 * full and r["ratio"] == pytest.approx(stored / full)
     assert "stored size + sampling grid" in capsys.readouterr().out
+
+
+def test_pseudo_storage_bench_keeps_exactly_the_full_precision_mask():
+    import argparse
+
+    from bench import pseudo_storage
+    args = argparse.Namespace(images=2, size=[128, 256], classes=19, stride=8, logit_scale=24.0, threshold=0.95)
+    res = pseudo_storage.measure(args)
+    assert res["code_mask_exact"] and 0.2 < res["per_image_bytes"]["kept_share"] < 0.9
+    assert res["per_image_bytes"]["float16_npy"] == 128 * 256 * 2 + 128           # header + 2 bytes a pixel
+    assert res["code_over_float16"] < 0.5
