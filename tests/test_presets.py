@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.recipes import copy_project
 from lib.config import parse
 from lib.data.convert import ResizeCrop, parse_dataset_spec
 from lib.errors import ConfigError
@@ -79,12 +80,7 @@ def dry_run(tmp_path: Path, preset: Path) -> set[str]:
     """`dvc repro --dry -f` of a copy of the project with the preset applied and empty stand-ins for
     the raw data folders and weights files it names."""
     project = tmp_path / "project"
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.split("\0")
-    for rel in filter(None, tracked):
-        if (ROOT / rel).is_file():
-            (project / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, project / rel)
+    copy_project(project)
     apply_preset([str(preset), "--params", str(project / "params.yaml")])
     params = yaml.safe_load((project / "params.yaml").read_text())
     for raw in params["datasets"].values():
@@ -93,7 +89,6 @@ def dry_run(tmp_path: Path, preset: Path) -> set[str]:
     for raw in params["weights"].values():
         (project / raw["file"]).parent.mkdir(parents=True, exist_ok=True)
         (project / raw["file"]).touch()
-    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     res = subprocess.run(["dvc", "repro", "--dry", "-f"], cwd=project, env=ENV, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     return {line.split("'")[1] for line in res.stdout.splitlines() if line.startswith("Running stage '")}
