@@ -30,6 +30,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -394,7 +395,8 @@ def stage_row(stage: str, rec: StageRecord, sizes: tuple[int, int], full: dict, 
         sel_images = select.get("images") or full_count(full, sel_dataset, sel_split) or 0
         selections = n_full // select["every"] if select.get("every") else 0
         row.update(unit="iteration", per_unit_s=step, full_units=n_full, select_per_image_s=sel_image,
-                   select_images_written=sel_written)
+                   select_images_written=sel_written, selections=selections, select_images=sel_images,
+                   select_dataset=sel_dataset)
         if step is not None:
             hours = step * n_full + (selections * sel_images * (sel_image or 0.0))
             row["full_cpu_h"] = round(hours / 3600, 1)
@@ -432,8 +434,23 @@ def gigabytes(n: float | None) -> str:
     return "" if n is None else f"{n / 1e9:.2f}" if n < 1e11 else f"{n / 1e9:.0f}"
 
 
+def summary_table(results: list[dict]) -> str:
+    """One line per preset: how it ended, its training step, its peak memory and its extrapolation."""
+    lines = ["| preset | run here | training s/iteration (stage) | largest process, GB | full run: CPU h | outputs, GB |",
+             "|---|---|---|---:|---:|---:|"]
+    for res in results:
+        steps = [r for r in res["stages"] if r["unit"] == "iteration" and r["per_unit_s"]]
+        step = ", ".join(f"{r['per_unit_s']:.0f} ({r['stage'].partition('@')[2]})" for r in steps) or "–"
+        ended = ("completed" if res["completed"] else "killed (memory)" if "-9" in res.get("error", "") else "failed") \
+            + (f", batch ≤ {res['max_batch']}" if res.get("max_batch") else "")
+        peak = max((r["peak_rss_mb"] for r in res["stages"]), default=0) / 1024
+        full = f"{res['full_cpu_h']:.0f} | {gigabytes(res['full_out_bytes'])}" if res["completed"] else "– | –"
+        lines.append(f"| {res['preset']} | {ended} in {res['seconds']:.0f} s | {step} | {peak:.1f} | {full} |")
+    return "\n".join(lines)
+
+
 def markdown(results: list[dict]) -> str:
-    lines = []
+    lines = [summary_table(results), ""]
     for res in results:
         head = f"### {res['preset']}: {'completed' if res['completed'] else 'FAILED: ' + res.get('error', '')}"
         capped = f", training batches capped at {res['max_batch']}" if res.get("max_batch") else ""
@@ -443,7 +460,7 @@ def markdown(results: list[dict]) -> str:
                   "| stage | s | per unit (s) | peak RSS MB (tree) | outputs MB | full: units | CPU h | GB |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for row in res["stages"]:
-            unit = "" if row["per_unit_s"] is None else f"{row['per_unit_s']:.3g} /{row['unit'][:4]}"
+            unit = "" if row["per_unit_s"] is None else f"{row['per_unit_s']:.3g} /{'img' if row['unit'] == 'image' else 'it'}"
             lines.append(f"| {row['stage']} | {row['seconds']:.0f} | {unit} | {row['peak_rss_mb']} ({row['peak_tree_mb']}) "
                          f"| {row['out_bytes'] / 2**20:.1f} | {row['full_units'] or ''} | {row['full_cpu_h'] or ''} "
                          f"| {gigabytes(row['full_out_bytes'])} |")
@@ -482,13 +499,63 @@ def run_preset(preset: Path, workdir: Path, args) -> dict:
         if error:
             result["error"] = error
     result["seconds"] = time.perf_counter() - started
+    return scored(result, records, full, run, project)
+
+
+def scored(result: dict, records: dict[str, StageRecord], full: dict, run: dict, project: Path) -> dict:
+    """``result`` with its per-stage rows, the selections' cost and the totals."""
     sizes = lock_sizes(project) if (project / "dvc.lock").is_file() else {}
-    result["stages"] = [stage_row(s, r, sizes.get(s, (0, 0)), full, run, written, project, args.iters)
-                        for s, r in records.items()]
-    result["full_cpu_h"] = sum(r["full_cpu_h"] or 0 for r in result["stages"])
-    result["full_out_bytes"] = sum(r["full_out_bytes"] or 0 for r in result["stages"])
+    rows = [stage_row(s, r, sizes.get(s, (0, 0)), full, run, result["frames"], project, result["iters"])
+            for s, r in records.items()]
+    add_selection_cost(rows, run)
+    result["stages"] = rows
+    result["full_cpu_h"] = round(sum(r["full_cpu_h"] or 0 for r in rows), 1)
+    result["full_out_bytes"] = sum(r["full_out_bytes"] or 0 for r in rows)
     result["project_bytes"] = sum(f.stat().st_size for f in project.rglob("*") if f.is_file() and not f.is_symlink())
     return result
+
+
+def add_selection_cost(rows: list[dict], run: dict) -> None:
+    """A training row whose selection showed no progress bar is charged its checkpoint selections
+    at the per-image time of its model's evaluation on the same target."""
+    per_image = {row["stage"]: row["per_unit_s"] for row in rows if row["stage"].startswith("evaluate@")}
+    for row in rows:
+        if row["unit"] != "iteration" or not row.get("selections") or row.get("select_per_image_s"):
+            continue
+        name = row["stage"].partition("@")[2]
+        seconds = per_image.get(f"evaluate@{name}-{row['select_dataset']}")
+        if seconds and row["full_cpu_h"] is not None:
+            row["select_per_image_s"] = seconds
+            row["full_cpu_h"] = round(row["full_cpu_h"] + row["selections"] * row["select_images"] * seconds / 3600, 1)
+
+
+def records_from_log(log: Path, previous: list[dict]) -> dict[str, StageRecord]:
+    """The stage records of an earlier run: the progress bars re-read from its log, the times and
+    memory from its rows."""
+    records: dict[str, StageRecord] = {}
+    for row in previous:
+        records[row["stage"]] = StageRecord(row["seconds"], row["peak_rss_mb"], row["peak_tree_mb"])
+    stage = None
+    for line in re.split(r"[\r\n]", log.read_text(errors="replace")):
+        match = STAGE_LINE.search(line)
+        if match:
+            stage = match.group(1)
+        elif stage in records and (bar := parse_bar(line)):
+            records[stage].bars.append(bar)
+    return records
+
+
+def rescore(result: dict, workdir: Path) -> dict:
+    """Recompute the rows of a kept run (its project and log in ``workdir``) with this file's rules."""
+    project = workdir / result["preset"]
+    with tempfile.TemporaryDirectory() as tmp:
+        params_file = Path(tmp) / "params.yaml"
+        shutil.copy(ROOT / "params.yaml", params_file)
+        apply_preset([str(ROOT / "presets" / f"{result['preset']}.yaml"), "--params", str(params_file)])
+        full = yaml.safe_load(params_file.read_text())
+    run = yaml.safe_load((project / "params.yaml").read_text())
+    records = records_from_log(workdir / f"{result['preset']}.log", result["stages"])
+    return scored(result, records, full, run, project)
 
 
 def published_presets() -> list[str]:
@@ -513,11 +580,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "recipes.json")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="cap of every loader's workers")
     parser.add_argument("--max-batch", type=int, help="cap of every training batch (for a step that does not fit)")
+    parser.add_argument("--rescore", action="store_true",
+                        help="recompute the rows of --out from the runs kept in --workdir (no run)")
     parser.add_argument("--skip-done", action="store_true", help="skip the presets --out has completed at --scale")
     args = parser.parse_args(argv)
     names = args.preset or published_presets()
     args.workdir.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.out.read_text())["presets"] if args.out.is_file() else []
+    if args.rescore:
+        results = [rescore(r, args.workdir) for r in results]
+        write_results(args.out, results)
+        return 0
     done = {r["preset"] for r in results if r["completed"] and r["scale"] == args.scale}
     for name in names:
         if args.skip_done and name in done:
@@ -525,11 +598,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}", flush=True)
         res = run_preset(ROOT / "presets" / f"{name}.yaml", args.workdir, args)
         results = [r for r in results if r["preset"] != name] + [res]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"cpu": cpu_name(), "presets": results}, indent=1) + "\n")
-        args.out.with_suffix(".md").write_text(markdown(results) + "\n")
+        write_results(args.out, results)
         print(f"   {'completed' if res['completed'] else 'FAILED'} in {res['seconds']:.0f} s", flush=True)
     return 0 if all(r["completed"] for r in results) else 1
+
+
+def write_results(out: Path, results: list[dict]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"cpu": cpu_name(), "presets": results}, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(results) + "\n")
 
 
 def cpu_name() -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lib.config import parse, section
 from lib.data.convert import PrepareParams, parse_dataset_spec
-from lib.data.synthetic import SynthesizeParams
+from lib.data.synthetic import SYNTHETIC_ROOT, SynthesizeParams
 from lib.errors import ConfigError
 from lib.infer.params import EvaluateParams
 from lib.models.ensemble import EnsembleParams
@@ -36,11 +36,14 @@ from lib.train.stage import parse_recipe
 
 def check_params(params: dict) -> dict[str, int]:
     """Parse every section; cross-check the names they share.  Returns what was checked (counts)."""
-    section(params, "synthesize", SynthesizeParams)
+    synthesize = section(params, "synthesize", SynthesizeParams)
     section(params, "prepare", PrepareParams)
     datasets = table(params, "datasets")
     for name, raw in datasets.items():
-        parse_dataset_spec(name, raw)
+        spec = parse_dataset_spec(name, raw)
+        if not synthesize.enabled and spec.root.resolve().is_relative_to(SYNTHETIC_ROOT.resolve()):
+            raise ConfigError(f"params: datasets.{name}.root {spec.root} is written by the synthesize stage, "
+                              "but synthesize.enabled is false: set it true, or point the root at real data")
     stylize = section(params, "stylize", StylizeParams)
     for name, spec in stylize.outputs.items():
         parse_transfer(spec, stylize.fda_beta, f"stylize.outputs.{name}")

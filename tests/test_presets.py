@@ -190,6 +190,7 @@ def test_paper_presets_train_in_fp32_and_skip_mislabelled_gta5_frames(tmp_path, 
     assert parse(EvaluateParams, params["evaluate"], "evaluate").inference.precision == "fp32"
     if any(raw["layout"] in ("gta5", "gtav_split") for raw in params["datasets"].values()):
         assert params["prepare"]["size_mismatch"] == "skip"
+    assert params["synthesize"]["enabled"] is False      # real data: no synthetic benchmark is written
     for name, raw in params["weights"].items():
         assert parse(WeightsParams, raw, f"weights.{name}").published, name   # a missing file says where to get it
 
@@ -339,3 +340,15 @@ def test_a_load_time_threshold_the_set_was_not_written_for_is_refused_before_any
     params["pseudo_labels"]["hard_stage1"]["form"] = "class_balanced"
     with pytest.raises(ConfigError, match="thresholded per class when written"):
         check_params(params)
+
+
+def test_a_synthetic_root_with_synthesize_disabled_is_refused_and_a_datasets_edit_keeps_the_benchmark(tmp_path):
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    check_params(params)
+    params["synthesize"]["enabled"] = False
+    with pytest.raises(ConfigError, match=r"datasets\.synth_gta5\.root data/raw/synthetic/gta5 is written by the "
+                                          r"synthesize stage, but synthesize\.enabled is false"):
+        check_params(params)
+    # the stage depends on its own section only: editing a dataset never rewrites the benchmark
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["synthesize"]
+    assert stage["params"] == ["synthesize"]

@@ -271,6 +271,17 @@ def test_hard_threshold_is_the_flip_averaged_softmax(project):
     assert flip_matters
 
 
+def test_a_hard_set_with_float16_confidence_files_asks_for_its_stage_to_rerun(project, tmp_path):
+    stale = tmp_path / "hard"
+    shutil.copytree(project / "data/pseudo/hard", stale)
+    index = pd.read_csv(stale / "index.csv", dtype={"id": str})
+    index["conf"] = index["conf"].str.replace(".png", ".npy")
+    index.to_csv(stale / "index.csv", index=False)
+    with pytest.raises(DataError, match=r"index\.csv: confidence stored as 'conf/img0\.npy', not the 8-bit code "
+                                        r"\(conf/<id>\.png\).*dvc repro -f pseudo_label@hard"):
+        PseudoLabels.load(stale)
+
+
 def test_load_time_threshold_sets_low_confidence_to_ignore(project):
     art = PseudoLabels.load(project / "data/pseudo/hard")
     label, conf = full_precision_hard(project)[1]
@@ -302,6 +313,16 @@ def test_stored_confidence_keeps_exactly_the_full_precision_pixels(threshold):
     assert np.abs(decode_confidence(code, threshold) - conf).max() <= max(threshold / 127, (1 - threshold) / 128) + 1e-6
     if threshold in (0.95, 0.968):
         assert ((conf.astype(np.float16).astype(np.float64) > threshold) != full).any()
+
+
+def test_every_code_decodes_on_its_side_of_the_threshold():
+    """Code 127 decodes to t itself, which float32 rounds above t for about half of all thresholds:
+    the decoder steps such values back so that every code keeps its side, at any t."""
+    codes = np.arange(256, dtype=np.uint8)
+    for threshold in [*np.random.default_rng(1).uniform(0, 1, 2000).tolist(), 0.95, 0.968, 1 - 1e-9, 1e-9]:
+        decoded = decode_confidence(codes, threshold).astype(np.float64)
+        np.testing.assert_array_equal(decoded > threshold, codes >= CODE_KEPT, err_msg=str(threshold))
+        assert (np.diff(decoded) >= 0).all()
 
 
 def test_hard_threshold_kept_fractions_in_meta_and_metrics(project):

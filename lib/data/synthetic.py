@@ -65,6 +65,7 @@ class SplitCounts:
 @dataclass(frozen=True)
 class SynthesizeParams:
     counts: dict[str, SplitCounts]
+    enabled: bool = True   # false on real data: the stage writes an empty folder
     height: int = 128
     width: int = 256
     seed: int = 0
@@ -75,6 +76,7 @@ class SynthesizeParams:
             raise ConfigError(f"params: {where}.counts must name exactly the domains {', '.join(DOMAINS)}")
         for key in ("height", "width", "workers"):
             positive(getattr(self, key), f"{where}.{key}")
+SYNTHETIC_ROOT = Path("data/raw/synthetic")  # where the synthesize stage writes, relative to the project
 SPLITS = ("train", "val")
 DEFAULT_HEIGHT, DEFAULT_WIDTH = 128, 256
 CAMERA_HEIGHT = 1.6  # metres above the road

@@ -83,7 +83,11 @@ def decode_confidence(code: np.ndarray, threshold: float) -> np.ndarray:
     code = np.asarray(code).astype(np.float64)
     below = code / (CODE_STEPS - 1) * threshold
     above = threshold + (code - (CODE_KEPT - 1)) / CODE_STEPS * (1.0 - threshold)
-    return np.where(code >= CODE_KEPT, above, below).astype(np.float32)
+    kept = code >= CODE_KEPT
+    value = np.where(kept, above, below).astype(np.float32)
+    # float32 rounding may carry a value across t (code 127 decodes to t itself): step one ulp back
+    wrong_side = (value.astype(np.float64) > threshold) != kept
+    return np.where(wrong_side, np.nextafter(value, np.where(kept, np.float32(2), np.float32(0))), value)
 
 
 def _load_npy(path: Path, what: str) -> np.ndarray:
@@ -147,6 +151,9 @@ class PseudoLabels:
         missing = [c for c in ["id", "height", "width", *files] if c not in index.columns]
         if missing:
             raise DataError(f"{path / INDEX}: missing column '{missing[0]}'")
+        if meta["form"] == "hard_threshold" and len(index) and not str(index["conf"].iloc[0]).endswith(".png"):
+            raise DataError(f"{path / INDEX}: confidence stored as {index['conf'].iloc[0]!r}, not the 8-bit code "
+                            f"(conf/<id>.png) this version reads: rerun its stage (dvc repro -f pseudo_label@{path.name})")
         prototypes = prior = None
         if meta["form"] == "soft":
             prototypes = torch.from_numpy(_load_npy(path / PROTOTYPES, "prototype matrix").astype(np.float32))

@@ -60,8 +60,9 @@ class PseudoParams:
       yes, as CPSL's hard labels; class_median no, as SIM; soft never, as CPSL's soft labels).
     - ``inference``: whole image or sliding window, optional input resize (hard forms only; its
       own ``flip`` must stay false: pseudo-labels average softmax, not logits).
-    - ``threshold``: hard_threshold's load-time threshold (CPSL's released code: 0.95), recorded in
-      the meta as the default of the loader and used for the kept fractions.
+    - ``threshold``: hard_threshold's threshold (CPSL's released code: 0.95), recorded in the meta
+      and used for the kept fractions.  The stored confidence code is exact at this threshold only,
+      so it is the only load-time threshold the set accepts (a reader asking another is refused).
     - ``median_cap``: class_median's cap on the class thresholds (SIM's and BAFFT's released code:
       0.9).
     - ``class_portion``: class_balanced's share of each class's pixels kept (capped by ``threshold``).
