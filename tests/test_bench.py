@@ -273,3 +273,39 @@ def test_pseudo_storage_bench_keeps_exactly_the_full_precision_mask():
     assert res["code_mask_exact"] and 0.2 < res["per_image_bytes"]["kept_share"] < 0.9
     assert res["per_image_bytes"]["float16_npy"] == 128 * 256 * 2 + 128           # header + 2 bytes a pixel
     assert res["code_over_float16"] < 0.5
+
+
+def test_eval_speed_interleaves_both_sides_and_says_how_the_official_one_counted(tmp_path):
+    from bench import eval_speed
+    out = tmp_path / "eval.json"
+    threads = torch.get_num_threads()
+    try:
+        code = eval_speed.main(["--images", "3", "--size", "48x96", "--repeat", "3", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)    # the bench pins one thread; the rest of the suite keeps its own
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["agree"] is True and len(result["ratios"]) == 3
+    assert result["ratio"] == sorted(result["ratios"])[1]
+    assert isinstance(result["official_addon"], bool) and result["official_decoder"] == "PIL"
+
+
+def test_train_overhead_alternates_its_pairs_and_reports_each_ratio(tmp_path):
+    from bench import train_overhead
+    out = tmp_path / "overhead.json"
+    train_overhead.main(["--iters", "2", "--repeats", "2", "--batch", "2", "--crop", "32", "48",
+                         "--log-every", "1", "--checkpoint-every", "2", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert len(result["runs"]["bare"]) == len(result["runs"]["engine"]) == len(result["ratios"]) == 2
+    pairs = zip(result["runs"]["bare"], result["runs"]["engine"])
+    assert result["ratios"] == pytest.approx([e / b for b, e in pairs])
+    assert result["ratio"] == pytest.approx(sum(result["ratios"]) / 2)     # the median of two
+
+
+def test_imports_bench_times_fresh_interpreters_and_no_stage_imports_torchvision(tmp_path):
+    from bench import imports
+    result = imports.measure([imports.ROOT], ["evaluate", "synthesize"], repeats=1)
+    rows = result["roots"][str(imports.ROOT)]
+    assert rows["evaluate"]["median_s"] > 0 and rows["evaluate"]["ratio_to_first"] == 1.0
+    assert "torch._dynamo" not in rows["evaluate"]["loads"] and "torchvision" not in rows["evaluate"]["loads"]
+    assert "torch" not in rows["synthesize"]["loads"] and "cv2" in rows["synthesize"]["loads"]

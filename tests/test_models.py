@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ from lib.models.weights import (
 )
 
 C = 5  # classes: small, so the heads stay cheap
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(**kw) -> ModelParams:
@@ -259,6 +262,33 @@ def started_from(params: ModelParams, path: Path, out: Path):
     model = build_model(params, C)
     initialise(model, out, state, meta)
     return model
+
+
+@pytest.mark.parametrize("depth", [18, 50, 101])
+def test_our_resnet_is_torchvisions_under_the_same_seed(depth):
+    """Same module names, shapes, random stream and forward pass: torchvision's files load into it and
+    a seeded scratch model starts from the weights it started from when torchvision built it."""
+    from lib.models.resnet import ResNet
+    torch.manual_seed(depth)
+    ours = ResNet(depth)
+    torch.manual_seed(depth)
+    theirs = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+    expected = {k: v for k, v in theirs.state_dict().items() if not k.startswith("fc.")}
+    assert list(ours.state_dict()) == list(expected)
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in expected.items())
+    x = torch.randn(1, 3, 64, 96)
+    ours.eval(), theirs.eval()
+    with torch.no_grad():
+        reference = theirs.layer4(theirs.layer3(theirs.layer2(theirs.layer1(
+            theirs.maxpool(theirs.relu(theirs.bn1(theirs.conv1(x))))))))
+        torch.testing.assert_close(ours(x), reference, rtol=0, atol=0)
+
+
+def test_building_a_model_does_not_import_torchvision():
+    code = ("import sys; from lib.models import ModelParams, build_model; "
+            "build_model(ModelParams(arch='deeplabv2', depth=18), 19); "
+            "assert 'torchvision' not in sys.modules, 'torchvision imported'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 def test_torchvision_resnet_imports_and_initialises_the_backbone(tmp_path):

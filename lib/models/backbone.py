@@ -11,12 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from lib.errors import ConfigError, DataError
+from lib.models.resnet import Bottleneck, ResNet
 
-_RESNETS = {18: torchvision.models.resnet18, 50: torchvision.models.resnet50, 101: torchvision.models.resnet101}
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 # Where RobustNet/BlindNet put instance normalisation (the released code's ``--wt_layer 0 0 1 1 1 0 0``),
 # as the SegOutput feature names of the normalised, pre-ReLU maps.
@@ -57,8 +56,7 @@ class ResNetBackbone(nn.Module):
     def __init__(self, depth: int, dilations: tuple[int, int], ceil_pool: bool, bn: str,
                  instance_norm: str = "none", style: str = "torchvision"):
         super().__init__()
-        constructor = _RESNETS[depth]
-        net = constructor(weights=None)
+        net = ResNet(depth)
         # Same attribute names as torchvision, so its state-dict keys load unchanged.
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
@@ -121,11 +119,11 @@ class ResNetBackbone(nn.Module):
 
 
 def residual_sum(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """A torchvision BasicBlock / Bottleneck up to its residual addition (its output before the
+    """A BasicBlock / Bottleneck (lib.models.resnet) up to its residual addition (its output before the
     final ReLU), where RobustNet's blocks apply their instance normalisation."""
     identity = x if block.downsample is None else block.downsample(x)
     out = block.relu(block.bn1(block.conv1(x)))
-    if isinstance(block, torchvision.models.resnet.Bottleneck):
+    if isinstance(block, Bottleneck):
         out = block.relu(block.bn2(block.conv2(out)))
         out = block.bn3(block.conv3(out))
     else:
@@ -136,7 +134,7 @@ def residual_sum(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _stride_on_the_first_1x1(block: nn.Module) -> None:
     """Caffe's ResNet v1 (the DeepLab-v2 initialisation): a stage's stride on the first 1×1 conv of its
     first block instead of torchvision's 3×3.  The same tensors, another placement of the stride."""
-    if not isinstance(block, torchvision.models.resnet.Bottleneck):
+    if not isinstance(block, Bottleneck):
         raise ConfigError("the caffe ResNet layout exists for Bottleneck ResNets (depth 50 or 101)")
     block.conv1.stride, block.conv2.stride = block.conv2.stride, (1, 1)
 

@@ -13,7 +13,7 @@ class ModelParams:
 
     - ``arch``: DeepLabV2 as the released code of ADVENT and CPSL builds it (valeoai/ADVENT,
       lslrh/CPSL), or DeepLabV3+ as BlindNet's (root0yang/BlindNet).
-    - ``depth``: torchvision ResNet 18, 50 or 101.
+    - ``depth``: ResNet 18, 50 or 101 (lib.models.resnet: torchvision's names and initialisation).
     - ``bn``: backbone BatchNorm mode, see :class:`lib.models.backbone.ResNetBackbone`.
     - ``aux``: auxiliary head on layer3.
     - ``head``: DeepLabV2 classifier: ``aspp_sum`` (ADVENT/AdaptSegNet) or ``cpsl`` (ProDA/CPSL).
