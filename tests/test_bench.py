@@ -309,3 +309,13 @@ def test_imports_bench_times_fresh_interpreters_and_no_stage_imports_torchvision
     assert rows["evaluate"]["median_s"] > 0 and rows["evaluate"]["ratio_to_first"] == 1.0
     assert "torch._dynamo" not in rows["evaluate"]["loads"] and "torchvision" not in rows["evaluate"]["loads"]
     assert "torch" not in rows["synthesize"]["loads"] and "cv2" in rows["synthesize"]["loads"]
+
+
+def test_demo_levers_times_every_variant_each_round_against_stride_8(tmp_path):
+    from bench import demo_levers
+    result = demo_levers.main(["--batch", "2", "--crop", "32", "48", "--rounds", "2", "--steps", "1",
+                               "--out", str(tmp_path / "levers.json")])
+    variants = result["variants"]
+    assert set(variants) == set(demo_levers.VARIANTS) and variants["stride 8, NCHW"]["ratio"] == 1.0
+    assert all(len(v["runs"]) == 2 and v["s_per_step"] > 0 for v in variants.values())
+    assert json.loads((tmp_path / "levers.json").read_text())["variants"] == variants

@@ -83,6 +83,22 @@ def test_output_shapes_and_strides(arch, depth):
     assert model.num_classes == C and model.params.depth == depth
 
 
+def test_deeplabv2_at_output_stride_16():
+    """layer3 strided, layer4 dilated 2: both heads at stride 16, the same tensors (weights load
+    unchanged), and DeepLabV3+ refuses stride 8."""
+    eight = build_model(ModelParams(arch="deeplabv2", depth=18), C)
+    model = build_model(ModelParams(arch="deeplabv2", depth=18, output_stride=16), C).eval()
+    assert model.output_stride == 16
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 96))
+    assert out.logits.shape == (1, C, 5, 7) and out.aux_logits.shape == (1, C, 5, 7)   # ceil-mode pool: 17x25 -> 9x13 -> 5x7
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in eight.state_dict().items()}
+    assert [m.dilation for m in model.backbone.layer4.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)] \
+        == [(2, 2)] * 4
+    with pytest.raises(ConfigError, match="output_stride 8 exists for arch 'deeplabv2' only"):
+        parse(ModelParams, {"arch": "deeplabv3plus", "output_stride": 8}, "models.x.model")
+
+
 @pytest.mark.parametrize("arch, dilations", [("deeplabv2", (1, 1, 2, 4)), ("deeplabv3plus", (1, 1, 1, 2))])
 @pytest.mark.parametrize("depth", [18, 50])
 def test_every_block_of_a_dilated_stage_is_dilated(arch, dilations, depth):

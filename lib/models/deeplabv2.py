@@ -89,14 +89,16 @@ class CpslHead(nn.Module):
 class DeepLabV2(SegModel):
     """DeepLabV2 as the released code of ADVENT and CPSL builds it: output stride 8, layer3/layer4
     dilated 2/4, ceil-mode max-pool; the main head on layer4, the optional aux head (ASPP sum) on layer3, both
-    at stride 8.  ``features["embedding"]`` is the last map before the classifier: the CPSL head's
+    at stride 8.  ``output_stride: 16`` (our option for CPU runs) keeps layer3 strided and dilates
+    layer4 by 2.  ``features["embedding"]`` is the last map before the classifier: the CPSL head's
     ``feat`` (256-d in the paper), or layer4 itself under ASPP sum, whose atrous convolutions are the
     classifier.  The latter is OUR CHOICE for running CPSL's prototype clustering on an ADVENT model
     (the synthetic default does: from scratch the ASPP model learns faster than the CPSL head).
     """
 
     def __init__(self, params: ModelParams, num_classes: int):
-        backbone = build_backbone(params.depth, dilations=(2, 4), ceil_pool=True, bn=params.bn, style=params.style)
+        dilations = (1, 2) if params.output_stride == 16 else (2, 4)
+        backbone = build_backbone(params.depth, dilations=dilations, ceil_pool=True, bn=params.bn, style=params.style)
         super().__init__(params, num_classes, backbone)
         channels = backbone.channels
         compat = params.aspp_two_branch_compat

@@ -25,6 +25,9 @@ class ModelParams:
       at the end of layer1 and layer2: BlindNet and RobustNet IW/IRW/ISW) or ``in_affine`` (the same
       with a learnable affine: RobustNet's "IBN" baseline); DeepLabV3+ only (as in the released
       code of BlindNet and RobustNet; :class:`lib.models.backbone.ResNetBackbone`).
+    - ``output_stride``: DeepLabV2's stride, 8 (the papers: layer3/layer4 dilated 2/4) or 16 (layer4
+      dilated 2, layer3 strided: about 0.4x the step time of a ResNet-18, bench/README.md); null
+      keeps the architecture's own (DeepLabV2 8, DeepLabV3+ 16, the only one it has).
     - ``head_width``: channels of the CPSL head's branches and embedding (256 in CPSL; a multiple
       of 32 for its GroupNorm).  Our synthetic default narrows it, which is our choice: at 256 the
       head costs more than the ResNet-18 backbone on a CPU.
@@ -39,6 +42,7 @@ class ModelParams:
     aspp_two_branch_compat: bool = False
     extra_bn: bool = False
     head_width: int = 256
+    output_stride: Literal[8, 16] | None = None
     instance_norm: Literal["none", "in", "in_affine"] = "none"
 
     def validate(self, where: str) -> None:
@@ -54,6 +58,9 @@ class ModelParams:
         if self.head_width < 32 or self.head_width % 32:
             raise ConfigError(f"params: {where}.head_width must be a positive multiple of 32 (GroupNorm(32)), "
                               f"got {self.head_width}")
+        if self.output_stride == 8 and self.arch == "deeplabv3plus":
+            raise ConfigError(f"params: {where}.output_stride 8 exists for arch 'deeplabv2' only "
+                              "(DeepLabV3+ runs at 16; null keeps an architecture's own)")
         if self.extra_bn and self.arch != "deeplabv2":
             raise ConfigError(f"params: {where}.extra_bn exists for arch 'deeplabv2' only (got {self.arch!r})")
         if self.aspp_two_branch_compat and (self.arch != "deeplabv2" or self.head != "aspp_sum"):
