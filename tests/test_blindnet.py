@@ -57,6 +57,7 @@ from lib.models import ModelParams, build_model
 from lib.models.backbone import INSTANCE_NORM_FEATURES, residual_sum
 from lib.models.files import load_checked
 from lib.models.projection import ProjectionHead
+from lib.models.resnet import BasicBlock, Bottleneck
 from lib.models.weights import WeightsParams, import_weights, initialise, load_imported
 from lib.table import find_training_row
 from lib.train.checkpoint import STATE_FILE
@@ -114,8 +115,7 @@ def test_instance_norm_acts_per_image_in_eval_mode_too():
     assert not any(isinstance(m, nn.InstanceNorm2d) and m.track_running_stats for m in model.modules())
 
 
-@pytest.mark.parametrize("block", [torchvision.models.resnet.BasicBlock(8, 8),
-                                   torchvision.models.resnet.Bottleneck(32, 8)], ids=["basic", "bottleneck"])
+@pytest.mark.parametrize("block", [BasicBlock(8, 8, 1, None), Bottleneck(32, 8, 1, None)], ids=["basic", "bottleneck"])
 def test_residual_sum_is_the_block_before_its_final_relu(block):
     block.eval()
     x = torch.randn(2, block.conv1.in_channels, 9, 9)
