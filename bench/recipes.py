@@ -244,12 +244,12 @@ def first_iteration_seconds(bars: list[Bar], desc: str, iters: int) -> float | N
 
 def step_seconds(bars: list[Bar], desc: str, iters: int) -> float | None:
     """Seconds per training iteration after the first: (elapsed at ``iters`` - elapsed at 1) / (iters - 1)."""
-    first = [b.elapsed for b in bars if b.desc == desc and b.total == iters and b.n == 1]
+    first = first_iteration_seconds(bars, desc, iters)
     last = [b.elapsed for b in bars if b.desc == desc and b.total == iters and b.n == iters]
-    if not first or not last or iters < 2:
+    if first is None or not last or iters < 2:
         return seconds_per_item(bars, iters, desc)
-    step = (last[-1] - first[0]) / (iters - 1)
-    return step if last[-1] - first[0] >= 5 else seconds_per_item(bars, iters, desc)
+    step = (last[-1] - first) / (iters - 1)
+    return step if last[-1] - first >= 5 else seconds_per_item(bars, iters, desc)
 
 
 class Watcher:

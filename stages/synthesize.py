@@ -16,12 +16,12 @@ from lib.io import atomic_dir
 def main() -> None:
     params = load_params()
     p = section(params, "synthesize", SynthesizeParams)
-    counts = {d: {"train": c.train, "val": c.val} for d, c in p.counts.items()}
     if not p.enabled:
         with atomic_dir(OUT):
             pass
         print(f"synthesize.enabled is false: nothing synthesized into {OUT}")
         return
+    counts = {d: {"train": c.train, "val": c.val} for d, c in p.counts.items()}
     with atomic_dir(OUT) as tmp:
         write_benchmark(tmp, p.height, p.width, counts, p.seed, workers=p.workers)
     print(f"synthesized {counts} at {p.height}x{p.width} into {OUT}")

@@ -76,6 +76,8 @@ class SynthesizeParams:
             raise ConfigError(f"params: {where}.counts must name exactly the domains {', '.join(DOMAINS)}")
         for key in ("height", "width", "workers"):
             positive(getattr(self, key), f"{where}.{key}")
+
+
 SYNTHETIC_ROOT = Path("data/raw/synthetic")  # where the synthesize stage writes, relative to the project
 SPLITS = ("train", "val")
 DEFAULT_HEIGHT, DEFAULT_WIDTH = 128, 256
