@@ -12,6 +12,7 @@ made in different arithmetic can be told apart.  ``fp32`` always means fp32.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -22,8 +23,24 @@ def select_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# oneDNN's instruction-set levels below its first with native bf16 (AVX512_CORE_BF16): a process
+# started with ``ONEDNN_MAX_CPU_ISA`` at one of them (or ``DNNL_MAX_CPU_ISA``, its older name) runs
+# bf16 emulated, as a CPU without the instructions would, so it falls back to fp32 as well.  This is
+# also how an AVX2-only machine is reproduced on a bf16-capable one (bench/README.md).
+ISA_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+def onednn_isa_cap() -> str | None:
+    """The instruction-set cap this process gave oneDNN, upper-cased (None: none set)."""
+    value = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    return value.strip().upper() if value and value.strip() else None
+
+
 def cpu_has_native_bf16() -> bool:
-    """The CPU executes bf16 natively (AVX512-BF16 or AMX tiles), as oneDNN's bf16 kernels need."""
+    """The CPU executes bf16 natively (AVX512-BF16 or AMX tiles), as oneDNN's bf16 kernels need, and
+    oneDNN is not capped below the instruction set that has them."""
+    if onednn_isa_cap() in ISA_WITHOUT_BF16:
+        return False
     probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None),
               getattr(torch.cpu, "_is_amx_tile_supported", None))
     return any(probe() for probe in probes if probe is not None)

@@ -31,6 +31,23 @@ def test_effective_precision(native):
         device.effective("fp16", "cpu")
 
 
+@pytest.mark.parametrize("variable", ["ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"])
+def test_a_onednn_cap_below_bf16_means_no_native_bf16(monkeypatch, variable):
+    """A process whose oneDNN is capped below AVX512_CORE_BF16 computes bf16 emulated: fp32 is used,
+    whatever the CPU has; a cap at or above it leaves the CPU's own answer."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert device.cpu_has_native_bf16()
+    for isa in ("AVX2", "avx2", " AVX512_CORE_VNNI ", "SSE41"):
+        monkeypatch.setenv(variable, isa)
+        assert not device.cpu_has_native_bf16(), isa
+        assert device.effective("bf16", "cpu") == "fp32"
+    for isa in ("AVX512_CORE_BF16", "AVX512_CORE_AMX", "ALL", ""):
+        monkeypatch.setenv(variable, isa)
+        assert device.cpu_has_native_bf16(), isa
+
+
 def test_cuda_follows_the_device_capability(monkeypatch):
     for supported in (True, False):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
