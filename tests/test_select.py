@@ -13,6 +13,7 @@ import torch
 import yaml
 from torch import nn
 
+import lib.infer.evaluation as evaluation
 import lib.train.loop as loop
 from lib.data.convert import PrepareParams, parse_dataset_spec, prepare_dataset
 from lib.errors import ConfigError
@@ -195,3 +196,44 @@ def test_best_is_named_only_for_a_model_whose_recipe_selects(project):
     params["models"]["warmup"]["from"] = "st/best"
     with pytest.raises(ConfigError, match="grows in a circle"):
         check_acyclic(params)
+
+
+def test_a_checkpoint_selected_at_the_last_iteration_is_scored_once(project, monkeypatch):
+    """The selected checkpoint is the last iterate when the last scores best: the evaluation reuses the
+    last's confusion matrix instead of scoring the same weights twice; any other weights are scored."""
+    monkeypatch.chdir(project)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    torch.set_num_threads(1)
+    fresh("warmup")
+    params = params_with({**SELECT, "every": 6})          # one selection: at the last iteration
+    train(params, "warmup")
+    best_file = Path("data/models/warmup/best") / MODEL_FILE
+    assert json.loads(Path("data/models/warmup/meta.json").read_text())["selection"]["best_iteration"] == 6
+    params["evaluate"] = {"models": params["models"], "targets": ["cs"], "split": "val", "batch_size": 2,
+                          "workers": 0, "panels": 0}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    scored = []
+    real = evaluation.split_matrix
+    monkeypatch.setattr(evaluation, "split_matrix", lambda *a, **k: scored.append(k.get("desc")) or real(*a, **k))
+    evaluate_stage(["warmup", "cs"])
+    report = json.loads(Path("metrics/eval/warmup/cs.json").read_text())
+    assert scored == ["evaluate warmup on cs"]
+    assert report["best"]["iteration"] == 6 and report["best"]["mIoU"] == report["mIoU"]
+
+    payload = torch.load(best_file, weights_only=True)      # one weight moved: scored on its own
+    key = next(k for k, v in payload["state_dict"].items() if v.is_floating_point())
+    payload["state_dict"][key] = payload["state_dict"][key] + 1e-3
+    torch.save(payload, best_file)
+    scored.clear()
+    evaluate_stage(["warmup", "cs"])
+    assert scored == ["evaluate warmup on cs", "evaluate warmup/best on cs"]
+
+
+def test_same_model_compares_weights_buffers_and_what_the_inputs_go_through():
+    a, b = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    b.load_state_dict(a.state_dict())
+    meta = {"model": {"arch": "x"}, "class_set": "cityscapes19", "normalize": {"mean": [0.5] * 3, "std": [0.2] * 3}}
+    assert evaluation.same_model(a, meta, b, dict(meta))
+    assert not evaluation.same_model(a, meta, b, {**meta, "normalize": {"mean": [0.4] * 3, "std": [0.2] * 3}})
+    b[1].running_mean += 1e-6                                  # a buffer differs
+    assert not evaluation.same_model(a, meta, b, meta)

@@ -64,10 +64,13 @@ def run_evaluation(model_name: str, target: str, params: EvaluateParams, out_jso
     best_dir = MODELS_ROOT / model_name / BEST
     if (best_dir / MODEL_FILE).is_file():
         best, best_meta = load_model(best_dir, device)
-        inference_layout(best, params.inference.channels_last)
-        best_matrix, _ = split_matrix(best, best_meta, target, params.split, params.inference, params.batch_size,
-                                      params.workers, device, desc=f"evaluate {model_name}/{BEST} on {target}",
-                                      model_name=str(best_dir))
+        if same_model(model, meta, best, best_meta):     # selected at the last iteration: the same scores
+            best_matrix = matrix
+        else:
+            inference_layout(best, params.inference.channels_last)
+            best_matrix, _ = split_matrix(best, best_meta, target, params.split, params.inference,
+                                          params.batch_size, params.workers, device,
+                                          desc=f"evaluate {model_name}/{BEST} on {target}", model_name=str(best_dir))
         scores = summarize(best_matrix.numpy(), class_set.names, subsets)
         extra = {BEST: {**headline(scores, subsets, best_matrix.images),
                         "iteration": best_meta["selection"]["best_iteration"],
@@ -76,6 +79,16 @@ def run_evaluation(model_name: str, target: str, params: EvaluateParams, out_jso
     made_with = {"evaluation": provenance.collect(device, effective_precision(params.inference.precision, device)),
                  "models": {name: m.get("provenance") for name, m in trained.items()}}
     return write_report(out_json, out_dir, matrix, class_set, subsets, panels, extra=extra, provenance=made_with)
+
+
+def same_model(a: nn.Module, a_meta: dict, b: nn.Module, b_meta: dict) -> bool:
+    """Whether two artifacts predict alike on every input: the same architecture, class set and input
+    normalisation, and equal weights and buffers, tensor for tensor."""
+    keys = ("model", "class_set", "normalize")
+    if any(a_meta.get(k) != b_meta.get(k) for k in keys) or type(a) is not type(b):
+        return False
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def split_matrix(model, meta: dict, target: str, split: str, inference: InferenceParams, batch_size: int,
