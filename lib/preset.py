@@ -15,6 +15,7 @@ are kept (ruamel round-trip).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -30,7 +31,12 @@ def overlay(base: CommentedMap, preset: dict, where: str = "") -> None:
     """Lay ``preset`` over ``base`` in place."""
     for key, value in preset.items():
         if value is None:
-            base.pop(key, None)
+            try:
+                base.pop(key, None)
+            except KeyError:
+                # The key is gone; ruamel.yaml then fails while updating the mappings that merge this
+                # block (`<<:`).  apply() reads the document back after the layer, which merges afresh.
+                pass
         elif isinstance(value, dict) and isinstance(base.get(key), dict):
             overlay(base[key], value, f"{where}{key}.")
         else:
@@ -99,16 +105,33 @@ def chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, dict]]:
 
 
 def apply(params: CommentedMap, preset: Path) -> CommentedMap:
-    """Lay ``preset`` (and its bases) over the round-trip document ``params`` in place: each
-    layer's ``replace`` and ``copy`` first, then the overlay."""
+    """Lay ``preset`` (and its bases) over the round-trip document ``params``: each layer's
+    ``replace`` and ``copy`` first, then the overlay.  Returns the document as read back from its
+    text after every layer: a mapping that merges a block (``<<: *model``) holds copies of the
+    block's values in memory, so a block a layer changed reaches the recipes (and the next layer's
+    ``copy``) only through the text, as it reaches DVC."""
     for path, layer in chain(preset):
         for dotted in layer.pop("replace", None) or []:
             empty(params, str(dotted), path)
         for dest, source in (layer.pop("copy", None) or {}).items():
             copy_node(params, str(dest), str(source), path)
         overlay(params, layer)
-    tidy(params)
+        tidy(params)
+        params = reread(params)
     return params
+
+
+def round_trip_yaml() -> YAML:
+    yaml = YAML()
+    yaml.width = 120
+    return yaml
+
+
+def reread(params: CommentedMap) -> CommentedMap:
+    """``params`` written out and read back (merge keys resolved again from their anchors)."""
+    yaml, text = round_trip_yaml(), io.StringIO()
+    yaml.dump(params, text)
+    return yaml.load(text.getvalue())
 
 
 @exit_on_user_error
@@ -117,8 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("preset", type=Path)
     parser.add_argument("--params", type=Path, default=Path(PARAMS_FILE))
     args = parser.parse_args(argv)
-    yaml = YAML()
-    yaml.width = 120
+    yaml = round_trip_yaml()
     chain(args.preset)     # a missing or looping preset is reported before params.yaml is read
     if not args.params.is_file():
         raise ConfigError(f"{args.params}: params file not found")

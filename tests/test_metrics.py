@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from lib.data.classes import CITYSCAPES19, CLASS_INDEX, SYNTHIA13, SYNTHIA16, ClassSet
 from lib.infer.metrics import (ConfusionMatrix, class_accuracy, iou, pixel_accuracy,
                                 protocol_subsets, summarize)
-from lib.infer.report import write_report
+from lib.infer.report import CELL, confusion_image, write_report
 
 
 def brute_force(pred: np.ndarray, label: np.ndarray, c: int) -> np.ndarray:
@@ -216,3 +216,24 @@ def test_write_report(tmp_path):
     np.testing.assert_array_equal(img[0, 2 * (4 + 4) + 3], [70, 130, 180])  # predicted sky
     with pytest.raises(ValueError, match="overwrite"):
         write_report(out_json, out_dir, cm, classes, None, [], {"mIoU": 1})
+
+
+def test_confusion_heatmap_colours_each_ground_truth_row_by_its_share():
+    """Cell (g, p) is coloured by counts[g, p] / counts[g].sum(): a diagonal row is dark on the diagonal
+    and white elsewhere, an even split halfway between, and a row without ground truth grey."""
+    counts = np.zeros((4, 4), np.int64)
+    counts[0, 0] = 7                       # all right
+    counts[1, 2] = counts[1, 3] = 5        # split between two predictions
+    counts[3, 1] = 1                       # row 2 has no ground truth
+    image, (x0, y0) = confusion_image(counts, ["road", "sidewalk", "building", "a longer name"])
+
+    def cell(g, p):
+        return image[y0 + g * CELL + CELL // 2, x0 + p * CELL + CELL // 2].astype(int)
+
+    low, high = np.array([247, 251, 255]), np.array([8, 48, 107])
+    np.testing.assert_array_equal(cell(0, 0), high)
+    np.testing.assert_array_equal(cell(0, 1), low)
+    np.testing.assert_array_equal(cell(1, 2), np.rint((low + high) / 2))
+    np.testing.assert_array_equal(cell(2, 0), [200, 200, 200])
+    np.testing.assert_array_equal(cell(3, 1), high)
+    assert image.dtype == np.uint8 and image.shape[2] == 3

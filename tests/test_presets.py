@@ -220,6 +220,23 @@ def test_replace_keeps_the_tables_the_evaluation_merges(tmp_path):
     assert "<<: [*models, *selftrained, *ensembles]" in text
 
 
+def test_a_block_a_base_changes_reaches_the_recipes_and_the_next_layers_copy(tmp_path):
+    """A recipe merges a block (`<<: *model`); a base preset that changes the block changes every such
+    recipe, and a later layer's `copy` of a recipe takes the changed block, not the value read first."""
+    base, child = tmp_path / "base.yaml", tmp_path / "child.yaml"
+    base.write_text("blocks:\n  model: {head_width: 96, extra_bn: null}\n")
+    child.write_text("base: base.yaml\ncopy: {recipes.advent: recipes.source_only}\n")
+    params, _ = applied(tmp_path, child)
+    for recipe in ("source_only", "cpsl_stage1", "cpsl_kd", "advent"):
+        assert params["recipes"][recipe]["model"]["head_width"] == 96, recipe
+        assert "extra_bn" not in params["recipes"][recipe]["model"], recipe
+    from lib.preset import apply
+    from ruamel.yaml import YAML
+    import json
+    in_memory = json.loads(json.dumps(apply(YAML().load((ROOT / "params.yaml").read_text()), child)))
+    assert in_memory == params       # what bench/gpu.py reads in memory is what DVC reads
+
+
 def test_a_row_of_the_wrong_table_is_one_clear_line():
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["models"]["odd"] = {"recipe": "cpsl_kd", "from": "warmup", "pseudo": "hard_stage1"}
