@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 KINDS = {"synthesize": "data", "prepare": "data", "stylize": "stylize", "translate": "stylize",
          "scratch": "weights", "weights": "weights", "train": "train", "selftrain": "train",
@@ -64,6 +65,16 @@ def stage_times(lines, clock=time.perf_counter) -> tuple[dict[str, float], float
     if current is not None:
         times[current] = end - current_start
     return times, end - start, seen
+
+
+def arithmetic() -> dict:
+    """What the run computed in: whether the CPU has native bf16 and the instruction-set caps this
+    process passed on (``ONEDNN_MAX_CPU_ISA=AVX2`` makes a bf16-capable CPU compute as an AVX2-only one,
+    lib/device.py)."""
+    from lib.device import cpu_has_native_bf16, onednn_isa_cap
+
+    return {"native_bf16": cpu_has_native_bf16(), "onednn_isa_cap": onednn_isa_cap(),
+            "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY")}
 
 
 def table(times: dict[str, float], total: float) -> str:
@@ -111,7 +122,8 @@ def main() -> None:
     print("\n" + text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"total_s": total, "stages_s": times, "cpus": os.cpu_count(),
-                                    "repo": str(args.repo), "fresh": args.fresh}, indent=2) + "\n")
+                                    "repo": str(args.repo), "fresh": args.fresh, "arithmetic": arithmetic()},
+                                   indent=2) + "\n")
     args.out.with_suffix(".md").write_text(text + "\n")
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     if tmp:

@@ -24,7 +24,7 @@ from bench.loader_throughput import (
     training_row,
     with_workers,
 )
-from bench.pipeline_times import kind_of
+from bench.pipeline_times import arithmetic, kind_of
 from bench.run_all import rows as bench_rows
 from lib.config import ParamsLoader
 from lib.errors import ConfigError, DataError
@@ -97,6 +97,12 @@ def test_pipeline_stages_are_classified_by_kind():
              "pseudo_label@soft_warmup": "pseudo-label", "ensemble@advent_minent": "ensemble",
              "evaluate@warmup-synth_gta5": "evaluate", "summary": "evaluate", "warmup": "other"}
     assert {stage: kind_of(stage) for stage in kinds} == kinds
+
+
+def test_the_pipeline_table_records_the_arithmetic_it_was_measured_in(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert arithmetic() == {"native_bf16": False, "onednn_isa_cap": "AVX2", "aten_cpu_capability": "avx2"}
 
 
 @pytest.fixture(scope="module")

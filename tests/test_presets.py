@@ -369,3 +369,25 @@ def test_a_synthetic_root_with_synthesize_disabled_is_refused_and_a_datasets_edi
     # the stage depends on its own section only: editing a dataset never rewrites the benchmark
     stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["synthesize"]
     assert stage["params"] == ["synthesize"]
+
+
+def test_the_full_synthetic_preset_restores_the_research_size_chain_for_every_synthetic_preset(tmp_path):
+    """presets/synthetic_full.yaml is the setting docs/results.md measured the synthetic results in; the
+    other synthetic presets lay themselves over it, so they do not shrink with the default demo."""
+    full, _ = applied(tmp_path, ROOT / "presets" / "synthetic_full.yaml")
+    assert full["synthesize"]["counts"] == {"source": {"train": 1000, "val": 200}, "target": {"train": 1000, "val": 200},
+                                            "night": {"train": 400, "val": 200}}
+    assert set(full["stylize"]["outputs"]) == {"synth_gta5_fda", "synth_gta5_reinhard", "synth_gta5_lab"}
+    assert full["datasets"]["synth_acdc_night"]["splits"] == ["train", "val"]
+    for recipe in ("source_only", "cpsl_stage1", "cpsl_kd"):
+        raw = full["recipes"][recipe]
+        assert "output_stride" not in raw["model"] and raw["data"]["crop"] == [64, 128], recipe
+        assert raw["train"]["iters"] == (1000 if recipe == "source_only" else 200), recipe
+        assert (raw["select"]["every"], raw["select"]["images"]) == ((250 if recipe == "source_only" else 50), 100)
+    assert [full["recipes"][r]["data"]["batch_size"] for r in ("source_only", "cpsl_stage1")] == [8, 4]
+    default = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert default["recipes"]["source_only"]["model"]["output_stride"] == 16
+    assert default["recipes"]["source_only"]["select"]["every"] == 0      # the demo selects no checkpoint
+    for preset in sorted((ROOT / "presets").glob("synthetic_*.yaml")):
+        if preset.stem != "synthetic_full":
+            assert yaml.safe_load(preset.read_text())["base"] == "synthetic_full.yaml", preset.name
