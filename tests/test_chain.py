@@ -124,9 +124,19 @@ def test_an_iteration_matched_control_is_one_more_row(chain):
         restore(chain)
 
 
-def test_bafft_preset_runs_step1_class_median_labels_and_step2(chain):
+def own_layer(preset: str, folder) -> str:
+    """A synthetic preset without its `base` (the research size, presets/synthetic_full.yaml), so that it
+    is laid over the tiny params as they are."""
+    text = (ROOT / "presets" / preset).read_text()
+    lines = [line for line in text.splitlines() if not line.startswith("base:")]
+    assert len(lines) == len(text.splitlines()) - 1, f"{preset} has no base line"
+    (folder / preset).write_text("\n".join(lines) + "\n")
+    return str(folder / preset)
+
+
+def test_bafft_preset_runs_step1_class_median_labels_and_step2(chain, tmp_path):
     try:
-        apply_preset([str(ROOT / "presets/synthetic_bafft.yaml"), "--params", str(chain / "params.yaml")])
+        apply_preset([own_layer("synthetic_bafft.yaml", tmp_path), "--params", str(chain / "params.yaml")])
         params = YAML().load((chain / "params.yaml").read_text())
         assert params["recipes"]["bafft_step1"]["train"]["iters"] == 6    # a copy of the (tiny) source-only recipe
         assert set(params["selftrained"]) == {"step2"} and set(params["pseudo_labels"]) == {"median_step1"}
