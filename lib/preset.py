@@ -30,6 +30,9 @@ from lib.errors import ConfigError, exit_on_user_error
 def overlay(base: CommentedMap, preset: dict, where: str = "") -> None:
     """Lay ``preset`` over ``base`` in place."""
     for key, value in preset.items():
+        if value is None and inherited(base, key):
+            raise ConfigError(f"preset: {where}{key}: null cannot delete a key this mapping takes from a "
+                              f"block it merges (`<<:`); set a value here, or change the block itself")
         if value is None:
             try:
                 base.pop(key, None)
@@ -41,6 +44,12 @@ def overlay(base: CommentedMap, preset: dict, where: str = "") -> None:
             overlay(base[key], value, f"{where}{key}.")
         else:
             base[key] = value
+
+
+def inherited(mapping, key) -> bool:
+    """Whether ``mapping`` has ``key`` only through a merged block (``<<: *block``), not as its own."""
+    return (isinstance(mapping, CommentedMap) and key in mapping
+            and key not in dict(mapping.non_merged_items()))
 
 
 def tidy(node) -> None:

@@ -50,7 +50,7 @@ def tiny_params(chain: bool = False):
     warmup["select"]["every"] = 250     # the default selects nothing; these tests score a recipe that does
     params["blocks"]["chain_data"].update(batch_size=2, crop=[32, 64], workers=0)
     params["blocks"]["chain_train"].update(iters=4, checkpoint_every=2, log_every=2)
-    params["recipes"]["cpsl_kd"]["train"]["iters"] = 4          # the KD rounds' own length
+    params["recipes"]["cpsl_kd"]["train"].pop("iters")   # the KD rounds follow chain_train, as the tests set it
     params["recipes"]["cpsl_stage1"]["method"].update(queue_length=64, samples_per_image=16)
     for row in params["pseudo_labels"].values():
         row["options"].update(batch_size=2, workers=0)

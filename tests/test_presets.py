@@ -235,6 +235,11 @@ def test_a_block_a_base_changes_reaches_the_recipes_and_the_next_layers_copy(tmp
     import json
     in_memory = json.loads(json.dumps(apply(YAML().load((ROOT / "params.yaml").read_text()), child)))
     assert in_memory == params       # what bench/gpu.py reads in memory is what DVC reads
+    # a null cannot delete what a recipe takes from a block (the merge would bring it back): one clear line
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("recipes:\n  source_only:\n    model: {output_stride: null}\n")
+    with pytest.raises(SystemExit):
+        applied(tmp_path, bad)
 
 
 def test_a_row_of_the_wrong_table_is_one_clear_line():

@@ -235,5 +235,6 @@ def test_same_model_compares_weights_buffers_and_what_the_inputs_go_through():
     meta = {"model": {"arch": "x"}, "class_set": "cityscapes19", "normalize": {"mean": [0.5] * 3, "std": [0.2] * 3}}
     assert evaluation.same_model(a, meta, b, dict(meta))
     assert not evaluation.same_model(a, meta, b, {**meta, "normalize": {"mean": [0.4] * 3, "std": [0.2] * 3}})
+    assert not evaluation.same_model(a, {**meta, "kind": "ensemble"}, b, {**meta, "kind": "ensemble"})
     b[1].running_mean += 1e-6                                  # a buffer differs
     assert not evaluation.same_model(a, meta, b, meta)

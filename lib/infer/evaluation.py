@@ -28,6 +28,7 @@ from lib.infer.metrics import protocol_subsets, summarize
 from lib.infer.params import EvaluateParams, InferenceParams
 from lib.infer.report import evaluate_split, headline, percent, write_report
 from lib.models.artifact import load_model
+from lib.models.ensemble import ENSEMBLE_KIND
 from lib.models.files import MODEL_FILE
 from lib.table import BEST
 
@@ -86,6 +87,8 @@ def same_model(a: nn.Module, a_meta: dict, b: nn.Module, b_meta: dict) -> bool:
     normalisation, and equal weights and buffers, tensor for tensor."""
     keys = ("model", "class_set", "normalize")
     if any(a_meta.get(k) != b_meta.get(k) for k in keys) or type(a) is not type(b):
+        return False
+    if ENSEMBLE_KIND in (a_meta.get("kind"), b_meta.get("kind")):   # its mixing weights are no tensors
         return False
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
