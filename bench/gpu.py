@@ -1,34 +1,48 @@
-"""GPU measurements at the published sizes: step speed and memory, CPSL stage 1's footprint, a tiny repro.
+"""GPU measurements of the published recipes: step speed by precision, memory at the paper batches,
+inference, NCCL, and from them the GPU hours of every recipe.
 
-    python bench/gpu.py [--out bench-gpu.json] [--steps 10] [--measure deeplabv2 cpsl repro]
+    python bench/gpu.py [--out gpu.json] [--budget-s 400] [--measure precision presets inference nccl compile repro]
     python bench/gpu.py --dry-run          # the same code on CPU at tiny sizes (also: --device cpu)
+    python bench/gpu.py --hours gpu.json   # no GPU: GPU hours into bench/results/recipes.{json,md}, tables to gpu.md
 
-(a) ``deeplabv2``: one training iteration of the GTA5 -> Cityscapes DeepLabV2-ResNet-101 setting at
-    the sizes and batches its presets give: presets/gta5_cityscapes_deeplabv2.yaml's recipe
-    ``recipes.advent`` (source 720x1280, batch 1) trained source-only (the base has no row of its
-    own: here it is copied to ``recipes.source_only`` with a row ``source_only`` from its ImageNet
-    weights, as a preset adds one), and presets/gta5_cityscapes_advent.yaml's row ``advent`` (the
-    same plus the 512x1024 target and AdvEnt's discriminators), in fp32 and in bf16 autocast with
-    channels_last: images/s, peak ``torch.cuda.max_memory_allocated`` and the ratios bf16/fp32;
-(b) ``cpsl``: CPSL stage 1 at the paper's batch on one GPU (presets/gta5_cityscapes_cpsl.yaml's row
-    ``selftrained.stage1``, recipe ``recipes.cpsl_stage1``: 4 source + 4 target crops of 512x896,
-    ResNet-101 with the 256-d CPSL head, a 65536-pixel memory, soft pseudo-labels of 19 classes at
-    the logits' stride with their sampling grids, as the loader hands them): peak memory and speed of its training step, both precisions;
-(c) ``repro``: the whole default pipeline (the CPSL chain) on the tiny params of the end-to-end tests
-    (tests/test_pipeline.py), copied to a temporary git repository and run by ``dvc repro``: wall time.
+``precision``: one training iteration of DeepLabV2-ResNet-101 at the GTA5 -> Cityscapes sizes, in fp32,
+    bf16 autocast and bf16 + channels_last: presets/gta5_cityscapes_deeplabv2.yaml's recipe
+    ``recipes.advent`` (source 720x1280, batch 1) trained source-only (the base has no row of its own:
+    here it is copied to ``recipes.source_only`` with a row ``source_only`` from its ImageNet weights,
+    as a preset adds one), presets/gta5_cityscapes_advent.yaml's row ``advent`` (the same plus the
+    512x1024 target and AdvEnt's discriminators), and CPSL stage 1 (presets/gta5_cityscapes_cpsl.yaml's
+    ``selftrained.stage1``: 4 source + 4 target crops of 512x896, the 256-d CPSL head, a 65536-pixel
+    memory, soft pseudo-labels of 19 classes at the logits' stride with their sampling grids);
+``presets``: every training stage of every published preset (``train@``, ``selftrain@``,
+    ``cyclegan_train@``) at its own batch and sizes, in its published fp32 and in bf16 + channels_last:
+    seconds per iteration and peak memory (``max_memory_allocated`` and ``max_memory_reserved``), and
+    whether that peak plus the CUDA context fits an 80 GB and a 24 GB card; rows that step the same
+    thing (the same recipe, start and pseudo-label form) are measured once;
+``inference``: DeepLabV2-ResNet-101 on a 2048x1024 frame (whole, whole + flip, mmseg's sliding
+    512x1024 windows + flip; fp32 and bf16 + channels_last) with 500 Cityscapes val images
+    extrapolated, and every evaluation, pseudo-labelling and translation stage of every preset at its
+    own protocol, precision and image size;
+``nccl``: the tiny end-to-end params' warm-up with ``backend: nccl``: ``dvc repro train@warmup``, then
+    the same stage under ``torchrun --nproc_per_node 1`` (``processes: 1``);
+``compile``: the source-only step in bf16 + channels_last with its model compiled (``torch.compile``);
+``repro``: the whole default pipeline on the end-to-end tests' tiny params in a temporary git
+    repository, by ``dvc repro``: wall time.
 
 Each row is resolved from params.yaml with the preset (and its bases) laid over it, as
 ``python -m lib.preset`` lays it (``lib.table.find_training_row``), and its recipe parsed as its
 training stage parses it (``lib.train.stage.parse_recipe``); the model is built from the recipe's
 ``model`` block (``build_model``) and the method by its ``build`` with a stage context, as
-``build_training_stage`` does.  Nothing is read from disk: the model keeps its random
-initialisation whatever the row's ``from`` (nothing is downloaded; the context's ``start`` still
-says what ``from`` is), the soft pseudo-labels are random prototypes with a uniform prior, and the
-batches are random tensors of the recipe's shapes.  The steps are the engine's (bench/stepper.py)
-after ``--warmup-steps`` untimed ones; an out-of-memory step is reported as such.  Without a CUDA
-device the script says so in one line and exits 2, unless ``--dry-run`` (``--device cpu``) runs
-everything on CPU at tiny sizes (ResNet-18, 32x64 crops, a short memory, CPU bf16 autocast, the
-tiny repro without the chain) to exercise the code paths.
+``build_training_stage`` does (a KD round's teacher: its labeller's architecture).  Nothing is read
+from disk: the models keep their random initialisation whatever the row's ``from`` (nothing is
+downloaded; the context's ``start`` still says what ``from`` is), soft pseudo-labels are random
+prototypes with a uniform prior, hard ones random classes with 40 % ignored, and the batches random
+tensors of the recipe's shapes.  The steps are the engine's (bench/stepper.py) after
+``--warmup-steps`` untimed ones; an out-of-memory step is reported as such, and a failed row or
+section as its error, the others still measured.  ``--budget-s`` starts no row or section after
+that many seconds (the skipped ones are listed), and ``--out`` is rewritten after every section, so
+one prepared GPU run always leaves what it measured.  Without a CUDA device the script says so in
+one line and exits 2, unless ``--dry-run`` (``--device cpu``) runs everything on CPU at tiny sizes
+(ResNet-18, 32x64 crops, a short memory, CPU bf16 autocast, the tiny repro without the chain).
 """
 from __future__ import annotations
 
@@ -37,10 +51,14 @@ import copy
 import dataclasses
 import gc
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +71,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.stepper import FixedBatchTrainer  # noqa: E402
 from lib.config import PARAMS_FILE, merged  # noqa: E402
+from lib.data.paired import STYLIZED  # noqa: E402
 from lib.data.streams import NORMALIZATION  # noqa: E402
 from lib.io import write_json_atomic  # noqa: E402
 from lib.methods.base import StageContext, method_class  # noqa: E402
@@ -66,7 +85,13 @@ from lib.train.stage import Recipe, parse_recipe  # noqa: E402
 
 NUM_CLASSES = 19
 GIB = 2**30
-PRECISIONS = {"fp32": (None, False), "bf16+channels_last": (torch.bfloat16, True)}
+# training arithmetic: (autocast dtype, channels_last); the published presets pin fp32
+PRECISIONS = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "bf16+channels_last": (torch.bfloat16, True)}
+PRESET_PRECISIONS = ("fp32", "bf16+channels_last")     # every preset row: its own precision and the fast one
+# the cards a user rents, as their memory in GiB (an 80 GB A100/H100 holds 80 GiB, a 24 GB RTX 4090 24 GiB),
+# less what the CUDA context and cuDNN's workspace keep outside PyTorch's allocator (about 1 GiB)
+CARDS_GIB = {"80 GB": 80.0, "24 GB": 24.0}
+CONTEXT_GIB = 1.0
 DEEPLABV2_PRESET, ADVENT_PRESET = "gta5_cityscapes_deeplabv2.yaml", "gta5_cityscapes_advent.yaml"
 CPSL_PRESET = "gta5_cityscapes_cpsl.yaml"
 # the base's recipe trained source-only: one more row, as a preset adds one
@@ -109,12 +134,19 @@ class Step:
     row: TrainingRow
     start: str               # StageContext.start: scratch | weights | model
     soft_labels: bool        # the target stream carries soft pseudo-labels (a `soft` pseudo-label set)
+    hard_labels: bool = False        # ... or hard ones (``pseudo``: class ids, 255 where not kept)
+    teacher: Any = None              # the model block of the set's labeller, for a method that needs a teacher
 
 
 def preset_step(label: str, params: dict, name: str, shrink: bool) -> Step:
     row = find_training_row(params, name)
-    form = (table(params, "pseudo_labels").get(row.pseudo) or {}).get("form") if row.pseudo else None
-    return Step(label, tiny(row) if shrink else row, start_kind(params, row), form == "soft")
+    entry = (table(params, "pseudo_labels").get(row.pseudo) or {}) if row.pseudo else {}
+    form, teacher = entry.get("form"), None
+    if method_class(row.recipe).needs_teacher:
+        labeller = find_training_row(params, entry["model"].split("/")[0])
+        teacher = parse_recipe(tiny(labeller) if shrink else labeller)[0].model
+    return Step(label, tiny(row) if shrink else row, start_kind(params, row), form == "soft",
+                hard_labels=form is not None and form != "soft", teacher=teacher)
 
 
 def deeplabv2_steps(shrink: bool) -> list[Step]:
@@ -143,13 +175,25 @@ def build_method(step: Step):
     recipe, method_params = parse_recipe(step.row)
     model = build_model(recipe.model, NUM_CLASSES)
     pseudo = soft_pseudo_labels(model.embedding_channels) if step.soft_labels else None
+    teacher = None if step.teacher is None else build_model(step.teacher, NUM_CLASSES).eval().requires_grad_(False)
     context = StageContext(num_classes=NUM_CLASSES, pseudo=pseudo, normalize=NORMALIZATION[recipe.normalize],
-                           start=step.start)
+                           start=step.start, teacher=teacher, source_frames=random_frames(recipe.data.crop))
     return recipe, method_class(step.row.recipe).build(model, method_params, context)
 
 
-def random_batch(recipe: Recipe, streams: tuple[str, ...], soft_labels: bool) -> dict[str, dict]:
-    """Tensors of the shapes the recipe's streams deliver: labelled source, target with soft labels if asked."""
+def random_frames(size: tuple[int, int]):
+    """``StageContext.source_frames`` of random (1, 3, H, W) frames (RobustNet ISW's statistics,
+    which its ``statistics_iter`` keeps beyond the benched steps)."""
+    def frames(count: int, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        return (torch.randn(1, 3, *size, generator=generator) for _ in range(count))
+    return frames
+
+
+def random_batch(recipe: Recipe, streams: tuple[str, ...], soft_labels: bool, hard_labels: bool = False,
+                 stylized: bool = False) -> dict[str, dict]:
+    """Tensors of the shapes the recipe's streams deliver: labelled source, target with soft or hard
+    pseudo-labels if asked, and with ``stylized`` each stream's restyled view (CISS's paired streams)."""
     generator = torch.Generator().manual_seed(0)
     batch = {}
     for name in streams:
@@ -164,6 +208,12 @@ def random_batch(recipe: Recipe, streams: tuple[str, ...], soft_labels: bool) ->
             cells = (-(-h // 8) + 1, -(-w // 8) + 1)
             sample["soft"] = F.softmax(4 * torch.randn(n, NUM_CLASSES, *cells, generator=generator), dim=1).half()
             sample[SOFT_GRID] = torch.from_numpy(soft_grid((h, w), cells, cells)).permute(2, 0, 1).expand(n, 2, h, w)
+        elif hard_labels:   # kept pixels and 255 elsewhere, as a thresholded set hands them
+            pseudo = torch.randint(0, NUM_CLASSES, (n, h, w), generator=generator)
+            pseudo[torch.rand(n, h, w, generator=generator) < 0.4] = 255
+            sample["pseudo"] = pseudo
+        if stylized:
+            sample[STYLIZED] = torch.randn(n, 3, h, w, generator=generator)
         batch[name] = sample
     return batch
 
@@ -174,46 +224,405 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def time_step(step: Step, device: torch.device, precision: str, warmup_steps: int, steps: int) -> dict:
-    """Images/s and peak memory of the row's training step in one precision (a fresh method each time)."""
+def method_bench(step: Step) -> Callable[[], Trained]:
+    """What ``time_step`` steps for a preset row: its method with random weights and a random batch."""
+    def build() -> Trained:
+        recipe, method = build_method(step)
+        batch = random_batch(recipe, method.streams, step.soft_labels, step.hard_labels,
+                             stylized=method.stream_stylization() is not None)
+        return Trained(method, batch, recipe.optim, recipe.schedule, recipe.train.cudnn_benchmark, recipe.train.iters)
+    return build
+
+
+@dataclass
+class Trained:
+    """One method ready to step: its batch, optimisers and schedule as its stage would set them up."""
+
+    method: object
+    batch: dict
+    optim: dict
+    schedule: object
+    cudnn_benchmark: bool
+    horizon: int
+
+
+def time_step(build: Callable[[], Trained], device: torch.device, precision: str, warmup_steps: int, steps: int,
+              compile_model: bool = False) -> dict:
+    """Images/s and peak memory of one training step in one precision (a fresh method each time).
+
+    ``compile_model``: the method's ``model`` compiled in place (``nn.Module.compile``, the default
+    inductor backend) before the untimed steps, which then include the compilation."""
     torch.manual_seed(0)
-    recipe, method = build_method(step)
-    batch = random_batch(recipe, method.streams, step.soft_labels)
+    trained = build()
     autocast, channels_last = PRECISIONS[precision]
-    torch.backends.cudnn.benchmark = recipe.train.cudnn_benchmark
+    torch.backends.cudnn.benchmark = trained.cudnn_benchmark
     trainer = None
     try:
-        trainer = FixedBatchTrainer(method, batch, recipe.optim, recipe.schedule, device, autocast, channels_last,
-                                    horizon=recipe.train.iters)
+        trainer = FixedBatchTrainer(trained.method, trained.batch, trained.optim, trained.schedule, device, autocast,
+                                    channels_last, horizon=trained.horizon)
+        if compile_model:
+            trained.method.model.compile()
+        start = time.perf_counter()
         for _ in range(warmup_steps):
             trainer.step()
+        warm = time.perf_counter() - start
         trainer.reset_peak_memory()
         seconds = trainer.seconds_per_iter(steps)
-        peak = trainer.peak_memory_bytes()
+        peak, reserved = trainer.peak_memory_bytes(), peak_reserved(device)
         return {"images_per_s": trainer.images / seconds, "seconds_per_iter": seconds,
-                "peak_memory_gib": None if peak is None else peak / GIB, "images_per_iter": trainer.images}
+                "peak_memory_gib": None if peak is None else peak / GIB,
+                "peak_reserved_gib": None if reserved is None else reserved / GIB,
+                "images_per_iter": trainer.images, "untimed_s": warm}
     except torch.cuda.OutOfMemoryError:
         return {"error": "out of memory"}
     finally:
-        del trainer, method, batch
+        del trainer, trained
         release(device)
 
 
-def compare_precisions(step: Step, device: torch.device, warmup_steps: int, steps: int) -> dict:
+def peak_reserved(device: torch.device) -> int | None:
+    """Peak of what PyTorch's caching allocator held from the driver (what another process could not use)."""
+    return torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
+
+
+def compare_precisions(step: Step, device: torch.device, warmup_steps: int, steps: int,
+                       precisions: tuple[str, ...] = tuple(PRECISIONS)) -> dict:
     recipe, _ = parse_recipe(step.row)
-    runs = {p: time_step(step, device, p, warmup_steps, steps) for p in PRECISIONS}
-    fp32, bf16 = runs["fp32"], runs["bf16+channels_last"]
-    ok = "error" not in fp32 and "error" not in bf16
-    return {
-        "name": step.label, "row": step.row.where, "method": step.row.recipe,
-        "model": f"{recipe.model.arch}-{recipe.model.depth} ({recipe.model.head} head)",
-        "streams": {s: [recipe.stream_data(s).batch_size, *recipe.stream_data(s).crop]
-                    for s in method_class(step.row.recipe).streams},
-        "runs": runs,
-        "ratio_images_per_s_bf16_over_fp32": bf16["images_per_s"] / fp32["images_per_s"] if ok else None,
-        "ratio_peak_memory_bf16_over_fp32": (bf16["peak_memory_gib"] / fp32["peak_memory_gib"]
-                                             if ok and fp32["peak_memory_gib"] else None),
-    }
+    runs = {p: time_step(method_bench(step), device, p, warmup_steps, steps) for p in precisions}
+    return {"name": step.label, "row": step.row.where, "method": step.row.recipe,
+            "model": f"{recipe.model.arch}-{recipe.model.depth} ({recipe.model.head} head)",
+            "streams": {s: [recipe.stream_data(s).batch_size, *recipe.stream_data(s).crop]
+                        for s in method_class(step.row.recipe).streams},
+            "runs": runs, **ratios(runs)}
+
+
+def ratios(runs: dict) -> dict:
+    """Each precision's images/s and peak memory over fp32's (None where either side failed)."""
+    out = {}
+    fp32 = runs.get("fp32") or {"error": "not run"}
+    for precision, run in runs.items():
+        if precision == "fp32":
+            continue
+        ok = "error" not in fp32 and "error" not in run
+        key = precision.replace("+", "_")
+        out[f"ratio_images_per_s_{key}_over_fp32"] = run["images_per_s"] / fp32["images_per_s"] if ok else None
+        out[f"ratio_peak_memory_{key}_over_fp32"] = (run["peak_memory_gib"] / fp32["peak_memory_gib"]
+                                                    if ok and fp32["peak_memory_gib"] else None)
+    return out
+
+
+# --- every training row of every published preset, at its paper batch ------------------------------
+
+def published_presets() -> list[str]:
+    from bench.recipes import published_presets as names
+    return names()
+
+
+def cyclegan_bench(params: dict, shrink: bool) -> Callable[[], Trained]:
+    """The preset's CycleGAN (its ``cyclegan`` section: 4 networks, the image pools, the semantic
+    segmenter if it has one) on random [-1, 1] crops of its batch."""
+    from lib.stylize.cyclegan import CycleGAN, FrozenSegmenter, parse_params
+    raw = copy.deepcopy(params["cyclegan"])
+    if shrink:
+        raw = merged(raw, {"model": {"ngf": 8, "ndf": 8, "n_blocks": 2}, "data": {"crop": [32, 32], "batch_size": 1}})
+    stage = parse_params(raw)
+
+    def build() -> Trained:
+        segmenter = None
+        if stage.cyclegan.semantic is not None:      # the frozen model: its row's architecture, random weights
+            row = find_training_row(params, stage.cyclegan.semantic.model)
+            recipe, _ = parse_recipe(tiny(row) if shrink else row)
+            segmenter = FrozenSegmenter(build_model(recipe.model, NUM_CLASSES), *NORMALIZATION[recipe.normalize])
+        method = CycleGAN(stage.model, stage.cyclegan, stage.train.seed, segmenter)
+        generator = torch.Generator().manual_seed(0)
+        n, (h, w) = stage.data.batch_size, stage.data.crop
+        batch = {s: {"image": torch.rand(n, 3, h, w, generator=generator) * 2 - 1} for s in method.streams}
+        return Trained(method, batch, stage.optim, stage.schedule, stage.train.cudnn_benchmark, stage.train.iters)
+    return build
+
+
+def training_rows(preset: str, shrink: bool) -> list[dict]:
+    """One entry per training stage of the preset: its stage name, what it steps and a key shared by
+    the rows that step the same thing (the same recipe, start and pseudo-label form)."""
+    params = preset_params(f"{preset}.yaml")
+    rows = []
+    for name in [*table(params, "models"), *table(params, "selftrained")]:
+        step = preset_step(preset, params, name, shrink)
+        recipe, _ = parse_recipe(step.row)
+        key = json.dumps([step.row.recipe, step.row.raw, step.start, step.soft_labels], sort_keys=True, default=str)
+        rows.append({"preset": preset, "stage": f"{'train' if step.row.table == 'models' else 'selftrain'}@{name}",
+                     "key": key, "build": method_bench(step), "method": step.row.recipe,
+                     "model": f"{recipe.model.arch}-{recipe.model.depth}",
+                     "streams": {s: [recipe.stream_data(s).batch_size, *recipe.stream_data(s).crop]
+                                 for s in method_class(step.row.recipe).streams}})
+    cyclegan = params.get("cyclegan") or {}
+    for name in cyclegan.get("outputs") or []:
+        data = cyclegan["data"]
+        crop = [32, 32] if shrink else data["crop"]
+        batch = 1 if shrink else data["batch_size"]
+        key = json.dumps({k: v for k, v in cyclegan.items() if k not in ("outputs", "translate", "train")},
+                         sort_keys=True, default=str)
+        rows.append({"preset": preset, "stage": f"cyclegan_train@{name}", "key": key,
+                     "build": cyclegan_bench(params, shrink), "method": "cyclegan", "model": "cyclegan",
+                     "streams": {"source": [batch, *crop], "target": [batch, *crop]}})
+    return rows
+
+
+def fits(run: dict) -> dict:
+    """Whether the step's peak (what the allocator reserved, plus the context) fits each card."""
+    if "error" in run or run.get("peak_reserved_gib") is None:
+        return {}
+    return {card: run["peak_reserved_gib"] + CONTEXT_GIB <= gib for card, gib in CARDS_GIB.items()}
+
+
+def measure_presets(presets: list[str], device, warmup_steps: int, steps: int, shrink: bool, budget) -> list[dict]:
+    """Every training row of ``presets`` in PRESET_PRECISIONS, each distinct step measured once."""
+    measured: dict[str, dict] = {}
+    out = []
+    for preset in presets:
+        for row in training_rows(preset, shrink):
+            if row["key"] not in measured:
+                if budget.spent():
+                    out.append({k: row[k] for k in ("preset", "stage", "method", "model", "streams")} | {"skipped": True})
+                    continue
+                runs = {p: guarded(time_step, row["build"], device, p, warmup_steps, steps) for p in PRESET_PRECISIONS}
+                measured[row["key"]] = {"runs": runs, "fits": {p: fits(r) for p, r in runs.items()}, **ratios(runs),
+                                        "first": f"{preset} {row['stage']}"}
+                log(f"  {preset} {row['stage']}: " + ", ".join(f"{p} {describe_run(r)}" for p, r in runs.items()))
+            entry = {k: row[k] for k in ("preset", "stage", "method", "model", "streams")} | measured[row["key"]]
+            out.append(entry)
+    return out
+
+
+def guarded(measure, *args, **kwargs) -> dict:
+    """``measure(...)``, or its error as the row's result (one failed row must not cost the others)."""
+    try:
+        return measure(*args, **kwargs)
+    except Exception as error:
+        log(traceback.format_exc()[-2000:])
+        return {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+
+
+def describe_run(run: dict) -> str:
+    if "error" in run:
+        return run["error"]
+    peak = "" if run["peak_reserved_gib"] is None else f", {run['peak_reserved_gib']:.1f} GiB"
+    return f"{run['seconds_per_iter']:.3f} s/it{peak}"
+
+
+# --- inference --------------------------------------------------------------------------------------
+
+def dataset_size(params: dict, dataset: str) -> tuple[int, int]:
+    """(h, w) of a prepared image of ``dataset``: its ``resize_crop`` square, else the published frame."""
+    from bench.recipes import REAL_SIZES
+    spec = params["datasets"][dataset]
+    if spec.get("resize_crop"):
+        side = spec["resize_crop"]["crop"]
+        return (side, side) if isinstance(side, int) else tuple(side)
+    return REAL_SIZES[spec["layout"]]
+
+
+def model_blocks(params: dict, ref: str) -> list[tuple[dict, float, str]]:
+    """(model block, weight, normalisation) of each member behind a model reference (``name``,
+    ``name/best``, or an ensemble)."""
+    name = ref.split("/")[0]
+    ensemble = table(params, "ensembles").get(name)
+    if ensemble:
+        weights = ensemble.get("weights") or [1.0] * len(ensemble["models"])
+        return [(block, w * weight, norm) for member, weight in zip(ensemble["models"], weights)
+                for block, w, norm in model_blocks(params, member)]
+    recipe, _ = parse_recipe(find_training_row(params, name))
+    return [(recipe.model, 1.0, recipe.normalize)]
+
+
+def inference_cases(preset: str, shrink: bool) -> list[dict]:
+    """Every evaluation, pseudo-labelling and translation of the preset: the model(s), the inference
+    protocol and the image size its stage would run."""
+    from lib.config import parse
+    from lib.infer.params import InferenceParams
+    from lib.pseudo.writer import PseudoParams
+    params = preset_params(f"{preset}.yaml")
+    cases = []
+    evaluate = params["evaluate"]
+    inference = parse(InferenceParams, evaluate.get("inference") or {}, "evaluate.inference")
+    names = [*table(params, "models"), *table(params, "selftrained"), *table(params, "ensembles")]
+    for name in names:
+        for target in evaluate["targets"]:
+            cases.append({"preset": preset, "stage": f"evaluate@{name}-{target}", "models": model_blocks(params, name),
+                          "inference": inference, "flip": inference.flip, "size": dataset_size(params, target)})
+    for name, entry in table(params, "pseudo_labels").items():
+        raw = merged(params.get("pseudo_label") or {}, entry.get("options") or {})
+        options = parse(PseudoParams, raw, f"pseudo_labels.{name}.options")
+        cases.append({"preset": preset, "stage": f"pseudo_label@{name}", "models": model_blocks(params, entry["model"]),
+                      "inference": options.inference, "flip": options.flip_for(entry["form"]),
+                      "size": dataset_size(params, params["target"])})
+    cyclegan = params.get("cyclegan") or {}
+    for name in cyclegan.get("outputs") or []:
+        h, w = dataset_size(params, cyclegan["source"])
+        width = cyclegan["data"].get("scale_width") or w
+        cases.append({"preset": preset, "stage": f"translate@{name}", "generator": cyclegan.get("model") or {},
+                      "size": (4 * round(h * width / w / 4), width)})
+    if shrink:
+        for case in cases:
+            case["size"] = (32, 64)
+            if "models" in case:
+                case["models"] = [(dataclasses.replace(block, depth=18, head_width=32, style="torchvision"), w, n)
+                                  for block, w, n in case["models"]]
+                case["inference"] = dataclasses.replace(case["inference"], input_size=None, window=(16, 32),
+                                                        stride=(16, 32))
+            else:
+                case["generator"] = {"ngf": 8, "ndf": 8, "n_blocks": 2}
+    return cases
+
+
+def case_key(case: dict) -> str:
+    if "generator" in case:
+        return json.dumps(["generator", case["generator"], case["size"]], sort_keys=True)
+    return json.dumps([[dataclasses.asdict(b), w, n] for b, w, n in case["models"]]
+                      + [dataclasses.asdict(case["inference"]), case["flip"], case["size"]], sort_keys=True, default=str)
+
+
+def time_inference(case: dict, device: torch.device, warmup: int, images: int) -> dict:
+    """Seconds per image of one case, on a random image of its size already on the device (the
+    loader's decoding runs in its workers): the models' forward passes, the upsampling to the label
+    size and the argmax, as the stage runs them."""
+    from lib.infer.inference import inference_layout, predict_logits
+    generator = torch.Generator().manual_seed(0)
+    h, w = case["size"]
+    image = torch.randn(1, 3, h, w, generator=generator).to(device)
+    if "generator" in case:
+        from lib.models.cyclegan import CycleGANModelParams, build_generator
+        net = build_generator(CycleGANModelParams(**case["generator"])).to(device).eval()
+
+        def run():
+            with torch.inference_mode():
+                return net(image).clamp(-1, 1)
+    else:
+        inference = case["inference"]
+        pairs = [(inference_layout(build_model(block, NUM_CLASSES).to(device).eval(), inference.channels_last), weight)
+                 for block, weight, _ in case["models"]]
+
+        def run():
+            logits = predict_logits(pairs, image, (h, w), mode=inference.mode, input_size=inference.input_size,
+                                    window=inference.window, stride=inference.stride, flip=case["flip"],
+                                    resize_mode=inference.resize, precision=inference.precision)
+            return logits.argmax(1)
+    torch.backends.cudnn.benchmark = True
+    try:
+        for _ in range(warmup):
+            run()
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(images):
+            run()
+        sync(device)
+        return {"seconds_per_image": (time.perf_counter() - start) / images, "images": images}
+    except torch.cuda.OutOfMemoryError:
+        return {"error": "out of memory"}
+    finally:
+        release(device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_inference(presets: list[str], device, warmup: int, images: int, shrink: bool, budget) -> list[dict]:
+    measured: dict[str, dict] = {}
+    out = []
+    for preset in presets:
+        for case in inference_cases(preset, shrink):
+            key = case_key(case)
+            if key not in measured:
+                if budget.spent():
+                    out.append({"preset": preset, "stage": case["stage"], "size": list(case["size"]), "skipped": True})
+                    continue
+                measured[key] = guarded(time_inference, case, device, warmup, images)
+                log(f"  {preset} {case['stage']} {case['size']}: {measured[key]}")
+            out.append({"preset": preset, "stage": case["stage"], "size": list(case["size"]),
+                        "flip": case.get("flip"), **measured[key]})
+    return out
+
+
+# the issue's question: DeepLabV2-R101 on a whole Cityscapes frame, whole and sliding (mmseg's 512x1024
+# windows at a stride of 341x683: 3 x 3 windows), with flip, in both precisions
+FRAME = (1024, 2048)
+FRAME_CASES = {"whole": {"mode": "whole"}, "whole+flip": {"mode": "whole", "flip": True},
+               "slide+flip": {"mode": "slide", "window": (512, 1024), "stride": (341, 683), "flip": True}}
+CITYSCAPES_VAL = 500
+
+
+def frame_inference(device, warmup: int, images: int, shrink: bool) -> list[dict]:
+    from lib.infer.params import InferenceParams
+    params = preset_params(DEEPLABV2_PRESET)
+    recipe, _ = parse_recipe(find_training_row(params | {"models": {"source_only": SOURCE_ONLY_ROW}} | {
+        "recipes": {**params["recipes"], "source_only": params["recipes"]["advent"]}}, "source_only"))
+    block, size = recipe.model, FRAME
+    if shrink:
+        block, size = dataclasses.replace(block, depth=18, head_width=32, style="torchvision"), (32, 64)
+    out = []
+    for name, spec in FRAME_CASES.items():
+        for precision in ("fp32", "bf16"):
+            window = spec.get("window")
+            stride = spec.get("stride")
+            if shrink and window:
+                window, stride = (16, 32), (11, 21)
+            inference = InferenceParams(mode=spec["mode"], window=window, stride=stride, precision=precision,
+                                        channels_last=precision == "bf16")
+            case = {"models": [(block, 1.0, recipe.normalize)], "inference": inference, "flip": spec.get("flip", False),
+                    "size": size}
+            run = time_inference(case, device, warmup, images)
+            if "seconds_per_image" in run:
+                run["images_per_s"] = 1.0 / run["seconds_per_image"]
+                run["cityscapes_val_s"] = run["seconds_per_image"] * CITYSCAPES_VAL
+            out.append({"protocol": name, "precision": precision + ("+channels_last" if precision == "bf16" else ""),
+                        "model": f"{block.arch}-{block.depth}", "size": list(size), **run})
+            log(f"  frame {name} {precision}: {run}")
+    return out
+
+
+# --- NCCL through the project's own multi-process path ----------------------------------------------
+
+def nccl_run(device: torch.device) -> dict:
+    """The warm-up of the tiny end-to-end params with ``backend: nccl`` (``auto`` on CPU): its inputs
+    and the stage itself by ``dvc repro`` (one plain process), then the same stage again under
+    ``torchrun --nproc_per_node 1`` (``processes: 1``), as a hand-made torchrun launch runs it:
+    does the process group initialise, does it step, does it publish the model."""
+    from tests.test_pipeline import ENV, make_project, tiny_params
+    params = tiny_params(chain=False)
+    row = params["models"]["warmup"]["recipe"]
+    params["recipes"][row]["train"].update(backend="nccl" if device.type == "cuda" else "auto", processes=1)
+    env = dict(ENV, CUDA_VISIBLE_DEVICES="") if device.type == "cpu" else dict(ENV)
+    result = {}
+    with tempfile.TemporaryDirectory(prefix="bench_nccl_") as tmp:
+        project = make_project(Path(tmp), params)
+        start = time.perf_counter()
+        done = subprocess.run(["dvc", "repro", "train@warmup"], cwd=project, env=env, capture_output=True, text=True)
+        result["dvc_repro"] = {"returncode": done.returncode, "wall_s": time.perf_counter() - start,
+                               "tail": (done.stdout + done.stderr)[-1500:] if done.returncode else ""}
+        if done.returncode:
+            return result
+        for path in ("data/models/warmup", "data/checkpoints/warmup"):
+            shutil.rmtree(project / path, ignore_errors=True)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                   "-m", "stages.train", "warmup"]
+        start = time.perf_counter()
+        done = subprocess.run(command, cwd=project, env=dict(env, NCCL_DEBUG="INFO", TORCH_CPP_LOG_LEVEL="INFO"),
+                              capture_output=True, text=True)
+        output = done.stdout + done.stderr
+        meta_path = project / "data/models/warmup/meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        result["torchrun"] = {"command": " ".join(command[1:]), "returncode": done.returncode,
+                              "wall_s": time.perf_counter() - start,
+                              "nccl_info_lines": sum("NCCL INFO" in line for line in output.splitlines()),
+                              "nccl_version": next((line.split("NCCL version", 1)[1].strip()
+                                                    for line in output.splitlines() if "NCCL version" in line), None),
+                              "process_group_lines": [line.strip()[-200:] for line in output.splitlines()
+                                                      if "ProcessGroupNCCL" in line or "ProcessGroupGloo" in line][:4],
+                              "model_written": bool(meta), "world_size": meta.get("world_size"),
+                              "tail": output[-1500:]}
+    return result
 
 
 def tiny_repro(with_chain: bool, targets: list[str], device: torch.device) -> dict:
@@ -231,37 +640,35 @@ def tiny_repro(with_chain: bool, targets: list[str], device: torch.device) -> di
             "stages_run": done.stdout.count("Running stage")}
 
 
+# --- the run -----------------------------------------------------------------------------------------
+
+class Budget:
+    """The script's wall-clock allowance: a measurement not yet started once it is spent is skipped
+    (and listed as such), so one prepared run always ends with what it measured written."""
+
+    def __init__(self, seconds: float | None):
+        self.start, self.seconds = time.perf_counter(), seconds
+
+    def spent(self) -> bool:
+        return self.seconds is not None and time.perf_counter() - self.start > self.seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
 def describe(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+        props = torch.cuda.get_device_properties(device)
+        return (f"{torch.cuda.get_device_name(device)}, {props.total_memory / GIB:.0f} GiB "
+                f"(CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()})")
     return f"CPU, {torch.get_num_threads()} threads"
 
 
-def print_table(result: dict) -> None:
-    print(f"device {result['device']}, torch {result['torch']}{', DRY RUN (tiny sizes)' if result['dry_run'] else ''}")
-    entries = result.get("deeplabv2", []) + ([result["cpsl"]] if "cpsl" in result else [])
-    for entry in entries:
-        streams = " + ".join(f"{s} {b}x{h}x{w}" for s, (b, h, w) in entry["streams"].items())
-        print(f"  {entry['name']}: {entry['row']} (recipe {entry['method']}), {entry['model']}, {streams}")
-    if entries:
-        print(f"{'measurement':<28} {'precision':<19} {'images/s':>9} {'s/iter':>8} {'peak GiB':>9}")
-    for entry in entries:
-        for precision, run in entry["runs"].items():
-            if "error" in run:
-                print(f"{entry['name']:<28} {precision:<19} {run['error']:>28}")
-                continue
-            peak = "-" if run["peak_memory_gib"] is None else f"{run['peak_memory_gib']:.2f}"
-            print(f"{entry['name']:<28} {precision:<19} {run['images_per_s']:>9.2f} {run['seconds_per_iter']:>8.3f} "
-                  f"{peak:>9}")
-    for entry in entries:
-        speed, memory = entry["ratio_images_per_s_bf16_over_fp32"], entry["ratio_peak_memory_bf16_over_fp32"]
-        print(f"ratio bf16/fp32 {entry['name']}: images/s {'-' if speed is None else f'{speed:.2f}'}, "
-              f"peak memory {'-' if memory is None else f'{memory:.2f}'}")
-    if "repro" in result:
-        r = result["repro"]
-        print(f"tiny dvc repro ({'CPSL chain' if r['chain'] else 'warm-up only'}"
-              f"{', targets ' + ' '.join(r['targets']) if r['targets'] else ''}): {r['stages_run']} stages "
-              f"in {r['wall_s']:.1f} s")
+MEASURES = ("precision", "presets", "inference", "nccl", "compile", "repro")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,35 +676,267 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                         help="cpu: the dry run (tiny sizes), for checking the code without a GPU")
     parser.add_argument("--dry-run", action="store_true", help="same as --device cpu")
-    parser.add_argument("--measure", nargs="+", choices=("deeplabv2", "cpsl", "repro"),
-                        default=["deeplabv2", "cpsl", "repro"])
-    parser.add_argument("--steps", type=int, help="timed steps per measurement (default 10; dry run 2)")
-    parser.add_argument("--warmup-steps", type=int, help="untimed steps first (default 3; dry run 1)")
+    parser.add_argument("--measure", nargs="+", choices=MEASURES, default=list(MEASURES))
+    parser.add_argument("--preset", nargs="+", help="presets for `presets` and `inference` (default: every published one)")
+    parser.add_argument("--steps", type=int, help="timed steps per measurement (default 5; dry run 1)")
+    parser.add_argument("--warmup-steps", type=int, help="untimed steps first (default 2; dry run 1)")
+    parser.add_argument("--images", type=int, help="timed images per inference case (default 3; dry run 1)")
+    parser.add_argument("--budget-s", type=float, help="start no measurement after this many seconds")
     parser.add_argument("--repro-target", nargs="*", default=[],
                         help="stages for `dvc repro` (default: the whole pipeline)")
-    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here (after every measurement)")
+    parser.add_argument("--commit", help="the commit measured (default: git rev-parse HEAD of this checkout)")
+    parser.add_argument("--recipes", type=Path, default=ROOT / "bench" / "results" / "recipes.json",
+                        help="with --hours: bench/recipes.py's results, extended in place")
+    parser.add_argument("--hours", type=Path, metavar="GPU_JSON",
+                        help="no measurement: add the GPU hours of GPU_JSON to bench/results/recipes.{json,md} "
+                             "and write GPU_JSON's tables beside it (.md)")
     args = parser.parse_args(argv)
+    if args.hours:
+        return write_hours(args.hours, args.recipes)
     dry = args.dry_run or args.device == "cpu"
     if not dry and not torch.cuda.is_available():
         print("bench/gpu.py: no CUDA device (torch.cuda.is_available() is False); "
               "--dry-run runs the same measurements on CPU at tiny sizes", file=sys.stderr)
         return 2
     device = torch.device("cpu" if dry else "cuda")
-    steps = args.steps or (2 if dry else 10)
-    warmup_steps = args.warmup_steps if args.warmup_steps is not None else (1 if dry else 3)
+    steps = args.steps or (1 if dry else 5)
+    warmup_steps = args.warmup_steps if args.warmup_steps is not None else (1 if dry else 2)
+    images = args.images or (1 if dry else 3)
+    presets = args.preset or published_presets()
+    budget = Budget(args.budget_s)
 
     result = {"device": describe(device), "torch": torch.__version__, "dry_run": dry, "steps": steps,
-              "warmup_steps": warmup_steps}
-    if "deeplabv2" in args.measure:
-        result["deeplabv2"] = [compare_precisions(step, device, warmup_steps, steps) for step in deeplabv2_steps(dry)]
-    if "cpsl" in args.measure:
-        result["cpsl"] = compare_precisions(cpsl_step(dry), device, warmup_steps, steps)
-    if "repro" in args.measure:
-        release(device)
-        result["repro"] = tiny_repro(with_chain=not dry, targets=args.repro_target, device=device)
-    print_table(result)
-    if args.out:
-        write_json_atomic(args.out, result)
+              "warmup_steps": warmup_steps, "images": images, "commit": args.commit or commit(), "skipped": [], "errors": {}}
+    sections = {
+        "precision": lambda: [compare_precisions(step, device, warmup_steps, steps)
+                              for step in [*deeplabv2_steps(dry), cpsl_step(dry)]],
+        "presets": lambda: measure_presets(presets, device, warmup_steps, steps, dry, budget),
+        "inference": lambda: {"frame": frame_inference(device, 1, images, dry),
+                              "stages": measure_inference(presets, device, 1, images, dry, budget)},
+        "nccl": lambda: nccl_run(device),
+        "compile": lambda: compile_column(device, warmup_steps, steps, dry),
+        "repro": lambda: (release(device), tiny_repro(with_chain=not dry, targets=args.repro_target, device=device))[1],
+    }
+    for name in MEASURES:
+        if name not in args.measure:
+            continue
+        if budget.spent():
+            result["skipped"].append(name)
+            continue
+        log(f"[{budget.elapsed():.0f} s] {name}")
+        try:
+            result[name] = sections[name]()
+        except Exception:        # one failed measurement must not cost the others (one GPU run, no rerun)
+            result["errors"][name] = traceback.format_exc()[-3000:]
+            log(result["errors"][name])
+        result["elapsed_s"] = budget.elapsed()
+        if args.out:
+            write_json_atomic(args.out, result)
+    print(markdown(result))
+    return 1 if result["errors"] else 0
+
+
+def compile_column(device, warmup_steps: int, steps: int, shrink: bool) -> dict:
+    """ADVENT's source-only step in bf16 + channels_last with the model compiled (torch.compile's
+    default inductor backend), beside the same step uncompiled in the same run."""
+    step = deeplabv2_steps(shrink)[0]
+    build = method_bench(step)
+    plain = time_step(build, device, "bf16+channels_last", warmup_steps, steps)
+    compiled = time_step(build, device, "bf16+channels_last", warmup_steps + 2, steps, compile_model=True)
+    ok = "error" not in plain and "error" not in compiled
+    return {"name": step.label, "row": step.row.where, "plain": plain, "compiled": compiled,
+            "ratio_images_per_s_compiled_over_plain": compiled["images_per_s"] / plain["images_per_s"] if ok else None}
+
+
+def commit() -> str | None:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() or None
+
+
+# --- tables ------------------------------------------------------------------------------------------
+
+def _num(value, fmt: str = ".2f") -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def _streams(streams: dict) -> str:
+    return " + ".join(f"{s} {b}×{h}×{w}" for s, (b, h, w) in streams.items())
+
+
+def _fit(fit: dict) -> str:
+    return " / ".join(("yes" if fit[c] else "no") for c in CARDS_GIB) if fit else "–"
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Device: {result['device']}; torch {result['torch']}; commit {result.get('commit') or '?'}"
+             + ("; DRY RUN (tiny sizes, CPU)" if result["dry_run"] else "")
+             + f". Training: {result['warmup_steps']} untimed then {result['steps']} timed steps on one fixed batch; "
+             f"inference: {result['images']} timed images after one untimed.", ""]
+    if result.get("precision"):
+        lines += ["### Training step by precision (random weights and data, the recipes' shapes)", "",
+                  "| setting | streams | precision | images/s | s/iter | peak allocated GiB | peak reserved GiB |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        for e in result["precision"]:
+            for p, run in e["runs"].items():
+                if "error" in run:
+                    lines.append(f"| {e['name']} | {_streams(e['streams'])} | {p} | {run['error']} | | | |")
+                    continue
+                lines.append(f"| {e['name']} | {_streams(e['streams'])} | {p} | {run['images_per_s']:.2f} | "
+                             f"{run['seconds_per_iter']:.3f} | {_num(run['peak_memory_gib'])} | "
+                             f"{_num(run.get('peak_reserved_gib'))} |")
+        lines += ["", "| setting | bf16 / fp32 images/s | bf16+channels_last / fp32 images/s | bf16+channels_last / fp32 memory |",
+                  "|---|---:|---:|---:|"]
+        for e in result["precision"]:
+            lines.append(f"| {e['name']} | {_num(e.get('ratio_images_per_s_bf16_over_fp32'))} | "
+                         f"{_num(e.get('ratio_images_per_s_bf16_channels_last_over_fp32'))} | "
+                         f"{_num(e.get('ratio_peak_memory_bf16_channels_last_over_fp32'))} |")
+        lines.append("")
+    if result.get("compile"):
+        c = result["compile"]
+        lines += [f"torch.compile ({c['name']}, bf16+channels_last): {describe_run(c['plain'])} plain, "
+                  f"{describe_run(c['compiled'])} compiled (compilation {_num(c['compiled'].get('untimed_s'), '.0f')} s "
+                  f"in the untimed steps); compiled / plain images/s "
+                  f"{_num(c['ratio_images_per_s_compiled_over_plain'])}.", ""]
+    if result.get("presets"):
+        cards = " / ".join(CARDS_GIB)
+        lines += ["### Every published training stage at its paper batch", "",
+                  f"Peak = what PyTorch's allocator reserved during the timed steps; \"fits\" adds {CONTEXT_GIB:.0f} GiB "
+                  f"for the CUDA context and asks it of a {cards} card.", "",
+                  f"| preset | stage | batch (per stream) | fp32 s/iter | fp32 peak GiB | fp32 fits {cards} | "
+                  f"bf16+cl s/iter | bf16+cl peak GiB | bf16+cl fits {cards} | speed bf16+cl / fp32 |",
+                  "|---|---|---|---:|---:|---|---:|---:|---|---:|"]
+        for e in result["presets"]:
+            if e.get("skipped"):
+                lines.append(f"| {e['preset']} | {e['stage']} | {_streams(e['streams'])} | skipped (time) | | | | | | |")
+                continue
+            cells = []
+            for p in PRESET_PRECISIONS:
+                run = e["runs"][p]
+                cells += ([run["error"], "", ""] if "error" in run else
+                          [f"{run['seconds_per_iter']:.3f}", _num(run["peak_reserved_gib"]), _fit(e["fits"][p])])
+            lines.append(f"| {e['preset']} | {e['stage']} | {_streams(e['streams'])} | " + " | ".join(cells)
+                         + f" | {_num(e.get('ratio_images_per_s_bf16_channels_last_over_fp32'))} |")
+        lines.append("")
+    inference = result.get("inference") or {}
+    if inference.get("frame"):
+        lines += ["### Inference on a 2048×1024 frame (DeepLabV2-ResNet-101)", "",
+                  "| protocol | precision | images/s | s/image | 500 Cityscapes val images, s |", "|---|---|---:|---:|---:|"]
+        for f in inference["frame"]:
+            if "error" in f:
+                lines.append(f"| {f['protocol']} | {f['precision']} | {f['error']} | | |")
+            else:
+                lines.append(f"| {f['protocol']} | {f['precision']} | {f['images_per_s']:.2f} | "
+                             f"{f['seconds_per_image']:.3f} | {f['cityscapes_val_s']:.0f} |")
+        lines.append("")
+    if inference.get("stages"):
+        lines += ["### Every evaluation, pseudo-labelling and translation stage (its own protocol and precision)", "",
+                  "| preset | stage | image | s/image |", "|---|---|---|---:|"]
+        for s in inference["stages"]:
+            value = "skipped (time)" if s.get("skipped") else s.get("error") or f"{s['seconds_per_image']:.3f}"
+            lines.append(f"| {s['preset']} | {s['stage']} | {s['size'][0]}×{s['size'][1]} | {value} |")
+        lines.append("")
+    if result.get("nccl"):
+        n = result["nccl"]
+        r, t = n.get("dvc_repro", {}), n.get("torchrun") or {}
+        lines += ["### One process under torchrun with the nccl backend", "",
+                  f"- `dvc repro train@warmup` (tiny params, backend nccl, one plain process): exit {r.get('returncode')}, "
+                  f"{_num(r.get('wall_s'), '.1f')} s.",
+                  f"- `{t.get('command', '–')}`: exit {t.get('returncode')}, {_num(t.get('wall_s'), '.1f')} s, "
+                  f"model written: {t.get('model_written')}, world size {t.get('world_size')}, "
+                  f"NCCL {t.get('nccl_version') or '–'} ({t.get('nccl_info_lines', 0)} NCCL INFO lines).", ""]
+    if result.get("repro"):
+        r = result["repro"]
+        lines += [f"Tiny `dvc repro` ({'CPSL chain' if r['chain'] else 'warm-up only'}"
+                  f"{', targets ' + ' '.join(r['targets']) if r['targets'] else ''}): {r['stages_run']} stages in "
+                  f"{r['wall_s']:.1f} s.", ""]
+    if result.get("skipped"):
+        lines += [f"Skipped for time: {', '.join(result['skipped'])}.", ""]
+    for name, error in (result.get("errors") or {}).items():
+        lines += [f"**{name} failed:** `{error.strip().splitlines()[-1]}`", ""]
+    return "\n".join(lines)
+
+
+# --- GPU hours of every published recipe ----------------------------------------------------------
+
+def stage_gpu_seconds(stage: dict, training: dict, inference: dict, precision: str) -> tuple[float | None, str]:
+    """(GPU seconds of one stage of recipes.json on the measured GPU, how it was reckoned); None when
+    its measurement is missing.  Data stages (prepare, stylize) run on the host: 0 here."""
+    kind, _, name = stage["stage"].partition("@")
+    if kind in ("train", "selftrain", "cyclegan_train"):
+        entry = training.get(stage["stage"])
+        run = (entry or {}).get("runs", {}).get(precision) or {"error": "not measured"}
+        if "error" in run or stage.get("full_units") is None:
+            return None, run.get("error", "no full count")
+        seconds = run["seconds_per_iter"] * stage["full_units"]
+        if stage.get("selections"):
+            select = inference.get(f"evaluate@{name}-{stage['select_dataset']}") or {}
+            if "seconds_per_image" not in select:
+                return None, "selection not measured"
+            seconds += stage["selections"] * stage["select_images"] * select["seconds_per_image"]
+        if stage.get("one_off_s") and stage.get("per_unit_s"):      # e.g. ISW's statistics, by the step's speed-up
+            seconds += stage["one_off_s"] * run["seconds_per_iter"] / (stage["per_unit_s"] * stage.get("batch_factor", 1))
+        return seconds, "training"
+    if kind in ("evaluate", "pseudo_label", "translate"):
+        entry = inference.get(stage["stage"]) or {}
+        if "seconds_per_image" not in entry or not stage.get("full_units"):
+            return None, entry.get("error", "not measured")
+        return entry["seconds_per_image"] * stage["full_units"], "inference"
+    return 0.0, "host"
+
+
+def gpu_hours(gpu: dict, recipes: dict) -> dict:
+    """recipes.json with, per stage and preset, the GPU hours on the measured GPU in each of
+    PRESET_PRECISIONS (inference at the preset's own precision) and the host's CPU hours of the data stages."""
+    result = copy.deepcopy(recipes)
+    result["gpu"] = {"device": gpu["device"], "commit": gpu.get("commit"), "torch": gpu["torch"]}
+    for preset in result["presets"]:
+        training = {e["stage"]: e for e in gpu.get("presets") or [] if e["preset"] == preset["preset"] and "runs" in e}
+        inference = {e["stage"]: e for e in (gpu.get("inference") or {}).get("stages") or []
+                     if e["preset"] == preset["preset"]}
+        totals, missing = {p: 0.0 for p in PRESET_PRECISIONS}, set()
+        host = 0.0
+        for stage in preset["stages"]:
+            stage["gpu_h"] = {}
+            for precision in PRESET_PRECISIONS:
+                seconds, how = stage_gpu_seconds(stage, training, inference, precision)
+                if seconds is None:
+                    missing.add(stage["stage"])
+                    stage["gpu_h"][precision] = None
+                    continue
+                stage["gpu_h"][precision] = round(seconds / 3600, 2)
+                totals[precision] += seconds / 3600
+            if stage_gpu_seconds(stage, {}, {}, "fp32")[1] == "host":
+                host += stage.get("full_cpu_h") or 0.0
+        preset["full_gpu_h"] = None if missing else {p: round(h, 1) for p, h in totals.items()}
+        preset["gpu_missing"] = sorted(missing)
+        preset["host_cpu_h"] = round(host, 1)
+    return result
+
+
+def hours_table(recipes: dict) -> str:
+    lines = [f"GPU hours of a full run on one {recipes['gpu']['device'].split(',')[0]} (commit {recipes['gpu']['commit']}): "
+             "training steps at the paper batch in each precision, checkpoint selections, pseudo-labels, translations "
+             "and evaluations at the preset's own inference precision; the data stages (prepare, stylize) are the "
+             "host's CPU hours as measured on 2 cores.", "",
+             "| preset | GPU h, fp32 (as published) | GPU h, bf16+channels_last | host CPU h (data stages) |",
+             "|---|---:|---:|---:|"]
+    for preset in recipes["presets"]:
+        full = preset.get("full_gpu_h")
+        cells = [f"{full[p]:.1f}" for p in PRESET_PRECISIONS] if full else \
+            [f"incomplete ({', '.join(preset.get('gpu_missing', []))})", ""]
+        lines.append(f"| {preset['preset']} | " + " | ".join(cells) + f" | {preset.get('host_cpu_h', 0):.1f} |")
+    return "\n".join(lines)
+
+
+def write_hours(gpu_json: Path, recipes_json: Path) -> int:
+    from bench.recipes import write_results
+    gpu = json.loads(gpu_json.read_text())
+    recipes = gpu_hours(gpu, json.loads(recipes_json.read_text()))
+    write_results(recipes_json, recipes["presets"], cpu=recipes["cpu"], extra={"gpu": recipes["gpu"]})
+    gpu_json.with_suffix(".md").write_text(markdown(gpu) + "\n### GPU hours of every published recipe\n\n"
+                                           + hours_table(recipes) + "\n")
+    print(hours_table(recipes))
     return 0
 
 

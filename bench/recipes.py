@@ -450,8 +450,10 @@ def gigabytes(n: float | None) -> str:
 
 def summary_table(results: list[dict]) -> str:
     """One line per preset: how it ended, its training step, its peak memory and its extrapolation."""
-    lines = ["| preset | run here | training s/iteration (stage) | largest process, GB | full run: CPU h | outputs, GB |",
-             "|---|---|---|---:|---:|---:|"]
+    gpu = any(res.get("full_gpu_h") or res.get("gpu_missing") for res in results)
+    lines = ["| preset | run here | training s/iteration (stage) | largest process, GB | full run: CPU h | outputs, GB |"
+             + (" one GPU: h fp32 / bf16+cl |" if gpu else ""),
+             "|---|---|---|---:|---:|---:|" + ("---:|" if gpu else "")]
     for res in results:
         steps = [r for r in res["stages"] if r["unit"] == "iteration" and r["per_unit_s"]]
         step = ", ".join(f"{r['per_unit_s']:.0f}" + (f" at batch {r['batch']}" if r.get("batch_factor", 1) != 1 else "")
@@ -460,7 +462,9 @@ def summary_table(results: list[dict]) -> str:
             + f" in {res['seconds']:.0f} s" + (f", batch ≤ {res['max_batch']}" if res.get("max_batch") else "")
         peak = max((r["peak_rss_mb"] for r in res["stages"]), default=0) / 1024
         full = f"{res['full_cpu_h']:.0f} | {gigabytes(res['full_out_bytes'])}" if res["completed"] else "– | –"
-        lines.append(f"| {res['preset']} | {ended} | {step} | {peak:.1f} | {full} |")
+        hours = res.get("full_gpu_h")
+        cell = (f" {hours['fp32']:.0f} / {hours['bf16+channels_last']:.0f} |" if hours else " – |") if gpu else ""
+        lines.append(f"| {res['preset']} | {ended} | {step} | {peak:.1f} | {full} |{cell}")
     return "\n".join(lines)
 
 
@@ -473,17 +477,26 @@ def markdown(results: list[dict]) -> str:
         lines += [head, "", f"{res['seconds']:.0f} s on {res['cpus']} cores at scale {res['scale']}{capped}; "
                   f"extrapolated: {res['full_cpu_h']:.0f} CPU hours, {gigabytes(res['full_out_bytes'])} GB of outputs "
                   f"(as many again in the DVC cache).", "",
-                  "| stage | s | per unit (s) | peak RSS MB (tree) | outputs MB | full: units | CPU h | GB |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| stage | s | per unit (s) | peak RSS MB (tree) | outputs MB | full: units | CPU h | GB |"
+                  + (" GPU h fp32 / bf16+cl |" if "full_gpu_h" in res else ""),
+                  "|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if "full_gpu_h" in res else "")]
         for row in res["stages"]:
             unit = "" if row["per_unit_s"] is None else f"{row['per_unit_s']:.3g} /{'img' if row['unit'] == 'image' else 'it'}"
             if (row.get("one_off_s") or 0) >= 30:
                 unit += f" (+{row['one_off_s']:.0f} once)"
             lines.append(f"| {row['stage']} | {row['seconds']:.0f} | {unit} | {row['peak_rss_mb']} ({row['peak_tree_mb']}) "
                          f"| {row['out_bytes'] / 2**20:.1f} | {row['full_units'] or ''} | {row['full_cpu_h'] or ''} "
-                         f"| {gigabytes(row['full_out_bytes'])} |")
+                         f"| {gigabytes(row['full_out_bytes'])} |" + (gpu_cell(row) if "full_gpu_h" in res else ""))
         lines.append("")
     return "\n".join(lines)
+
+
+def gpu_cell(row: dict) -> str:
+    """A stage's GPU hours in its two precisions (bench/gpu.py --hours); '' for the host's stages."""
+    hours = row.get("gpu_h") or {}
+    if not hours or all(h == 0 for h in hours.values()):
+        return " |"
+    return " " + " / ".join("?" if h is None else f"{h:.2f}" for h in hours.values()) + " |"
 
 
 def run_preset(preset: Path, workdir: Path, args) -> dict:
@@ -621,9 +634,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if all(r["completed"] for r in results) else 1
 
 
-def write_results(out: Path, results: list[dict]) -> None:
+def write_results(out: Path, results: list[dict], cpu: str | None = None, extra: dict | None = None) -> None:
+    """``cpu``: the machine the rows were measured on (default: this one); ``extra``: more top-level
+    keys (bench/gpu.py's GPU hours name their GPU)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"cpu": cpu_name(), "presets": results}, indent=1) + "\n")
+    out.write_text(json.dumps({"cpu": cpu or cpu_name(), **(extra or {}), "presets": results}, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(results) + "\n")
 
 
