@@ -598,7 +598,7 @@ def nccl_run(device: torch.device) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_nccl_") as tmp:
         project = make_project(Path(tmp), params)
         start = time.perf_counter()
-        done = subprocess.run(["dvc", "repro", "train@warmup"], cwd=project, env=env, capture_output=True, text=True)
+        done = run_for(["dvc", "repro", "train@warmup"], project, env, timeout=240)
         result["dvc_repro"] = {"returncode": done.returncode, "wall_s": time.perf_counter() - start,
                                "tail": (done.stdout + done.stderr)[-1500:] if done.returncode else ""}
         if done.returncode:
@@ -608,8 +608,7 @@ def nccl_run(device: torch.device) -> dict:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                    "-m", "stages.train", "warmup"]
         start = time.perf_counter()
-        done = subprocess.run(command, cwd=project, env=dict(env, NCCL_DEBUG="INFO", TORCH_CPP_LOG_LEVEL="INFO"),
-                              capture_output=True, text=True)
+        done = run_for(command, project, dict(env, NCCL_DEBUG="INFO", TORCH_CPP_LOG_LEVEL="INFO"), timeout=180)
         output = done.stdout + done.stderr
         meta_path = project / "data/models/warmup/meta.json"
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -625,6 +624,17 @@ def nccl_run(device: torch.device) -> dict:
     return result
 
 
+def run_for(command: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """``command`` with its output captured; one that outlasts ``timeout`` (a hung process group) is
+    killed and reported with exit code 124."""
+    try:
+        return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as expired:
+        out = (expired.stdout or b"").decode(errors="replace") if isinstance(expired.stdout, bytes) else expired.stdout or ""
+        err = (expired.stderr or b"").decode(errors="replace") if isinstance(expired.stderr, bytes) else expired.stderr or ""
+        return subprocess.CompletedProcess(command, 124, out, err + f"\n(killed after {timeout:.0f} s)")
+
+
 def tiny_repro(with_chain: bool, targets: list[str], device: torch.device) -> dict:
     """Wall time of ``dvc repro`` on the end-to-end tests' tiny params in a fresh temporary project."""
     from tests.test_pipeline import ENV, make_project, tiny_params
@@ -632,7 +642,7 @@ def tiny_repro(with_chain: bool, targets: list[str], device: torch.device) -> di
     with tempfile.TemporaryDirectory(prefix="bench_repro_") as tmp:
         project = make_project(Path(tmp), tiny_params(chain=with_chain))
         start = time.perf_counter()
-        done = subprocess.run(["dvc", "repro", *targets], cwd=project, env=env, capture_output=True, text=True)
+        done = run_for(["dvc", "repro", *targets], project, env, timeout=600)
         wall = time.perf_counter() - start
     if done.returncode != 0:
         raise RuntimeError(f"dvc repro failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
