@@ -84,7 +84,8 @@ def check_params(params: dict) -> dict[str, int]:
                 check_model_reference(params, member, f"ensembles.{name}.models")
     check_acyclic(params)
     evaluate = section(params, "evaluate", EvaluateParams)
-    if list(evaluate.models) != model_names(params):
+    # as sets: the order of a merge of several mappings differs between PyYAML versions
+    if set(evaluate.models) != set(model_names(params)):
         raise ConfigError("params: evaluate.models must be the merge of the tables, "
                           "{<<: [*models, *selftrained, *ensembles]} (it lists "
                           f"{', '.join(evaluate.models) or 'nothing'}, the tables {', '.join(model_names(params)) or 'nothing'})")
