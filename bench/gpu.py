@@ -51,6 +51,7 @@ import copy
 import dataclasses
 import gc
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -615,13 +616,26 @@ def nccl_run(device: torch.device) -> dict:
         result["torchrun"] = {"command": " ".join(command[1:]), "returncode": done.returncode,
                               "wall_s": time.perf_counter() - start,
                               "nccl_info_lines": sum("NCCL INFO" in line for line in output.splitlines()),
-                              "nccl_version": next((line.split("NCCL version", 1)[1].strip()
-                                                    for line in output.splitlines() if "NCCL version" in line), None),
+                              "nccl_version": nccl_version(output),
+                              "process_group": process_group(output),
                               "process_group_lines": [line.strip()[-200:] for line in output.splitlines()
                                                       if "ProcessGroupNCCL" in line or "ProcessGroupGloo" in line][:4],
                               "model_written": bool(meta), "world_size": meta.get("world_size"),
                               "tail": output[-1500:]}
     return result
+
+
+def nccl_version(output: str) -> str | None:
+    """The NCCL version PyTorch's NCCL process group reports (its log at INFO level), if any."""
+    match = re.search(r"NCCL version:? *([0-9]+(?:\.[0-9]+)+)", output)
+    return match.group(1) if match else None
+
+
+def process_group(output: str) -> str | None:
+    """Which process group the stage initialised, from PyTorch's INFO log (TORCH_CPP_LOG_LEVEL=INFO)."""
+    if "ProcessGroupNCCL initialization options" in output:
+        return "nccl"
+    return "gloo" if "ProcessGroupGloo" in output else None
 
 
 def run_for(command: list[str], cwd: Path, env: dict, timeout: float) -> subprocess.CompletedProcess:
@@ -853,13 +867,15 @@ def markdown(result: dict) -> str:
                   f"- `dvc repro train@warmup` (tiny params, backend nccl, one plain process): exit {r.get('returncode')}, "
                   f"{_num(r.get('wall_s'), '.1f')} s.",
                   f"- `{t.get('command', '–')}`: exit {t.get('returncode')}, {_num(t.get('wall_s'), '.1f')} s, "
-                  f"model written: {t.get('model_written')}, world size {t.get('world_size')}, "
-                  f"NCCL {t.get('nccl_version') or '–'} ({t.get('nccl_info_lines', 0)} NCCL INFO lines).", ""]
+                  f"model written: {t.get('model_written')}, world size {t.get('world_size')}, process group "
+                  f"{t.get('process_group') or '–'}, NCCL {t.get('nccl_version') or '–'}; "
+                  f"{t.get('nccl_info_lines', 0)} NCCL INFO lines (NCCL creates its communicator at the first "
+                  "collective, and one process runs none).", ""]
     if result.get("repro"):
         r = result["repro"]
         lines += [f"Tiny `dvc repro` ({'CPSL chain' if r['chain'] else 'warm-up only'}"
                   f"{', targets ' + ' '.join(r['targets']) if r['targets'] else ''}): {r['stages_run']} stages in "
-                  f"{r['wall_s']:.1f} s.", ""]
+                  f"{r['wall_s']:.1f} s" + (f" (commit {r['commit']}: {r['note']})" if r.get("note") else "") + ".", ""]
     if result.get("skipped"):
         lines += [f"Skipped for time: {', '.join(result['skipped'])}.", ""]
     for name, error in (result.get("errors") or {}).items():

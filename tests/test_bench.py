@@ -233,31 +233,106 @@ def test_gpu_bench_builds_its_rows_from_the_presets():
 
 def test_gpu_bench_dry_run_exercises_every_measurement(tmp_path, capsys):
     out = tmp_path / "gpu.json"
+    presets = ["gta5_cityscapes_cpsl", "gta5_cityscapes_bafft", "cityscapes_acdc_ciss", "gta5_robustnet_isw",
+               "gta5_cityscapes_minent", "gta5_cityscapes_advent_minent_ensemble"]
     assert gpu.main(["--dry-run", "--steps", "1", "--warmup-steps", "0", "--repro-target", "synthesize",
+                     "--measure", "precision", "presets", "inference", "nccl", "repro", "--preset", *presets,
                      "--out", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["dry_run"] and r["device"].startswith("CPU")
-    entries = {e["name"]: e for e in [*r["deeplabv2"], r["cpsl"]]}
+    assert r["dry_run"] and r["device"].startswith("CPU") and not r["errors"] and not r["skipped"]
+    entries = {e["name"]: e for e in r["precision"]}
     assert entries["gta5_cityscapes_deeplabv2"]["streams"] == {"source": [1, 32, 64]}
     assert entries["gta5_cityscapes_deeplabv2"]["method"] == "source_only"
     assert entries["gta5_cityscapes_advent"]["streams"] == {"source": [1, 32, 64], "target": [1, 32, 64]}
-    assert entries["gta5_cityscapes_advent"]["method"] == "advent"
     assert entries["gta5_cityscapes_advent"]["row"] == "models.advent"
     assert entries["cpsl_stage1"]["streams"] == {"source": [4, 32, 64], "target": [4, 32, 64]}
     assert entries["cpsl_stage1"]["method"] == "cpsl_stage1" and "cpsl head" in entries["cpsl_stage1"]["model"]
-    assert entries["cpsl_stage1"]["row"] == "selftrained.stage1"
     for entry in entries.values():
         runs = entry["runs"]
-        assert set(runs) == {"fp32", "bf16+channels_last"}
+        assert set(runs) == {"fp32", "bf16", "bf16+channels_last"}
         for run in runs.values():
             assert run["images_per_s"] > 0 and run["peak_memory_gib"] is None     # no CUDA memory on CPU
             assert run["images_per_s"] == pytest.approx(run["images_per_iter"] / run["seconds_per_iter"])
-        assert entry["ratio_images_per_s_bf16_over_fp32"] == pytest.approx(
-            runs["bf16+channels_last"]["images_per_s"] / runs["fp32"]["images_per_s"])
-        assert entry["ratio_peak_memory_bf16_over_fp32"] is None
+        for precision, key in (("bf16", "bf16"), ("bf16+channels_last", "bf16_channels_last")):
+            assert entry[f"ratio_images_per_s_{key}_over_fp32"] == pytest.approx(
+                runs[precision]["images_per_s"] / runs["fp32"]["images_per_s"])
+            assert entry[f"ratio_peak_memory_{key}_over_fp32"] is None
+    # every training stage of the presets, each distinct step once: the KD rounds (a teacher, hard
+    # labels), BAFFT's step 2 (hard labels) and CycleGAN, CISS's paired streams, RobustNet's ISW
+    stages = {(e["preset"], e["stage"]): e for e in r["presets"]}
+    assert set(stages) == {("gta5_cityscapes_cpsl", s) for s in ("train@warmup", "selftrain@stage1", "selftrain@kd1",
+                                                                 "selftrain@kd2")} | {
+        ("gta5_cityscapes_bafft", s) for s in ("train@step1", "selftrain@step2", "cyclegan_train@gta5_cyclegan")} | {
+        ("cityscapes_acdc_ciss", "train@ciss"), ("gta5_robustnet_isw", "train@robustnet"),
+        ("gta5_cityscapes_minent", "train@minent"), ("gta5_cityscapes_advent_minent_ensemble", "train@minent"),
+        ("gta5_cityscapes_advent_minent_ensemble", "train@advent")}
+    for entry in stages.values():
+        assert set(entry["runs"]) == {"fp32", "bf16+channels_last"}
+        assert all(run["seconds_per_iter"] > 0 for run in entry["runs"].values())
+        assert entry["fits"] == {"fp32": {}, "bf16+channels_last": {}}          # no CUDA memory to judge
+    again = stages["gta5_cityscapes_advent_minent_ensemble", "train@minent"]     # the same step: measured once
+    assert again["runs"] == stages["gta5_cityscapes_minent", "train@minent"]["runs"]
+    assert again["first"] == "gta5_cityscapes_minent train@minent"
+    kd1, kd2 = stages["gta5_cityscapes_cpsl", "selftrain@kd1"], stages["gta5_cityscapes_cpsl", "selftrain@kd2"]
+    assert kd1["first"] != kd2["first"]          # KD-1 starts from weights, KD-2 from a model: two steps
+    assert stages["gta5_cityscapes_bafft", "cyclegan_train@gta5_cyclegan"]["method"] == "cyclegan"
+    assert stages["gta5_robustnet_isw", "train@robustnet"]["streams"] == {"source": [16, 32, 64]}
+    # inference: the 2048x1024 frame's protocols, and every evaluation, pseudo-labelling and translation
+    frame = r["inference"]["frame"]
+    assert [(f["protocol"], f["precision"]) for f in frame] == [
+        (p, q) for p in ("whole", "whole+flip", "slide+flip") for q in ("fp32", "bf16+channels_last")]
+    for f in frame:
+        assert f["cityscapes_val_s"] == pytest.approx(500 * f["seconds_per_image"])
+    inferred = {(s["preset"], s["stage"]): s for s in r["inference"]["stages"]}
+    assert {"evaluate@kd2-cityscapes", "pseudo_label@soft_warmup", "pseudo_label@hard_kd1"} <= {
+        stage for preset, stage in inferred if preset == "gta5_cityscapes_cpsl"}
+    assert ("gta5_cityscapes_bafft", "translate@gta5_cyclegan") in inferred
+    assert ("gta5_robustnet_isw", "evaluate@robustnet-mapillary_1536") in inferred
+    ensemble = inferred["gta5_cityscapes_advent_minent_ensemble", "evaluate@advent_minent-cityscapes"]
+    assert ensemble["seconds_per_image"] > 0
+    assert inferred["gta5_cityscapes_cpsl", "pseudo_label@hard_kd1"]["flip"] is True      # hard labels: flip
+    assert inferred["gta5_cityscapes_cpsl", "pseudo_label@soft_warmup"]["flip"] is False
+    assert all(s["seconds_per_image"] > 0 for s in inferred.values())
+    # one process under torchrun (gloo on CPU): it steps and publishes
+    nccl = r["nccl"]
+    assert nccl["dvc_repro"]["returncode"] == 0 and nccl["torchrun"]["returncode"] == 0
+    assert nccl["torchrun"]["model_written"] and nccl["torchrun"]["world_size"] == 1
     # check + synthesize: the params are validated before any data is written
     assert r["repro"]["stages_run"] == 2 and r["repro"]["wall_s"] > 0 and not r["repro"]["chain"]
-    assert "tiny dvc repro" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "Tiny `dvc repro`" in printed and "Every published training stage" in printed
+
+
+def test_gpu_hours_add_up_the_measured_steps_and_images():
+    """--hours: a training stage is its step times its iterations plus its checkpoint selections (and a
+    one-off such as ISW's statistics, scaled by the step's speed-up), an inference stage its images;
+    a data stage is the host's; a stage without its measurement leaves the preset incomplete."""
+    recipes = {"cpu": "x", "presets": [{"preset": "p", "stages": [
+        {"stage": "prepare@a", "unit": "image", "per_unit_s": 0.1, "full_units": 100, "full_cpu_h": 2.0},
+        {"stage": "train@m", "unit": "iteration", "per_unit_s": 50.0, "full_units": 1000, "selections": 4,
+         "select_images": 10, "select_dataset": "b", "one_off_s": 100.0, "batch_factor": 2.0},
+        {"stage": "evaluate@m-b", "unit": "image", "per_unit_s": 5.0, "full_units": 10},
+        {"stage": "pseudo_label@s", "unit": "image", "per_unit_s": 9.0, "full_units": 20}]},
+        {"preset": "q", "stages": [{"stage": "train@n", "unit": "iteration", "per_unit_s": 1.0, "full_units": 5}]}]}
+    step = {"fp32": {"seconds_per_iter": 0.5}, "bf16+channels_last": {"seconds_per_iter": 0.25}}
+    measured = {"device": "GPU X, 80 GiB", "commit": "abc", "torch": "2",
+                "presets": [{"preset": "p", "stage": "train@m", "runs": step},
+                            {"preset": "q", "stage": "train@n", "runs": {"fp32": {"error": "out of memory"},
+                                                                        "bf16+channels_last": {"seconds_per_iter": 1}}}],
+                "inference": {"stages": [{"preset": "p", "stage": "evaluate@m-b", "seconds_per_image": 0.2},
+                                         {"preset": "p", "stage": "pseudo_label@s", "seconds_per_image": 0.3}]}}
+    out = gpu.gpu_hours(measured, recipes)
+    p, q = out["presets"]
+    one_off = {"fp32": 100.0 * 0.5 / (50.0 * 2.0), "bf16+channels_last": 100.0 * 0.25 / (50.0 * 2.0)}
+    for precision, s in (("fp32", 0.5), ("bf16+channels_last", 0.25)):
+        train = s * 1000 + 4 * 10 * 0.2 + one_off[precision]
+        assert p["stages"][1]["gpu_h"][precision] == pytest.approx(train / 3600, abs=0.005)
+        assert p["full_gpu_h"][precision] == pytest.approx((train + 10 * 0.2 + 20 * 0.3) / 3600, abs=0.05)
+    assert p["stages"][0]["gpu_h"] == {"fp32": 0.0, "bf16+channels_last": 0.0} and p["host_cpu_h"] == 2.0
+    assert q["full_gpu_h"] is None and q["gpu_missing"] == ["train@n"]
+    assert out["gpu"]["device"] == "GPU X, 80 GiB" and "full_gpu_h" not in recipes["presets"][0]   # a copy
+    assert "incomplete (train@n)" in gpu.hours_table(out)
+
 
 
 def test_soft_labels_bench_measures_both_ways_of_loading_a_soft_label(tmp_path, capsys):
@@ -325,3 +400,11 @@ def test_demo_levers_times_every_variant_each_round_against_stride_8(tmp_path):
     assert set(variants) == set(demo_levers.VARIANTS) and variants["stride 8, NCHW"]["ratio"] == 1.0
     assert all(len(v["runs"]) == 2 and v["s_per_step"] > 0 for v in variants.values())
     assert json.loads((tmp_path / "levers.json").read_text())["variants"] == variants
+
+
+def test_gpu_bench_reads_the_process_group_and_nccl_version_from_the_log():
+    log = ("[I1204 ProcessGroupNCCL.cpp:988] [PG ID 0 PG GUID 0 Rank 0] ProcessGroupNCCL initialization options: "
+           "size: 1, global rank: 0\n[I1204 ProcessGroupNCCL.cpp:997] NCCL version: 2.28.9, "
+           "TORCH_NCCL_ASYNC_ERROR_HANDLING: 1\n")
+    assert (gpu.process_group(log), gpu.nccl_version(log)) == ("nccl", "2.28.9")
+    assert (gpu.process_group("train@warmup: 100%"), gpu.nccl_version("train@warmup: 100%")) == (None, None)

@@ -396,3 +396,17 @@ def test_the_full_synthetic_preset_restores_the_research_size_chain_for_every_sy
     for preset in sorted((ROOT / "presets").glob("synthetic_*.yaml")):
         if preset.stem != "synthetic_full":
             assert yaml.safe_load(preset.read_text())["base"] == "synthetic_full.yaml", preset.name
+
+
+def test_the_check_takes_the_evaluation_merge_in_any_order():
+    """PyYAML orders a merge of several mappings differently from one version to another (6.0.3 puts
+    the selftrained rows before the models, 6.0.4 after): the check asks for the same rows, not the same order."""
+    from lib.config import load_params
+    params = load_params(ROOT / "params.yaml")
+    models = params["evaluate"]["models"]
+    assert len(models) > 1
+    params["evaluate"]["models"] = dict(reversed(list(models.items())))
+    check_params(params)
+    params["evaluate"]["models"] = dict(list(models.items())[1:])
+    with pytest.raises(ConfigError, match="evaluate.models must be the merge of the tables"):
+        check_params(params)
