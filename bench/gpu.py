@@ -945,7 +945,7 @@ def hours_table(recipes: dict) -> str:
              "training steps at the paper batch in each precision, checkpoint selections, pseudo-labels, translations "
              "and evaluations at the preset's own inference precision; the data stages (prepare, stylize) are the "
              "host's CPU hours as measured on 2 cores.", "",
-             "| preset | GPU h, fp32 (as published) | GPU h, bf16+channels_last | host CPU h (data stages) |",
+             "| preset | GPU h, fp32 (NCHW) | GPU h, bf16+channels_last | host CPU h (data stages) |",
              "|---|---:|---:|---:|"]
     for preset in recipes["presets"]:
         full = preset.get("full_gpu_h")
