@@ -14,7 +14,8 @@ inference, NCCL, and from them the GPU hours of every recipe.
     ``selftrained.stage1``: 4 source + 4 target crops of 512x896, the 256-d CPSL head, a 65536-pixel
     memory, soft pseudo-labels of 19 classes at the logits' stride with their sampling grids);
 ``presets``: every training stage of every published preset (``train@``, ``selftrain@``,
-    ``cyclegan_train@``) at its own batch and sizes, in its published fp32 and in bf16 + channels_last:
+    ``cyclegan_train@``) at its own batch and sizes, in fp32 (NCHW; the presets train fp32 with
+    ``channels_last: true``, not measured here) and in bf16 + channels_last:
     seconds per iteration and peak memory (``max_memory_allocated`` and ``max_memory_reserved``), and
     whether that peak plus the CUDA context fits an 80 GB and a 24 GB card; rows that step the same
     thing (the same recipe, start and pseudo-label form) are measured once;
@@ -59,17 +60,20 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from ruamel.yaml import YAML
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.recipes import HOST_STAGES, REAL_SIZES, write_results  # noqa: E402
+from bench.recipes import published_presets as recipe_presets  # noqa: E402
 from bench.stepper import FixedBatchTrainer  # noqa: E402
 from lib.config import PARAMS_FILE, merged  # noqa: E402
 from lib.data.paired import STYLIZED  # noqa: E402
@@ -78,7 +82,6 @@ from lib.io import write_json_atomic  # noqa: E402
 from lib.methods.base import StageContext, method_class  # noqa: E402
 from lib.models import build_model  # noqa: E402
 from lib.preset import apply  # noqa: E402
-from ruamel.yaml import YAML  # noqa: E402
 from lib.pseudo.artifact import PseudoLabels  # noqa: E402
 from lib.pseudo.stream import SOFT_GRID, soft_grid  # noqa: E402
 from lib.table import SCRATCH, TrainingRow, find_training_row, table  # noqa: E402
@@ -88,7 +91,7 @@ NUM_CLASSES = 19
 GIB = 2**30
 # training arithmetic: (autocast dtype, channels_last); the published presets pin fp32
 PRECISIONS = {"fp32": (None, False), "bf16": (torch.bfloat16, False), "bf16+channels_last": (torch.bfloat16, True)}
-PRESET_PRECISIONS = ("fp32", "bf16+channels_last")     # every preset row: its own precision and the fast one
+PRESET_PRECISIONS = ("fp32", "bf16+channels_last")     # every preset row: fp32 (NCHW) and the fast setting
 # the cards a user rents, as their memory in GiB (an 80 GB A100/H100 holds 80 GiB, a 24 GB RTX 4090 24 GiB),
 # less what the CUDA context and cuDNN's workspace keep outside PyTorch's allocator (about 1 GiB)
 CARDS_GIB = {"80 GB": 80.0, "24 GB": 24.0}
@@ -140,6 +143,7 @@ class Step:
 
 
 def preset_step(label: str, params: dict, name: str, shrink: bool) -> Step:
+    """The training row ``name`` of ``params`` with what its stage would hand its method."""
     row = find_training_row(params, name)
     entry = (table(params, "pseudo_labels").get(row.pseudo) or {}) if row.pseudo else {}
     form, teacher = entry.get("form"), None
@@ -160,6 +164,7 @@ def deeplabv2_steps(shrink: bool) -> list[Step]:
 
 
 def cpsl_step(shrink: bool) -> Step:
+    """CPSL stage 1 as presets/gta5_cityscapes_cpsl.yaml trains it."""
     return preset_step("cpsl_stage1", preset_params(CPSL_PRESET), "stage1", shrink)
 
 
@@ -266,6 +271,7 @@ def time_step(build: Callable[[], Trained], device: torch.device, precision: str
         start = time.perf_counter()
         for _ in range(warmup_steps):
             trainer.step()
+        sync(device)
         warm = time.perf_counter() - start
         trainer.reset_peak_memory()
         seconds = trainer.seconds_per_iter(steps)
@@ -286,10 +292,10 @@ def peak_reserved(device: torch.device) -> int | None:
     return torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None
 
 
-def compare_precisions(step: Step, device: torch.device, warmup_steps: int, steps: int,
-                       precisions: tuple[str, ...] = tuple(PRECISIONS)) -> dict:
+def compare_precisions(step: Step, device: torch.device, warmup_steps: int, steps: int) -> dict:
+    """The row's training step in every one of PRECISIONS, and their ratios to fp32."""
     recipe, _ = parse_recipe(step.row)
-    runs = {p: time_step(method_bench(step), device, p, warmup_steps, steps) for p in precisions}
+    runs = {p: guarded(time_step, method_bench(step), device, p, warmup_steps, steps) for p in PRECISIONS}
     return {"name": step.label, "row": step.row.where, "method": step.row.recipe,
             "model": f"{recipe.model.arch}-{recipe.model.depth} ({recipe.model.head} head)",
             "streams": {s: [recipe.stream_data(s).batch_size, *recipe.stream_data(s).crop]
@@ -313,11 +319,6 @@ def ratios(runs: dict) -> dict:
 
 
 # --- every training row of every published preset, at its paper batch ------------------------------
-
-def published_presets() -> list[str]:
-    from bench.recipes import published_presets as names
-    return names()
-
 
 def cyclegan_bench(params: dict, shrink: bool) -> Callable[[], Trained]:
     """The preset's CycleGAN (its ``cyclegan`` section: 4 networks, the image pools, the semantic
@@ -344,13 +345,15 @@ def cyclegan_bench(params: dict, shrink: bool) -> Callable[[], Trained]:
 
 def training_rows(preset: str, shrink: bool) -> list[dict]:
     """One entry per training stage of the preset: its stage name, what it steps and a key shared by
-    the rows that step the same thing (the same recipe, start and pseudo-label form)."""
+    the rows that step the same thing (the same recipe, start, pseudo-label form and teacher)."""
     params = preset_params(f"{preset}.yaml")
     rows = []
     for name in [*table(params, "models"), *table(params, "selftrained")]:
         step = preset_step(preset, params, name, shrink)
         recipe, _ = parse_recipe(step.row)
-        key = json.dumps([step.row.recipe, step.row.raw, step.start, step.soft_labels], sort_keys=True, default=str)
+        teacher = None if step.teacher is None else dataclasses.asdict(step.teacher)
+        key = json.dumps([step.row.recipe, step.row.raw, step.start, step.soft_labels, step.hard_labels, teacher],
+                         sort_keys=True, default=str)
         rows.append({"preset": preset, "stage": f"{'train' if step.row.table == 'models' else 'selftrain'}@{name}",
                      "key": key, "build": method_bench(step), "method": step.row.recipe,
                      "model": f"{recipe.model.arch}-{recipe.model.depth}",
@@ -361,7 +364,9 @@ def training_rows(preset: str, shrink: bool) -> list[dict]:
         data = cyclegan["data"]
         crop = [32, 32] if shrink else data["crop"]
         batch = 1 if shrink else data["batch_size"]
-        key = json.dumps({k: v for k, v in cyclegan.items() if k not in ("outputs", "translate", "train")},
+        semantic = ((cyclegan.get("cyclegan") or {}).get("semantic") or {}).get("model")
+        segmenter = dataclasses.asdict(parse_recipe(find_training_row(params, semantic))[0].model) if semantic else None
+        key = json.dumps([{k: v for k, v in cyclegan.items() if k not in ("outputs", "translate")}, segmenter],
                          sort_keys=True, default=str)
         rows.append({"preset": preset, "stage": f"cyclegan_train@{name}", "key": key,
                      "build": cyclegan_bench(params, shrink), "method": "cyclegan", "model": "cyclegan",
@@ -376,22 +381,25 @@ def fits(run: dict) -> dict:
     return {card: run["peak_reserved_gib"] + CONTEXT_GIB <= gib for card, gib in CARDS_GIB.items()}
 
 
-def measure_presets(presets: list[str], device, warmup_steps: int, steps: int, shrink: bool, budget) -> list[dict]:
-    """Every training row of ``presets`` in PRESET_PRECISIONS, each distinct step measured once."""
+def measure_presets(presets: list[str], device, warmup_steps: int, steps: int, shrink: bool, budget,
+                    save=lambda rows: None) -> list[dict]:
+    """Every training row of ``presets`` in PRESET_PRECISIONS, each distinct step measured once.  Every
+    preset's rows are built before any timing (a preset that fails to resolve costs no device time);
+    ``save`` gets the rows so far after each one."""
     measured: dict[str, dict] = {}
     out = []
-    for preset in presets:
-        for row in training_rows(preset, shrink):
-            if row["key"] not in measured:
-                if budget.spent():
-                    out.append({k: row[k] for k in ("preset", "stage", "method", "model", "streams")} | {"skipped": True})
-                    continue
-                runs = {p: guarded(time_step, row["build"], device, p, warmup_steps, steps) for p in PRESET_PRECISIONS}
-                measured[row["key"]] = {"runs": runs, "fits": {p: fits(r) for p, r in runs.items()}, **ratios(runs),
-                                        "first": f"{preset} {row['stage']}"}
-                log(f"  {preset} {row['stage']}: " + ", ".join(f"{p} {describe_run(r)}" for p, r in runs.items()))
-            entry = {k: row[k] for k in ("preset", "stage", "method", "model", "streams")} | measured[row["key"]]
-            out.append(entry)
+    for row in [row for preset in presets for row in training_rows(preset, shrink)]:
+        head = {k: row[k] for k in ("preset", "stage", "method", "model", "streams")}
+        if row["key"] not in measured:
+            if budget.spent():
+                out.append(head | {"skipped": True})
+                continue
+            runs = {p: guarded(time_step, row["build"], device, p, warmup_steps, steps) for p in PRESET_PRECISIONS}
+            measured[row["key"]] = {"runs": runs, "fits": {p: fits(r) for p, r in runs.items()}, **ratios(runs),
+                                    "first": f"{row['preset']} {row['stage']}"}
+            log(f"  {row['preset']} {row['stage']}: " + ", ".join(f"{p} {describe_run(r)}" for p, r in runs.items()))
+        out.append(head | measured[row["key"]])
+        save(out)
     return out
 
 
@@ -415,7 +423,6 @@ def describe_run(run: dict) -> str:
 
 def dataset_size(params: dict, dataset: str) -> tuple[int, int]:
     """(h, w) of a prepared image of ``dataset``: its ``resize_crop`` square, else the published frame."""
-    from bench.recipes import REAL_SIZES
     spec = params["datasets"][dataset]
     if spec.get("resize_crop"):
         side = spec["resize_crop"]["crop"]
@@ -467,7 +474,7 @@ def inference_cases(preset: str, shrink: bool) -> list[dict]:
         for case in cases:
             case["size"] = (32, 64)
             if "models" in case:
-                case["models"] = [(dataclasses.replace(block, depth=18, head_width=32, style="torchvision"), w, n)
+                case["models"] = [(dataclasses.replace(block, **TINY_RECIPE["model"]), w, n)
                                   for block, w, n in case["models"]]
                 case["inference"] = dataclasses.replace(case["inference"], input_size=None, window=(16, 32),
                                                         stride=(16, 32))
@@ -477,6 +484,7 @@ def inference_cases(preset: str, shrink: bool) -> list[dict]:
 
 
 def case_key(case: dict) -> str:
+    """What makes two inference cases the same measurement: the models and weights, the protocol, flip and size."""
     if "generator" in case:
         return json.dumps(["generator", case["generator"], case["size"]], sort_keys=True)
     return json.dumps([[dataclasses.asdict(b), w, n] for b, w, n in case["models"]]
@@ -529,20 +537,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_inference(presets: list[str], device, warmup: int, images: int, shrink: bool, budget) -> list[dict]:
+def measure_inference(presets: list[str], device, warmup: int, images: int, shrink: bool, budget,
+                      save=lambda rows: None) -> list[dict]:
+    """Every inference case of ``presets`` (``inference_cases``), each distinct one measured once;
+    every case is built before any timing, and ``save`` gets the rows so far after each one."""
     measured: dict[str, dict] = {}
     out = []
-    for preset in presets:
-        for case in inference_cases(preset, shrink):
-            key = case_key(case)
-            if key not in measured:
-                if budget.spent():
-                    out.append({"preset": preset, "stage": case["stage"], "size": list(case["size"]), "skipped": True})
-                    continue
-                measured[key] = guarded(time_inference, case, device, warmup, images)
-                log(f"  {preset} {case['stage']} {case['size']}: {measured[key]}")
-            out.append({"preset": preset, "stage": case["stage"], "size": list(case["size"]),
-                        "flip": case.get("flip"), **measured[key]})
+    for case in [case for preset in presets for case in inference_cases(preset, shrink)]:
+        head = {"preset": case["preset"], "stage": case["stage"], "size": list(case["size"])}
+        key = case_key(case)
+        if key not in measured:
+            if budget.spent():
+                out.append(head | {"skipped": True})
+                continue
+            measured[key] = guarded(time_inference, case, device, warmup, images)
+            log(f"  {case['preset']} {case['stage']} {case['size']}: {measured[key]}")
+        out.append(head | {"flip": case.get("flip"), **measured[key]})
+        save(out)
     return out
 
 
@@ -555,13 +566,10 @@ CITYSCAPES_VAL = 500
 
 
 def frame_inference(device, warmup: int, images: int, shrink: bool) -> list[dict]:
+    """ADVENT's DeepLabV2-R101 on a whole 2048x1024 frame in every FRAME_CASES protocol and both precisions."""
     from lib.infer.params import InferenceParams
-    params = preset_params(DEEPLABV2_PRESET)
-    recipe, _ = parse_recipe(find_training_row(params | {"models": {"source_only": SOURCE_ONLY_ROW}} | {
-        "recipes": {**params["recipes"], "source_only": params["recipes"]["advent"]}}, "source_only"))
-    block, size = recipe.model, FRAME
-    if shrink:
-        block, size = dataclasses.replace(block, depth=18, head_width=32, style="torchvision"), (32, 64)
+    recipe, _ = parse_recipe(deeplabv2_steps(shrink)[0].row)
+    block, size = recipe.model, ((32, 64) if shrink else FRAME)
     out = []
     for name, spec in FRAME_CASES.items():
         for precision in ("fp32", "bf16"):
@@ -727,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or (1 if dry else 5)
     warmup_steps = args.warmup_steps if args.warmup_steps is not None else (1 if dry else 2)
     images = args.images or (1 if dry else 3)
-    presets = args.preset or published_presets()
+    presets = args.preset or recipe_presets()
     budget = Budget(args.budget_s)
 
     result = {"device": describe(device), "torch": torch.__version__, "dry_run": dry, "steps": steps,
@@ -735,9 +743,11 @@ def main(argv: list[str] | None = None) -> int:
     sections = {
         "precision": lambda: [compare_precisions(step, device, warmup_steps, steps)
                               for step in [*deeplabv2_steps(dry), cpsl_step(dry)]],
-        "presets": lambda: measure_presets(presets, device, warmup_steps, steps, dry, budget),
+        "presets": lambda: measure_presets(presets, device, warmup_steps, steps, dry, budget,
+                                           save=partial_saver(result, "presets", args.out)),
         "inference": lambda: {"frame": frame_inference(device, 1, images, dry),
-                              "stages": measure_inference(presets, device, 1, images, dry, budget)},
+                              "stages": measure_inference(presets, device, 1, images, dry, budget,
+                                                          save=partial_saver(result, "inference", args.out))},
         "nccl": lambda: nccl_run(device),
         "compile": lambda: compile_column(device, warmup_steps, steps, dry),
         "repro": lambda: (release(device), tiny_repro(with_chain=not dry, targets=args.repro_target, device=device))[1],
@@ -759,6 +769,15 @@ def main(argv: list[str] | None = None) -> int:
             write_json_atomic(args.out, result)
     print(markdown(result))
     return 1 if result["errors"] else 0
+
+
+def partial_saver(result: dict, section: str, out: Path | None):
+    """A ``save`` for a section's rows: ``out`` rewritten with the rows so far (a machine lost in the
+    middle of a section keeps what it measured)."""
+    def save(rows: list[dict]) -> None:
+        if out:
+            write_json_atomic(out, {**result, f"{section}_partial": rows})
+    return save
 
 
 def compile_column(device, warmup_steps: int, steps: int, shrink: bool) -> dict:
@@ -885,11 +904,24 @@ def markdown(result: dict) -> str:
 
 # --- GPU hours of every published recipe ----------------------------------------------------------
 
+TRAINING_KINDS = ("train", "selftrain", "cyclegan_train")
+INFERENCE_KINDS = ("evaluate", "pseudo_label", "translate")
+# the host's: data preparation, the colour transfers of ``stylize`` (Lab, FDA, Reinhard: per-image
+# arithmetic, not a network), weight conversion, ensembles (a file), the check and the summary
+HOST_KINDS = HOST_STAGES
+
+
 def stage_gpu_seconds(stage: dict, training: dict, inference: dict, precision: str) -> tuple[float | None, str]:
-    """(GPU seconds of one stage of recipes.json on the measured GPU, how it was reckoned); None when
-    its measurement is missing.  Data stages (prepare, stylize) run on the host: 0 here."""
+    """(GPU seconds of one stage of recipes.json on the measured GPU, or None with the reason its
+    measurement is missing).  A training stage: its step x its iterations, plus its checkpoint
+    selections priced at its model's evaluation on the selection's dataset (the selection's protocol
+    is the evaluation's in every published preset), plus a one-off such as ISW's statistics scaled by
+    the step's speed-up over the CPU; an inference stage: its images x its model time.  A host stage
+    is 0; an unknown kind is an error."""
     kind, _, name = stage["stage"].partition("@")
-    if kind in ("train", "selftrain", "cyclegan_train"):
+    if kind in HOST_KINDS:
+        return 0.0, "host"
+    if kind in TRAINING_KINDS:
         entry = training.get(stage["stage"])
         run = (entry or {}).get("runs", {}).get(precision) or {"error": "not measured"}
         if "error" in run or stage.get("full_units") is None:
@@ -900,63 +932,69 @@ def stage_gpu_seconds(stage: dict, training: dict, inference: dict, precision: s
             if "seconds_per_image" not in select:
                 return None, "selection not measured"
             seconds += stage["selections"] * stage["select_images"] * select["seconds_per_image"]
-        if stage.get("one_off_s") and stage.get("per_unit_s"):      # e.g. ISW's statistics, by the step's speed-up
+        if stage.get("one_off_s") and stage.get("per_unit_s"):
             seconds += stage["one_off_s"] * run["seconds_per_iter"] / (stage["per_unit_s"] * stage.get("batch_factor", 1))
-        return seconds, "training"
-    if kind in ("evaluate", "pseudo_label", "translate"):
+        return seconds, "measured"
+    if kind in INFERENCE_KINDS:
         entry = inference.get(stage["stage"]) or {}
-        if "seconds_per_image" not in entry or not stage.get("full_units"):
+        if "seconds_per_image" not in entry or stage.get("full_units") is None:
             return None, entry.get("error", "not measured")
-        return entry["seconds_per_image"] * stage["full_units"], "inference"
-    return 0.0, "host"
+        return entry["seconds_per_image"] * stage["full_units"], "measured"
+    raise ValueError(f"bench/gpu.py --hours: stage {stage['stage']!r} is of no kind it knows "
+                     f"(training {TRAINING_KINDS}, inference {INFERENCE_KINDS}, host {HOST_KINDS})")
 
 
 def gpu_hours(gpu: dict, recipes: dict) -> dict:
     """recipes.json with, per stage and preset, the GPU hours on the measured GPU in each of
-    PRESET_PRECISIONS (inference at the preset's own precision) and the host's CPU hours of the data stages."""
+    PRESET_PRECISIONS (inference at the preset's own precision), each precision totalled on its own
+    (None, with the stages and reasons in ``gpu_missing``, where a stage lacks it), and the host's CPU
+    hours of its data stages."""
     result = copy.deepcopy(recipes)
     result["gpu"] = {"device": gpu["device"], "commit": gpu.get("commit"), "torch": gpu["torch"]}
     for preset in result["presets"]:
         training = {e["stage"]: e for e in gpu.get("presets") or [] if e["preset"] == preset["preset"] and "runs" in e}
         inference = {e["stage"]: e for e in (gpu.get("inference") or {}).get("stages") or []
                      if e["preset"] == preset["preset"]}
-        totals, missing = {p: 0.0 for p in PRESET_PRECISIONS}, set()
+        totals: dict[str, float | None] = {p: 0.0 for p in PRESET_PRECISIONS}
+        missing: dict[str, str] = {}
         host = 0.0
         for stage in preset["stages"]:
             stage["gpu_h"] = {}
             for precision in PRESET_PRECISIONS:
                 seconds, how = stage_gpu_seconds(stage, training, inference, precision)
                 if seconds is None:
-                    missing.add(stage["stage"])
-                    stage["gpu_h"][precision] = None
-                    continue
-                stage["gpu_h"][precision] = round(seconds / 3600, 2)
-                totals[precision] += seconds / 3600
-            if stage_gpu_seconds(stage, {}, {}, "fp32")[1] == "host":
+                    missing[f"{stage['stage']} ({precision})"] = how
+                    totals[precision] = None
+                elif totals[precision] is not None:
+                    totals[precision] += seconds / 3600
+                stage["gpu_h"][precision] = None if seconds is None else round(seconds / 3600, 2)
+            if stage["stage"].partition("@")[0] in HOST_KINDS:
                 host += stage.get("full_cpu_h") or 0.0
-        preset["full_gpu_h"] = None if missing else {p: round(h, 1) for p, h in totals.items()}
-        preset["gpu_missing"] = sorted(missing)
+        preset["full_gpu_h"] = {p: None if h is None else round(h, 1) for p, h in totals.items()}
+        preset["gpu_missing"] = missing
         preset["host_cpu_h"] = round(host, 1)
     return result
 
 
 def hours_table(recipes: dict) -> str:
+    """The GPU hours of every preset of ``gpu_hours``'s result, as Markdown."""
     lines = [f"GPU hours of a full run on one {recipes['gpu']['device'].split(',')[0]} (commit {recipes['gpu']['commit']}): "
              "training steps at the paper batch in each precision, checkpoint selections, pseudo-labels, translations "
              "and evaluations at the preset's own inference precision; the data stages (prepare, stylize) are the "
-             "host's CPU hours as measured on 2 cores.", "",
+             "host's CPU hours as measured on 2 cores; model time only (the loaders decode in their workers).", "",
              "| preset | GPU h, fp32 (NCHW) | GPU h, bf16+channels_last | host CPU h (data stages) |",
              "|---|---:|---:|---:|"]
     for preset in recipes["presets"]:
-        full = preset.get("full_gpu_h")
-        cells = [f"{full[p]:.1f}" for p in PRESET_PRECISIONS] if full else \
-            [f"incomplete ({', '.join(preset.get('gpu_missing', []))})", ""]
+        full = preset.get("full_gpu_h") or {}
+        cells = ["–" if full.get(p) is None else f"{full[p]:.1f}" for p in PRESET_PRECISIONS]
+        if preset.get("gpu_missing"):
+            cells[-1] += " (missing: " + "; ".join(f"{s}: {why}" for s, why in preset["gpu_missing"].items()) + ")"
         lines.append(f"| {preset['preset']} | " + " | ".join(cells) + f" | {preset.get('host_cpu_h', 0):.1f} |")
     return "\n".join(lines)
 
 
 def write_hours(gpu_json: Path, recipes_json: Path) -> int:
-    from bench.recipes import write_results
+    """``--hours``: the GPU hours into ``recipes_json`` (and its .md), ``gpu_json``'s tables and the hours to its .md."""
     gpu = json.loads(gpu_json.read_text())
     recipes = gpu_hours(gpu, json.loads(recipes_json.read_text()))
     write_results(recipes_json, recipes["presets"], cpu=recipes["cpu"], extra={"gpu": recipes["gpu"]})

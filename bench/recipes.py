@@ -59,6 +59,8 @@ FULL_COUNTS = {"gta5": {"train": 24966}, "gtav_split": {"train": 12403, "val": 6
                "dark_zurich": {"train": 2416, "val": 50}, "bdd100k": {"train": 7000, "val": 1000},
                "mapillary": {"val": 2000}}
 PIXEL_PAIRS = ("resize", "crop", "input_size", "window", "stride")   # [h, w] pixel sizes in the params
+# stages that run on the host whatever the device (bench/gpu.py's HOST_KINDS)
+HOST_STAGES = ("check", "synthesize", "prepare", "stylize", "scratch", "weights", "ensemble", "summary")
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 BAR = re.compile(r"^\s*(.*?):\s+\d+%\|.*?\| *(\d+)/(\d+) \[(?:(\d+):)?(\d+):(\d+)<[^,]*, *([\d.]+)(s/[a-z]+|[a-z]+/s)")
 BIN = Path(sys.executable).parent         # the environment's `python` and `dvc` first on the stages' PATH
@@ -450,7 +452,7 @@ def gigabytes(n: float | None) -> str:
 
 def summary_table(results: list[dict]) -> str:
     """One line per preset: how it ended, its training step, its peak memory and its extrapolation."""
-    gpu = any(res.get("full_gpu_h") or res.get("gpu_missing") for res in results)
+    gpu = any("full_gpu_h" in res for res in results)
     lines = ["| preset | run here | training s/iteration (stage) | largest process, GB | full run: CPU h | outputs, GB |"
              + (" one GPU: h fp32 / bf16+cl |" if gpu else ""),
              "|---|---|---|---:|---:|---:|" + ("---:|" if gpu else "")]
@@ -462,8 +464,7 @@ def summary_table(results: list[dict]) -> str:
             + f" in {res['seconds']:.0f} s" + (f", batch ≤ {res['max_batch']}" if res.get("max_batch") else "")
         peak = max((r["peak_rss_mb"] for r in res["stages"]), default=0) / 1024
         full = f"{res['full_cpu_h']:.0f} | {gigabytes(res['full_out_bytes'])}" if res["completed"] else "– | –"
-        hours = res.get("full_gpu_h")
-        cell = (f" {hours['fp32']:.0f} / {hours['bf16+channels_last']:.0f} |" if hours else " – |") if gpu else ""
+        cell = f" {' / '.join(hours_text(h) for h in (res.get('full_gpu_h') or {None: None}).values())} |" if gpu else ""
         lines.append(f"| {res['preset']} | {ended} | {step} | {peak:.1f} | {full} |{cell}")
     return "\n".join(lines)
 
@@ -491,12 +492,16 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def hours_text(hours: float | None) -> str:
+    return "–" if hours is None else f"{hours:.1f}"
+
+
 def gpu_cell(row: dict) -> str:
-    """A stage's GPU hours in its two precisions (bench/gpu.py --hours); '' for the host's stages."""
+    """A stage's GPU hours in each precision (bench/gpu.py --hours) as a table cell; empty for the host's stages."""
     hours = row.get("gpu_h") or {}
-    if not hours or all(h == 0 for h in hours.values()):
+    if not hours or row["stage"].partition("@")[0] in HOST_STAGES:
         return " |"
-    return " " + " / ".join("?" if h is None else f"{h:.2f}" for h in hours.values()) + " |"
+    return " " + " / ".join("–" if h is None else f"{h:.2f}" for h in hours.values()) + " |"
 
 
 def run_preset(preset: Path, workdir: Path, args) -> dict:
@@ -617,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     names = args.preset or published_presets()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = json.loads(args.out.read_text())["presets"] if args.out.is_file() else []
+    # GPU hours (bench/gpu.py --hours) are of the rows they were computed on: rewritten rows drop them
+    results = [without_gpu_hours(r) for r in json.loads(args.out.read_text())["presets"]] if args.out.is_file() else []
     if args.rescore:
         results = [rescore(r, args.workdir) for r in results]
         write_results(args.out, results)
@@ -632,6 +638,15 @@ def main(argv: list[str] | None = None) -> int:
         write_results(args.out, results)
         print(f"   {'completed' if res['completed'] else 'FAILED'} in {res['seconds']:.0f} s", flush=True)
     return 0 if all(r["completed"] for r in results) else 1
+
+
+def without_gpu_hours(result: dict) -> dict:
+    """A preset's result without bench/gpu.py --hours' fields (rerun --hours after a rerun)."""
+    for key in ("full_gpu_h", "gpu_missing", "host_cpu_h"):
+        result.pop(key, None)
+    for row in result.get("stages", []):
+        row.pop("gpu_h", None)
+    return result
 
 
 def write_results(out: Path, results: list[dict], cpu: str | None = None, extra: dict | None = None) -> None:

@@ -245,6 +245,8 @@ def test_gpu_bench_dry_run_exercises_every_measurement(tmp_path, capsys):
     assert entries["gta5_cityscapes_deeplabv2"]["method"] == "source_only"
     assert entries["gta5_cityscapes_advent"]["streams"] == {"source": [1, 32, 64], "target": [1, 32, 64]}
     assert entries["gta5_cityscapes_advent"]["row"] == "models.advent"
+    assert entries["gta5_cityscapes_advent"]["method"] == "advent"
+    assert entries["cpsl_stage1"]["row"] == "selftrained.stage1"
     assert entries["cpsl_stage1"]["streams"] == {"source": [4, 32, 64], "target": [4, 32, 64]}
     assert entries["cpsl_stage1"]["method"] == "cpsl_stage1" and "cpsl head" in entries["cpsl_stage1"]["model"]
     for entry in entries.values():
@@ -269,7 +271,6 @@ def test_gpu_bench_dry_run_exercises_every_measurement(tmp_path, capsys):
     for entry in stages.values():
         assert set(entry["runs"]) == {"fp32", "bf16+channels_last"}
         assert all(run["seconds_per_iter"] > 0 for run in entry["runs"].values())
-        assert entry["fits"] == {"fp32": {}, "bf16+channels_last": {}}          # no CUDA memory to judge
     again = stages["gta5_cityscapes_advent_minent_ensemble", "train@minent"]     # the same step: measured once
     assert again["runs"] == stages["gta5_cityscapes_minent", "train@minent"]["runs"]
     assert again["first"] == "gta5_cityscapes_minent train@minent"
@@ -303,36 +304,76 @@ def test_gpu_bench_dry_run_exercises_every_measurement(tmp_path, capsys):
     assert "Tiny `dvc repro`" in printed and "Every published training stage" in printed
 
 
-def test_gpu_hours_add_up_the_measured_steps_and_images():
+def test_gpu_hours_add_up_the_measured_steps_and_images(tmp_path):
     """--hours: a training stage is its step times its iterations plus its checkpoint selections (and a
     one-off such as ISW's statistics, scaled by the step's speed-up), an inference stage its images;
-    a data stage is the host's; a stage without its measurement leaves the preset incomplete."""
-    recipes = {"cpu": "x", "presets": [{"preset": "p", "stages": [
-        {"stage": "prepare@a", "unit": "image", "per_unit_s": 0.1, "full_units": 100, "full_cpu_h": 2.0},
-        {"stage": "train@m", "unit": "iteration", "per_unit_s": 50.0, "full_units": 1000, "selections": 4,
-         "select_images": 10, "select_dataset": "b", "one_off_s": 100.0, "batch_factor": 2.0},
-        {"stage": "evaluate@m-b", "unit": "image", "per_unit_s": 5.0, "full_units": 10},
-        {"stage": "pseudo_label@s", "unit": "image", "per_unit_s": 9.0, "full_units": 20}]},
-        {"preset": "q", "stages": [{"stage": "train@n", "unit": "iteration", "per_unit_s": 1.0, "full_units": 5}]}]}
-    step = {"fp32": {"seconds_per_iter": 0.5}, "bf16+channels_last": {"seconds_per_iter": 0.25}}
+    a data stage is the host's; each precision is totalled on its own, a missing one named with its reason.
+    Every term below is an hour or more, so none hides in the rounding."""
+    def row(**given):     # the fields bench/recipes.py's table reads beside the ones the hours use
+        return {"seconds": 1.0, "peak_rss_mb": 1, "peak_tree_mb": 1, "out_bytes": 0, "full_out_bytes": 0,
+                "full_cpu_h": None, "batch": 1, **given}
+    stages = [
+        row(stage="prepare@a", unit="image", per_unit_s=0.1, full_units=100, full_cpu_h=2.0),
+        row(stage="train@m", unit="iteration", per_unit_s=50.0, full_units=7200, selections=4,
+            select_images=900, select_dataset="b", one_off_s=72000.0, batch_factor=2.0),
+        row(stage="selftrain@k", unit="iteration", per_unit_s=9.0, full_units=3600),
+        row(stage="cyclegan_train@g", unit="iteration", per_unit_s=9.0, full_units=3600),
+        row(stage="evaluate@m-b", unit="image", per_unit_s=5.0, full_units=1800),
+        row(stage="pseudo_label@s", unit="image", per_unit_s=9.0, full_units=3600),
+        row(stage="translate@g", unit="image", per_unit_s=9.0, full_units=7200)]
+    recipes = {"cpu": "the 2-core CPU", "presets": [
+        {"preset": "p", "stages": stages, "completed": True, "seconds": 1.0, "cpus": 2, "scale": 1.0,
+         "full_cpu_h": 1.0, "full_out_bytes": 0, "max_batch": None},
+        {"preset": "q", "stages": [row(stage="train@n", unit="iteration", per_unit_s=1.0, full_units=3600)],
+         "completed": True, "seconds": 1.0, "cpus": 2, "scale": 1.0, "full_cpu_h": 1.0, "full_out_bytes": 0}]}
+    both = {"fp32": {"seconds_per_iter": 1.0, "peak_reserved_gib": 30.0},
+            "bf16+channels_last": {"seconds_per_iter": 0.5, "peak_reserved_gib": 15.0}}
+    shown = {"streams": {"source": [1, 8, 8]}, "fits": {"fp32": {}, "bf16+channels_last": {}}}      # what gpu.md's table shows beside the step
     measured = {"device": "GPU X, 80 GiB", "commit": "abc", "torch": "2",
-                "presets": [{"preset": "p", "stage": "train@m", "runs": step},
-                            {"preset": "q", "stage": "train@n", "runs": {"fp32": {"error": "out of memory"},
-                                                                        "bf16+channels_last": {"seconds_per_iter": 1}}}],
-                "inference": {"stages": [{"preset": "p", "stage": "evaluate@m-b", "seconds_per_image": 0.2},
-                                         {"preset": "p", "stage": "pseudo_label@s", "seconds_per_image": 0.3}]}}
+                "presets": [{"preset": "p", "stage": s, "runs": both, **shown}
+                            for s in ("train@m", "selftrain@k", "cyclegan_train@g")]
+                + [{"preset": "q", "stage": "train@n", **shown, "runs": {
+                    "fp32": {"error": "out of memory"},
+                    "bf16+channels_last": {"seconds_per_iter": 1.0, "peak_reserved_gib": 20.0}}}],
+                "inference": {"stages": [{"preset": "p", "stage": s, "seconds_per_image": 2.0, "size": [8, 8]}
+                                         for s in ("evaluate@m-b", "pseudo_label@s", "translate@g")]}}
+    training = {e["stage"]: e for e in measured["presets"] if e["preset"] == "p"}
+    inference = {e["stage"]: e for e in measured["inference"]["stages"]}
+    seconds = {st["stage"]: gpu.stage_gpu_seconds(st, training, inference, "fp32")[0] for st in stages}
+    one_off = 72000.0 * 1.0 / (50.0 * 2.0)                   # the CPU's one-off at the GPU's speed-up: 720 s
+    assert seconds == pytest.approx({"prepare@a": 0.0, "train@m": 7200 + 4 * 900 * 2.0 + one_off,
+                                     "selftrain@k": 3600, "cyclegan_train@g": 3600, "evaluate@m-b": 3600,
+                                     "pseudo_label@s": 7200, "translate@g": 14400})
+    assert gpu.stage_gpu_seconds(stages[1], training, inference, "bf16+channels_last")[0] == pytest.approx(
+        3600 + 7200 + 360)
+    assert gpu.stage_gpu_seconds(stages[1], training, {}, "fp32") == (None, "selection not measured")
+    with pytest.raises(ValueError, match="no kind it knows"):
+        gpu.stage_gpu_seconds({"stage": "newkind@x"}, training, inference, "fp32")
+
     out = gpu.gpu_hours(measured, recipes)
     p, q = out["presets"]
-    one_off = {"fp32": 100.0 * 0.5 / (50.0 * 2.0), "bf16+channels_last": 100.0 * 0.25 / (50.0 * 2.0)}
-    for precision, s in (("fp32", 0.5), ("bf16+channels_last", 0.25)):
-        train = s * 1000 + 4 * 10 * 0.2 + one_off[precision]
-        assert p["stages"][1]["gpu_h"][precision] == pytest.approx(train / 3600, abs=0.005)
-        assert p["full_gpu_h"][precision] == pytest.approx((train + 10 * 0.2 + 20 * 0.3) / 3600, abs=0.05)
-    assert p["stages"][0]["gpu_h"] == {"fp32": 0.0, "bf16+channels_last": 0.0} and p["host_cpu_h"] == 2.0
-    assert q["full_gpu_h"] is None and q["gpu_missing"] == ["train@n"]
+    assert p["full_gpu_h"]["fp32"] == pytest.approx(sum(seconds.values()) / 3600, abs=0.05)
+    assert p["host_cpu_h"] == 2.0 and p["gpu_missing"] == {}
+    assert q["full_gpu_h"] == {"fp32": None, "bf16+channels_last": 1.0}     # bf16's total stands on its own
+    assert q["gpu_missing"] == {"train@n (fp32)": "out of memory"}
     assert out["gpu"]["device"] == "GPU X, 80 GiB" and "full_gpu_h" not in recipes["presets"][0]   # a copy
-    assert "incomplete (train@n)" in gpu.hours_table(out)
 
+    # written beside the CPU rows: the CPU's name kept, the GPU named, the .md with its column
+    recipes_json, gpu_json = tmp_path / "recipes.json", tmp_path / "gpu.json"
+    recipes_json.write_text(json.dumps(recipes))
+    gpu_json.write_text(json.dumps({**measured, "dry_run": False, "steps": 5, "warmup_steps": 2, "images": 3}))
+    assert gpu.main(["--hours", str(gpu_json), "--recipes", str(recipes_json)]) == 0
+    written = json.loads(recipes_json.read_text())
+    assert written["cpu"] == "the 2-core CPU" and written["gpu"]["commit"] == "abc"
+    table = recipes_json.with_suffix(".md").read_text()
+    assert "one GPU: h fp32 / bf16+cl" in table and "| – / 1.0 |" in table
+    assert "GPU hours of every published recipe" in gpu_json.with_suffix(".md").read_text()
+
+
+def test_a_step_fits_a_card_with_its_context():
+    assert gpu.fits({"peak_reserved_gib": 23.0}) == {"80 GB": True, "24 GB": True}       # 23 + 1 GiB of context
+    assert gpu.fits({"peak_reserved_gib": 23.5}) == {"80 GB": True, "24 GB": False}
+    assert gpu.fits({"error": "out of memory"}) == {} and gpu.fits({"peak_reserved_gib": None}) == {}
 
 
 def test_soft_labels_bench_measures_both_ways_of_loading_a_soft_label(tmp_path, capsys):
