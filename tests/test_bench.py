@@ -15,6 +15,7 @@ import yaml
 from ruamel.yaml import YAML
 
 from bench import gpu, loader_throughput
+from bench import recipes as recipes_bench
 from bench import optimizer as optimizer_bench
 from bench import precision as precision_bench
 from bench import soft_labels as soft_labels_bench
@@ -368,6 +369,10 @@ def test_gpu_hours_add_up_the_measured_steps_and_images(tmp_path):
     table = recipes_json.with_suffix(".md").read_text()
     assert "one GPU: h fp32 / bf16+cl" in table and "| – / 1.0 |" in table
     assert "GPU hours of every published recipe" in gpu_json.with_suffix(".md").read_text()
+    # bench/recipes.py rewriting a preset's CPU rows drops the GPU hours computed on the old ones
+    stale = recipes_bench.without_gpu_hours(written["presets"][0])
+    assert not {"full_gpu_h", "gpu_missing", "host_cpu_h"} & set(stale)
+    assert all("gpu_h" not in stage for stage in stale["stages"])
 
 
 def test_a_step_fits_a_card_with_its_context():
