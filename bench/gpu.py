@@ -74,16 +74,22 @@ sys.path.insert(0, str(ROOT))
 
 from bench.recipes import HOST_STAGES, REAL_SIZES, write_results  # noqa: E402
 from bench.recipes import published_presets as recipe_presets  # noqa: E402
-from bench.stepper import FixedBatchTrainer  # noqa: E402
-from lib.config import PARAMS_FILE, merged  # noqa: E402
+from bench.stepper import FixedBatchTrainer, synchronize  # noqa: E402
+from lib.config import PARAMS_FILE, merged, parse  # noqa: E402
 from lib.data.paired import STYLIZED  # noqa: E402
 from lib.data.streams import NORMALIZATION  # noqa: E402
+from lib.infer.inference import inference_layout, predict_logits  # noqa: E402
+from lib.infer.params import InferenceParams  # noqa: E402
 from lib.io import write_json_atomic  # noqa: E402
 from lib.methods.base import StageContext, method_class  # noqa: E402
 from lib.models import build_model  # noqa: E402
+from lib.models.cyclegan import CycleGANModelParams, build_generator  # noqa: E402
 from lib.preset import apply  # noqa: E402
 from lib.pseudo.artifact import PseudoLabels  # noqa: E402
 from lib.pseudo.stream import SOFT_GRID, soft_grid  # noqa: E402
+from lib.pseudo.writer import PseudoParams  # noqa: E402
+from lib.stylize.cyclegan import CycleGAN, FrozenSegmenter  # noqa: E402
+from lib.stylize.cyclegan import parse_params as parse_cyclegan  # noqa: E402
 from lib.table import SCRATCH, TrainingRow, find_training_row, table  # noqa: E402
 from lib.train.stage import Recipe, parse_recipe  # noqa: E402
 
@@ -105,6 +111,7 @@ SOURCE_ONLY_ROW = {"recipe": "source_only", "from": "deeplab_imagenet"}
 TINY_RECIPE = {"model": {"depth": 18, "head_width": 32, "style": "torchvision"},
                "data": {"crop": [32, 64], "resize": None, "scale": None}}
 TINY_METHOD = {"cpsl_stage1": {"queue_length": 64, "samples_per_image": 16}}
+TINY_CYCLEGAN = {"model": {"ngf": 8, "ndf": 8, "n_blocks": 2}, "data": {"crop": [32, 32], "batch_size": 1}}
 
 
 def preset_params(name: str) -> dict:
@@ -271,7 +278,7 @@ def time_step(build: Callable[[], Trained], device: torch.device, precision: str
         start = time.perf_counter()
         for _ in range(warmup_steps):
             trainer.step()
-        sync(device)
+        synchronize(device)
         warm = time.perf_counter() - start
         trainer.reset_peak_memory()
         seconds = trainer.seconds_per_iter(steps)
@@ -298,9 +305,12 @@ def compare_precisions(step: Step, device: torch.device, warmup_steps: int, step
     runs = {p: guarded(time_step, method_bench(step), device, p, warmup_steps, steps) for p in PRECISIONS}
     return {"name": step.label, "row": step.row.where, "method": step.row.recipe,
             "model": f"{recipe.model.arch}-{recipe.model.depth} ({recipe.model.head} head)",
-            "streams": {s: [recipe.stream_data(s).batch_size, *recipe.stream_data(s).crop]
-                        for s in method_class(step.row.recipe).streams},
-            "runs": runs, **ratios(runs)}
+            "streams": stream_shapes(recipe, step.row.recipe), "runs": runs, **ratios(runs)}
+
+
+def stream_shapes(recipe: Recipe, method: str) -> dict[str, list[int]]:
+    """[batch, height, width] of each stream the method reads."""
+    return {s: [recipe.stream_data(s).batch_size, *recipe.stream_data(s).crop] for s in method_class(method).streams}
 
 
 def ratios(runs: dict) -> dict:
@@ -320,20 +330,28 @@ def ratios(runs: dict) -> dict:
 
 # --- every training row of every published preset, at its paper batch ------------------------------
 
+def cyclegan_stage(params: dict, shrink: bool):
+    """The preset's ``cyclegan`` section parsed as its stage parses it (shrunk for --dry-run)."""
+    return parse_cyclegan(merged(params["cyclegan"], TINY_CYCLEGAN) if shrink else params["cyclegan"])
+
+
+def segmenter_recipe(params: dict, stage, shrink: bool) -> Recipe | None:
+    """The recipe of the frozen segmenter of a CycleGAN with semantic consistency (None without one)."""
+    if stage.cyclegan.semantic is None:
+        return None
+    row = find_training_row(params, stage.cyclegan.semantic.model)
+    return parse_recipe(tiny(row) if shrink else row)[0]
+
+
 def cyclegan_bench(params: dict, shrink: bool) -> Callable[[], Trained]:
     """The preset's CycleGAN (its ``cyclegan`` section: 4 networks, the image pools, the semantic
     segmenter if it has one) on random [-1, 1] crops of its batch."""
-    from lib.stylize.cyclegan import CycleGAN, FrozenSegmenter, parse_params
-    raw = copy.deepcopy(params["cyclegan"])
-    if shrink:
-        raw = merged(raw, {"model": {"ngf": 8, "ndf": 8, "n_blocks": 2}, "data": {"crop": [32, 32], "batch_size": 1}})
-    stage = parse_params(raw)
+    stage = cyclegan_stage(params, shrink)
+    recipe = segmenter_recipe(params, stage, shrink)
 
     def build() -> Trained:
         segmenter = None
-        if stage.cyclegan.semantic is not None:      # the frozen model: its row's architecture, random weights
-            row = find_training_row(params, stage.cyclegan.semantic.model)
-            recipe, _ = parse_recipe(tiny(row) if shrink else row)
+        if recipe is not None:      # the frozen model: its row's architecture, random weights
             segmenter = FrozenSegmenter(build_model(recipe.model, NUM_CLASSES), *NORMALIZATION[recipe.normalize])
         method = CycleGAN(stage.model, stage.cyclegan, stage.train.seed, segmenter)
         generator = torch.Generator().manual_seed(0)
@@ -357,20 +375,18 @@ def training_rows(preset: str, shrink: bool) -> list[dict]:
         rows.append({"preset": preset, "stage": f"{'train' if step.row.table == 'models' else 'selftrain'}@{name}",
                      "key": key, "build": method_bench(step), "method": step.row.recipe,
                      "model": f"{recipe.model.arch}-{recipe.model.depth}",
-                     "streams": {s: [recipe.stream_data(s).batch_size, *recipe.stream_data(s).crop]
-                                 for s in method_class(step.row.recipe).streams}})
+                     "streams": stream_shapes(recipe, step.row.recipe)})
     cyclegan = params.get("cyclegan") or {}
     for name in cyclegan.get("outputs") or []:
-        data = cyclegan["data"]
-        crop = [32, 32] if shrink else data["crop"]
-        batch = 1 if shrink else data["batch_size"]
-        semantic = ((cyclegan.get("cyclegan") or {}).get("semantic") or {}).get("model")
-        segmenter = dataclasses.asdict(parse_recipe(find_training_row(params, semantic))[0].model) if semantic else None
-        key = json.dumps([{k: v for k, v in cyclegan.items() if k not in ("outputs", "translate")}, segmenter],
+        stage = cyclegan_stage(params, shrink)
+        segmenter = segmenter_recipe(params, stage, shrink)
+        key = json.dumps([{k: v for k, v in cyclegan.items() if k not in ("outputs", "translate")},
+                          None if segmenter is None else dataclasses.asdict(segmenter.model)],
                          sort_keys=True, default=str)
+        shape = [stage.data.batch_size, *stage.data.crop]
         rows.append({"preset": preset, "stage": f"cyclegan_train@{name}", "key": key,
                      "build": cyclegan_bench(params, shrink), "method": "cyclegan", "model": "cyclegan",
-                     "streams": {"source": [batch, *crop], "target": [batch, *crop]}})
+                     "streams": {"source": shape, "target": shape}})
     return rows
 
 
@@ -446,9 +462,6 @@ def model_blocks(params: dict, ref: str) -> list[tuple[dict, float, str]]:
 def inference_cases(preset: str, shrink: bool) -> list[dict]:
     """Every evaluation, pseudo-labelling and translation of the preset: the model(s), the inference
     protocol and the image size its stage would run."""
-    from lib.config import parse
-    from lib.infer.params import InferenceParams
-    from lib.pseudo.writer import PseudoParams
     params = preset_params(f"{preset}.yaml")
     cases = []
     evaluate = params["evaluate"]
@@ -479,7 +492,7 @@ def inference_cases(preset: str, shrink: bool) -> list[dict]:
                 case["inference"] = dataclasses.replace(case["inference"], input_size=None, window=(16, 32),
                                                         stride=(16, 32))
             else:
-                case["generator"] = {"ngf": 8, "ndf": 8, "n_blocks": 2}
+                case["generator"] = TINY_CYCLEGAN["model"]
     return cases
 
 
@@ -495,12 +508,10 @@ def time_inference(case: dict, device: torch.device, warmup: int, images: int) -
     """Seconds per image of one case, on a random image of its size already on the device (the
     loader's decoding runs in its workers): the models' forward passes, the upsampling to the label
     size and the argmax, as the stage runs them."""
-    from lib.infer.inference import inference_layout, predict_logits
     generator = torch.Generator().manual_seed(0)
     h, w = case["size"]
     image = torch.randn(1, 3, h, w, generator=generator).to(device)
     if "generator" in case:
-        from lib.models.cyclegan import CycleGANModelParams, build_generator
         net = build_generator(CycleGANModelParams(**case["generator"])).to(device).eval()
 
         def run():
@@ -520,21 +531,16 @@ def time_inference(case: dict, device: torch.device, warmup: int, images: int) -
     try:
         for _ in range(warmup):
             run()
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(images):
             run()
-        sync(device)
+        synchronize(device)
         return {"seconds_per_image": (time.perf_counter() - start) / images, "images": images}
     except torch.cuda.OutOfMemoryError:
         return {"error": "out of memory"}
     finally:
         release(device)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure_inference(presets: list[str], device, warmup: int, images: int, shrink: bool, budget,
@@ -567,7 +573,6 @@ CITYSCAPES_VAL = 500
 
 def frame_inference(device, warmup: int, images: int, shrink: bool) -> list[dict]:
     """ADVENT's DeepLabV2-R101 on a whole 2048x1024 frame in every FRAME_CASES protocol and both precisions."""
-    from lib.infer.params import InferenceParams
     recipe, _ = parse_recipe(deeplabv2_steps(shrink)[0].row)
     block, size = recipe.model, ((32, 64) if shrink else FRAME)
     out = []
@@ -602,7 +607,7 @@ def nccl_run(device: torch.device) -> dict:
     params = tiny_params(chain=False)
     row = params["models"]["warmup"]["recipe"]
     params["recipes"][row]["train"].update(backend="nccl" if device.type == "cuda" else "auto", processes=1)
-    env = dict(ENV, CUDA_VISIBLE_DEVICES="") if device.type == "cpu" else dict(ENV)
+    env = stage_env(ENV, device)
     result = {}
     with tempfile.TemporaryDirectory(prefix="bench_nccl_") as tmp:
         project = make_project(Path(tmp), params)
@@ -633,6 +638,11 @@ def nccl_run(device: torch.device) -> dict:
     return result
 
 
+def stage_env(env: dict, device: torch.device) -> dict:
+    """The end-to-end tests' environment for the stages, with CUDA hidden when the bench runs on the CPU."""
+    return dict(env, CUDA_VISIBLE_DEVICES="") if device.type == "cpu" else dict(env)
+
+
 def nccl_version(output: str) -> str | None:
     """The NCCL version PyTorch's NCCL process group reports (its log at INFO level), if any."""
     match = re.search(r"NCCL version:? *([0-9]+(?:\.[0-9]+)+)", output)
@@ -651,16 +661,15 @@ def run_for(command: list[str], cwd: Path, env: dict, timeout: float) -> subproc
     killed and reported with exit code 124."""
     try:
         return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as expired:
-        out = (expired.stdout or b"").decode(errors="replace") if isinstance(expired.stdout, bytes) else expired.stdout or ""
-        err = (expired.stderr or b"").decode(errors="replace") if isinstance(expired.stderr, bytes) else expired.stderr or ""
+    except subprocess.TimeoutExpired as expired:       # its output comes as bytes whatever ``text`` asked
+        out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (expired.stdout, expired.stderr))
         return subprocess.CompletedProcess(command, 124, out, err + f"\n(killed after {timeout:.0f} s)")
 
 
 def tiny_repro(with_chain: bool, targets: list[str], device: torch.device) -> dict:
     """Wall time of ``dvc repro`` on the end-to-end tests' tiny params in a fresh temporary project."""
     from tests.test_pipeline import ENV, make_project, tiny_params
-    env = dict(ENV, CUDA_VISIBLE_DEVICES="") if device.type == "cpu" else ENV
+    env = stage_env(ENV, device)
     with tempfile.TemporaryDirectory(prefix="bench_repro_") as tmp:
         project = make_project(Path(tmp), tiny_params(chain=with_chain))
         start = time.perf_counter()
@@ -906,9 +915,9 @@ def markdown(result: dict) -> str:
 
 TRAINING_KINDS = ("train", "selftrain", "cyclegan_train")
 INFERENCE_KINDS = ("evaluate", "pseudo_label", "translate")
-# the host's: data preparation, the colour transfers of ``stylize`` (Lab, FDA, Reinhard: per-image
-# arithmetic, not a network), weight conversion, ensembles (a file), the check and the summary
-HOST_KINDS = HOST_STAGES
+# the rest (HOST_STAGES) is the host's: data preparation, the colour transfers of ``stylize`` (Lab,
+# FDA, Reinhard: per-image arithmetic, not a network), weight conversion, ensembles (a file), the check
+# and the summary
 
 
 def stage_gpu_seconds(stage: dict, training: dict, inference: dict, precision: str) -> tuple[float | None, str]:
@@ -919,7 +928,7 @@ def stage_gpu_seconds(stage: dict, training: dict, inference: dict, precision: s
     the step's speed-up over the CPU; an inference stage: its images x its model time.  A host stage
     is 0; an unknown kind is an error."""
     kind, _, name = stage["stage"].partition("@")
-    if kind in HOST_KINDS:
+    if kind in HOST_STAGES:
         return 0.0, "host"
     if kind in TRAINING_KINDS:
         entry = training.get(stage["stage"])
@@ -941,7 +950,7 @@ def stage_gpu_seconds(stage: dict, training: dict, inference: dict, precision: s
             return None, entry.get("error", "not measured")
         return entry["seconds_per_image"] * stage["full_units"], "measured"
     raise ValueError(f"bench/gpu.py --hours: stage {stage['stage']!r} is of no kind it knows "
-                     f"(training {TRAINING_KINDS}, inference {INFERENCE_KINDS}, host {HOST_KINDS})")
+                     f"(training {TRAINING_KINDS}, inference {INFERENCE_KINDS}, host {HOST_STAGES})")
 
 
 def gpu_hours(gpu: dict, recipes: dict) -> dict:
@@ -968,7 +977,7 @@ def gpu_hours(gpu: dict, recipes: dict) -> dict:
                 elif totals[precision] is not None:
                     totals[precision] += seconds / 3600
                 stage["gpu_h"][precision] = None if seconds is None else round(seconds / 3600, 2)
-            if stage["stage"].partition("@")[0] in HOST_KINDS:
+            if stage["stage"].partition("@")[0] in HOST_STAGES:
                 host += stage.get("full_cpu_h") or 0.0
         preset["full_gpu_h"] = {p: None if h is None else round(h, 1) for p, h in totals.items()}
         preset["gpu_missing"] = missing

@@ -23,6 +23,12 @@ from lib.train.optim import (
 )
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA), so a timer reads finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def images_in(batch: dict[str, dict]) -> int:
     """Images of one iteration, counted as the engine counts them for ``train/images_per_s``."""
     return sum(len(b["image"]) for b in batch.values())
@@ -62,8 +68,7 @@ class FixedBatchTrainer:
         return torch.autocast(self.device.type, dtype=self.autocast)
 
     def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
 
     def step(self) -> dict[str, float]:
         for opt in self.optimizers:
