@@ -129,6 +129,7 @@ def worker(rank: int, port: int, project: Path) -> None:
     torch.save({"grads": [a.grad, b.grad, c.grad], "buffers": buffers, "losses": losses, "draws": method.draws,
                 "weights": method.model.state_dict(), "resumed_draws": resumed.draws,
                 "resumed_weights": resumed.model.state_dict()}, results / f"rank{rank}.pt")
+    distributed.barrier()   # neither process tears its gloo pairs down while the other still uses them
 
 
 def free_port() -> int:
@@ -379,6 +380,7 @@ def queue_worker(rank: int, port: int, out: Path) -> None:
     distributed.start(TrainParams(iters=1, processes=2), "test")
     half = QUEUE_BATCH // 2
     torch.save(cpsl_memories(slice(rank * half, (rank + 1) * half)), out / f"queue{rank}.pt")
+    distributed.barrier()   # neither process tears its gloo pairs down while the other still uses them
 
 
 def test_cpsl_memories_take_every_process_pixels_as_one_process_with_the_whole_batch(tmp_path):
