@@ -390,9 +390,11 @@ def test_the_full_synthetic_preset_restores_the_research_size_chain_for_every_sy
         assert raw["train"]["iters"] == (1000 if recipe == "source_only" else 200), recipe
         assert (raw["select"]["every"], raw["select"]["images"]) == ((250 if recipe == "source_only" else 50), 100)
     assert [full["recipes"][r]["data"]["batch_size"] for r in ("source_only", "cpsl_stage1")] == [8, 4]
+    assert full["recipes"]["cpsl_kd"]["optim"]["model"] == {**full["blocks"]["adamw"], "lr": 0.0001}
     default = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert default["recipes"]["source_only"]["model"]["output_stride"] == 16
     assert default["recipes"]["source_only"]["select"]["every"] == 0      # the demo selects no checkpoint
+    assert default["recipes"]["cpsl_kd"]["optim"]["model"]["lr"] == 0.00005   # the demo's slower KD rounds
     for preset in sorted((ROOT / "presets").glob("synthetic_*.yaml")):
         if preset.stem != "synthetic_full":
             assert yaml.safe_load(preset.read_text())["base"] == "synthetic_full.yaml", preset.name
